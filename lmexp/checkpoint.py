@@ -1,0 +1,93 @@
+"""Atomic checkpoint writes and safe loads.
+
+A checkpoint file is a short header (magic line, SHA-256 of the payload) followed by the payload
+`torch.save` wrote. Loading checks the header and the digest before unpickling, so a truncated,
+altered or foreign file is refused with one line naming it, and unpickles with
+`weights_only=True`, so a file crafted to run code is refused too. Only tensors and plain data
+(dicts, lists, numbers, strings) are stored; the vocabulary is a list of strings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmexp.config import LmexpError
+from lmexp.data import atomic_write_bytes
+
+MAGIC = b"LMEXP-CHECKPOINT v1\n"
+FORMAT = "lmexp-checkpoint"
+
+
+class CheckpointError(LmexpError):
+    """A checkpoint file is missing, corrupt, foreign or incompatible."""
+
+
+def save(path: Path, payload: dict[str, Any]) -> None:
+    """Write payload atomically: a kill mid-write leaves the previous file intact."""
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, **payload}, buffer)
+    body = buffer.getvalue()
+    digest = hashlib.sha256(body).hexdigest().encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, MAGIC + digest + b"\n" + body)
+
+
+def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Verify and load a checkpoint; raise CheckpointError saying what is wrong with which file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint {path} does not exist; check trainer.ckpt_path.")
+    raw = path.read_bytes()
+    if not raw.startswith(MAGIC):
+        raise CheckpointError(
+            f"{path} is not an lmexp checkpoint (no lmexp header); pass a checkpoint written by "
+            "lmexp.train (checkpoints/last.pt or best.pt)."
+        )
+    header_end = len(MAGIC) + 65
+    digest, body = raw[len(MAGIC) : header_end - 1], raw[header_end:]
+    if hashlib.sha256(body).hexdigest().encode() != digest:
+        raise CheckpointError(
+            f"{path} is corrupt (its checksum does not match: truncated or altered); resume from "
+            "another checkpoint, e.g. checkpoints/best.pt, or start afresh."
+        )
+    try:
+        obj = torch.load(io.BytesIO(body), map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"{path} was refused: it holds something other than tensors and plain data ({first})."
+        ) from err
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an lmexp checkpoint (unexpected contents).")
+    return obj
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch CPU and CUDA generator states, as plain data and tensors."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

@@ -1,0 +1,269 @@
+"""Typed config schemas and their validation.
+
+The dataclasses here are the schema Hydra composes into: a key that is not declared here, or a
+value of the wrong type, fails at start-up with the key's name. `validate` then checks ranges and
+choices, so every user-caused config error is one sentence before any time is spent. The YAML
+files in conf/ mirror these defaults; the recipes (model presets) override them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class LmexpError(Exception):
+    """An error the user caused and can fix; its message is one sentence saying how."""
+
+
+class ConfigError(LmexpError):
+    """A config key holds a value lmexp cannot use."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "small"
+    hidden_size: int = 200
+    num_layers: int = 2
+    init_scale: float = 0.1
+    tie_weights: bool = False
+
+
+@dataclass
+class DropoutConfig:
+    # standard: dropout on the non-recurrent connections (Zaremba et al.), fresh mask per step.
+    # variational: one mask per sequence, shared across time steps (Gal & Ghahramani).
+    # none: no dropout.
+    kind: str = "standard"
+    dp_keep_prob: float = 1.0
+    # variational only; None means "use dp_keep_prob".
+    keep_prob_embedding: float | None = None
+    keep_prob_between: float | None = None
+    keep_prob_output: float | None = None
+
+
+@dataclass
+class LrPolicyConfig:
+    # zaremba: lr * lr_decay ** max(epoch + 1 - max_epoch, 0)       (TF tutorial, 0-based epoch)
+    # port:    lr *= lr_decay ** max(epoch - max_epoch, 0) each epoch (2017 PyTorch port)
+    # plateau: lr /= plateau_factor when valid ppl stops improving for > plateau_patience epochs
+    # constant: lr
+    name: str = "zaremba"
+    lr: float = 1.0
+    lr_decay: float = 0.5
+    max_epoch: int = 4
+    plateau_factor: float = 4.0
+    plateau_patience: int = 0
+    min_lr: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    name: str = "ptb"  # ptb | tiny
+    # Folder holding ptb.{train,valid,test}.txt. None: download into cache_dir and verify.
+    root: str | None = None
+    cache_dir: str = "~/.cache/lmexp"
+    url: str = "http://www.fit.vutbr.cz/~imikolov/rnnlm/simple-examples.tgz"
+    verify_md5: bool = True
+    # The tiny corpus: a seeded Markov chain, generated in code (no files, no network).
+    tiny_vocab_size: int = 50
+    tiny_train_tokens: int = 20000
+    tiny_eval_tokens: int = 2000
+    tiny_seed: int = 1234
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 13
+    batch_size: int = 20
+    num_steps: int = 20
+    max_grad_norm: float = 5.0
+    # sum_steps: loss summed over time steps, averaged over the batch (TF; lr 1.0, clip 5).
+    # mean: per-token mean cross-entropy (the 2017 port and pytorch/examples; lr 20, clip 0.25).
+    loss_reduction: str = "sum_steps"
+    eval_batch_size: int = 20
+    test_batch_size: int = 1
+    eval_num_steps: int = 35
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    threads: int = 0  # CPU threads for torch; 0 = one per physical core
+    limit_train_batches: int | None = None
+    limit_eval_batches: int | None = None
+    log_every_n_batches: int = 50
+    progress: bool = True
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    compile: bool = False
+    ckpt_every_n_batches: int = 0  # 0: checkpoint at epoch ends only
+    resume: bool = True  # continue from <run dir>/checkpoints/last.pt when it exists
+    ckpt_path: str | None = None  # resume from this checkpoint instead
+
+
+@dataclass
+class LoggerConfig:
+    kind: str = "mlflow"  # mlflow | none
+    # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the folder the command ran from.
+    tracking_uri: str | None = None
+    # Used (with a warning) when tracking_uri cannot be reached; None: fail at start-up.
+    fallback_uri: str | None = None
+    experiment_name: str = "lmexp"
+    run_name: str | None = None
+    log_model: bool = True
+    connect_timeout_s: float = 5.0
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dropout: DropoutConfig = field(default_factory=DropoutConfig)
+    lr_policy: LrPolicyConfig = field(default_factory=LrPolicyConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+@dataclass
+class BenchSettings:
+    variants: list[str] = field(default_factory=lambda: ["lmexp", "port", "cell_loop"])
+    repeats: int = 3
+    warmup_batches: int = 3
+    batches: int = 20
+    eval_batches: int = 20
+    output: str | None = None
+    log_mlflow: bool = False
+
+
+@dataclass
+class BenchConfig(TrainConfig):
+    bench: BenchSettings = field(default_factory=BenchSettings)
+
+
+def register_configs() -> None:
+    """Register the schemas with Hydra's ConfigStore (entry points call this before composing)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="bench_schema", node=BenchConfig)
+
+
+def conf_dir() -> Path:
+    """The conf/ folder: inside the installed package, or at the top of a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return candidate
+    raise LmexpError(f"lmexp's conf/ folder was not found beside {here}; reinstall lmexp.")
+
+
+def _check(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"Invalid config: {key}={value!r} {rule}.")
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    _check(value in choices, key, value, f"is not one of {', '.join(choices)}")
+
+
+def _keep_prob(key: str, value: float | None) -> None:
+    if value is not None:
+        _check(
+            0.0 < value <= 1.0,
+            key,
+            value,
+            "must be in (0, 1]: it is the probability of keeping a unit, 1.0 means no dropout",
+        )
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Check ranges and choices; raise ConfigError naming the first bad key and how to fix it."""
+    m, d, lr, data, t, lg = cfg.model, cfg.dropout, cfg.lr_policy, cfg.data, cfg.trainer, cfg.logger
+    _check(m.hidden_size >= 1, "model.hidden_size", m.hidden_size, "must be a positive integer")
+    _check(m.num_layers >= 1, "model.num_layers", m.num_layers, "must be a positive integer")
+    _check(m.init_scale > 0, "model.init_scale", m.init_scale, "must be positive")
+    _choice("dropout.kind", d.kind, ("standard", "variational", "none"))
+    for name in ("dp_keep_prob", "keep_prob_embedding", "keep_prob_between", "keep_prob_output"):
+        _keep_prob(f"dropout.{name}", getattr(d, name))
+    _choice("lr_policy.name", lr.name, ("zaremba", "port", "plateau", "constant"))
+    _check(math.isfinite(lr.lr) and lr.lr > 0, "lr_policy.lr", lr.lr, "must be a positive number")
+    _check(0 < lr.lr_decay <= 1, "lr_policy.lr_decay", lr.lr_decay, "must be in (0, 1]")
+    _check(lr.max_epoch >= 0, "lr_policy.max_epoch", lr.max_epoch, "must be >= 0")
+    _check(lr.plateau_factor > 1, "lr_policy.plateau_factor", lr.plateau_factor, "must be > 1")
+    _check(
+        lr.plateau_patience >= 0, "lr_policy.plateau_patience", lr.plateau_patience, "must be >= 0"
+    )
+    _check(lr.min_lr >= 0, "lr_policy.min_lr", lr.min_lr, "must be >= 0")
+    _choice("data.name", data.name, ("ptb", "tiny"))
+    _check(data.tiny_vocab_size >= 4, "data.tiny_vocab_size", data.tiny_vocab_size, "must be >= 4")
+    _check(
+        data.tiny_train_tokens >= 100,
+        "data.tiny_train_tokens",
+        data.tiny_train_tokens,
+        "must be >= 100",
+    )
+    _check(
+        data.tiny_eval_tokens >= 10, "data.tiny_eval_tokens", data.tiny_eval_tokens, "must be >= 10"
+    )
+    _check(t.max_epochs >= 1, "trainer.max_epochs", t.max_epochs, "must be >= 1")
+    for name in ("batch_size", "num_steps", "eval_batch_size", "test_batch_size", "eval_num_steps"):
+        value = getattr(t, name)
+        _check(value >= 1, f"trainer.{name}", value, "must be a positive integer")
+    _check(t.max_grad_norm > 0, "trainer.max_grad_norm", t.max_grad_norm, "must be positive")
+    _choice("trainer.loss_reduction", t.loss_reduction, ("sum_steps", "mean"))
+    _check(
+        t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
+        "trainer.device",
+        t.device,
+        "is not one of auto, cpu, cuda, cuda:N",
+    )
+    _check(t.threads >= 0, "trainer.threads", t.threads, "must be >= 0 (0 picks one per core)")
+    for name in ("limit_train_batches", "limit_eval_batches"):
+        value = getattr(t, name)
+        _check(value is None or value >= 1, f"trainer.{name}", value, "must be null or >= 1")
+    _check(
+        t.log_every_n_batches >= 1,
+        "trainer.log_every_n_batches",
+        t.log_every_n_batches,
+        "must be >= 1",
+    )
+    _choice("trainer.precision", t.precision, ("fp32", "bf16", "fp16"))
+    _check(
+        t.ckpt_every_n_batches >= 0,
+        "trainer.ckpt_every_n_batches",
+        t.ckpt_every_n_batches,
+        "must be >= 0",
+    )
+    _choice("logger.kind", lg.kind, ("mlflow", "none"))
+    _check(
+        lg.connect_timeout_s > 0,
+        "logger.connect_timeout_s",
+        lg.connect_timeout_s,
+        "must be positive",
+    )
+    _check(
+        bool(lg.experiment_name), "logger.experiment_name", lg.experiment_name, "must not be empty"
+    )
+    return cfg
+
+
+def to_typed(cfg: DictConfig) -> TrainConfig:
+    """Turn Hydra's composed DictConfig into the validated dataclass tree."""
+    obj = OmegaConf.to_object(cfg)
+    if not isinstance(obj, TrainConfig):  # composed without the schema (e.g. a bare test dict)
+        obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg))
+    return validate(obj)  # type: ignore[arg-type]
+
+
+def flatten(container: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'model': {'hidden_size': 200}} -> {'model.hidden_size': 200}."""
+    flat: dict[str, Any] = {}
+    for key, value in container.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat

@@ -1,0 +1,326 @@
+"""Experiment tracking. The only module that imports mlflow (lazily: importing it costs seconds).
+
+`Tracker` is what the training loop talks to: params, per-epoch metrics, tags, artifacts, a
+final status. `MlflowTracker` writes them to an MLflow store through `MlflowClient` (no global
+"active run"), so a resumed job can reopen its run by id and a sweep can parent its jobs' runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmexp.config import LmexpError
+
+PARENT_TAG = "mlflow.parentRunId"
+FAILURE_TAG = "lmexp.failure_reason"
+
+
+class TrackingError(LmexpError):
+    """The tracking store cannot be reached or opened."""
+
+
+def resolve_tracking_uri(configured: str | None, launch_dir: Path) -> str:
+    """logger.tracking_uri, else $MLFLOW_TRACKING_URI, else sqlite:///<launch dir>/mlflow.db.
+
+    A relative sqlite path is made absolute against the launch folder, so jobs that run in other
+    folders (Hydra job dirs, submitit workers) all write to the same store.
+    """
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path = Path(uri[len("sqlite:///") :])
+        if not path.is_absolute():
+            uri = f"sqlite:///{(launch_dir / path).resolve()}"
+    return uri
+
+
+def sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+
+
+def check_store(uri: str, timeout: float = 5.0) -> None:
+    """Fail within `timeout` seconds, naming the URI, when the store cannot be used."""
+    scheme = urllib.parse.urlparse(uri).scheme
+    db = sqlite_path(uri)
+    if db is not None:
+        if not db.parent.is_dir():
+            raise TrackingError(
+                f"Tracking store {uri}: folder {db.parent} does not exist; create it or set "
+                "logger.tracking_uri to another sqlite:///path/mlflow.db."
+            )
+        if not os.access(db.parent, os.W_OK):
+            raise TrackingError(f"Tracking store {uri}: folder {db.parent} is not writable.")
+        if db.exists() and db.stat().st_size > 0:
+            with open(db, "rb") as f:
+                if f.read(16) != b"SQLite format 3\x00":
+                    raise TrackingError(
+                        f"Tracking store {uri}: {db} is not an SQLite database; move it away "
+                        "or point logger.tracking_uri elsewhere."
+                    )
+    elif scheme in ("http", "https"):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+                pass
+        except urllib.error.HTTPError:
+            pass  # the server answered: it is reachable
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise TrackingError(
+                f"Tracking server {uri} cannot be reached ({reason}); start it, fix "
+                "logger.tracking_uri, or set logger.fallback_uri=sqlite:///mlflow.db to train anyway."
+            ) from err
+    elif scheme in ("", "file"):
+        raise TrackingError(
+            f"Tracking URI {uri!r} is a file store, which MLflow 3 no longer supports; use "
+            "logger.tracking_uri=sqlite:///mlflow.db (or an http:// server)."
+        )
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Serialise the creation and migration of a sqlite store across processes.
+
+    Several processes opening a fresh sqlite store at once race in its Alembic migration and
+    corrupt it; holding an exclusive file lock while the first ones open it prevents that.
+    """
+    db = sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    with open(f"{db}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def prepare_experiment(uri: str, name: str) -> str:
+    """Create (and migrate) the store and the experiment once, under the lock; return its id."""
+    from mlflow.exceptions import MlflowException
+
+    with store_lock(uri):
+        try:
+            client = _client(uri)
+            experiment = client.get_experiment_by_name(name)
+            if experiment is not None:
+                return experiment.experiment_id
+            db = sqlite_path(uri)
+            # Artifacts beside the database, so `mlflow ui` run from that folder serves them.
+            location = (db.parent / "mlartifacts").as_uri() if db is not None else None
+            return client.create_experiment(name, artifact_location=location)
+        except MlflowException as err:
+            raise TrackingError(f"Tracking store {uri} could not be opened: {err.message}") from err
+
+
+class Tracker:
+    """No-op tracker (logger=none); the interface MlflowTracker implements."""
+
+    run_id: str | None = None
+    uri: str | None = None
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+
+    def logged_steps(self, key: str) -> set[int]:
+        return set()
+
+    def finish(self, status: str = "FINISHED", reason: str | None = None) -> None: ...
+
+
+class MlflowTracker(Tracker):
+    """Writes to one MLflow run, new or reopened by id."""
+
+    def __init__(
+        self,
+        uri: str,
+        experiment_name: str,
+        run_id: str | None = None,
+        run_name: str | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> None:
+        from mlflow.exceptions import MlflowException
+
+        self.uri = uri
+        self.experiment_id = prepare_experiment(uri, experiment_name)
+        self.client = _client(uri)
+        if run_id is not None:
+            try:
+                self.client.get_run(run_id)
+            except MlflowException as err:
+                raise TrackingError(
+                    f"MLflow run {run_id} (named in the checkpoint) is not in {uri}; use the "
+                    "same logger.tracking_uri as the interrupted run."
+                ) from err
+            self.client.update_run(run_id, status="RUNNING")
+            self.run_id = run_id
+        else:
+            run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags or {})
+            self.run_id = run.info.run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def logged_steps(self, key: str) -> set[int]:
+        return {m.step for m in self.client.get_metric_history(self.run_id, key)}
+
+    def finish(self, status: str = "FINISHED", reason: str | None = None) -> None:
+        if reason:
+            self.set_tags({FAILURE_TAG: reason[:5000]})
+        self.client.set_terminated(self.run_id, status)
+
+
+def open_tracker(
+    kind: str,
+    uri: str,
+    experiment_name: str,
+    run_id: str | None,
+    run_name: str | None,
+    tags: dict[str, str],
+    timeout: float = 5.0,
+    fallback_uri: str | None = None,
+) -> tuple[Tracker, str | None]:
+    """The tracker for logger.kind, after checking its store; returns it and a fallback note."""
+    if kind == "none":
+        return Tracker(), None
+    note = None
+    try:
+        check_store(uri, timeout)
+    except TrackingError as err:
+        if not fallback_uri:
+            raise
+        note = f"{err} Logging to the fallback {fallback_uri} instead."
+        check_store(fallback_uri, timeout)
+        uri = fallback_uri
+    return MlflowTracker(uri, experiment_name, run_id, run_name, tags), note
+
+
+# --- sweeps: a parent run per multirun, read back by the report ----------------------------
+
+
+def start_parent_run(uri: str, experiment_name: str, run_name: str, tags: dict[str, str]) -> str:
+    experiment_id = prepare_experiment(uri, experiment_name)
+    return _client(uri).create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+
+
+@dataclass
+class RunRecord:
+    """One run as the report needs it: params, final metrics, per-epoch histories."""
+
+    run_id: str
+    run_name: str
+    status: str
+    params: dict[str, str]
+    metrics: dict[str, float]
+    tags: dict[str, str]
+    history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+
+
+def fetch_runs(
+    uri: str,
+    experiment_name: str,
+    parent_run_id: str | None = None,
+    history_keys: tuple[str, ...] = (),
+) -> list[RunRecord]:
+    """The runs of an experiment, or only the children of one sweep's parent run."""
+    client = _client(uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        raise TrackingError(f"Experiment {experiment_name!r} does not exist in {uri}.")
+    query = f"tags.`{PARENT_TAG}` = '{parent_run_id}'" if parent_run_id else ""
+    runs, token = [], None
+    while True:
+        page = client.search_runs(
+            [experiment.experiment_id], query, max_results=1000, page_token=token
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            break
+    records = []
+    for run in runs:
+        if not parent_run_id and run.data.tags.get("lmexp.kind") == "sweep":
+            continue  # sweep parents hold summaries, not a training run
+        history = {
+            key: [
+                (m.step, m.value)
+                for m in sorted(
+                    client.get_metric_history(run.info.run_id, key), key=lambda m: m.step
+                )
+            ]
+            for key in history_keys
+        }
+        records.append(
+            RunRecord(
+                run.info.run_id,
+                run.info.run_name or "",
+                run.info.status,
+                dict(run.data.params),
+                dict(run.data.metrics),
+                dict(run.data.tags),
+                history,
+            )
+        )
+    return records
+
+
+def set_run_outcome(
+    uri: str,
+    run_id: str,
+    metrics: dict[str, float],
+    tags: dict[str, str],
+    artifacts: list[Path],
+    status: str = "FINISHED",
+) -> None:
+    """Log final summaries and artifacts to a run (the sweep parent) and terminate it."""
+    from mlflow.entities import Metric, RunTag
+
+    client = _client(uri)
+    client.log_batch(
+        run_id,
+        metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()],
+        tags=[RunTag(k, str(v)) for k, v in tags.items()],
+    )
+    for path in artifacts:
+        client.log_artifact(run_id, str(path))
+    client.set_terminated(run_id, status)
