@@ -484,7 +484,6 @@ def _hydra_entry() -> Any:
             return run_training(typed, hydra_context(cfg))
         except LmexpError as err:
             log.error("%s", err)
-            print(f"lmexp: error: {err}", file=sys.stderr)
             sys.exit(2)
 
     return entry

@@ -1,0 +1,55 @@
+"""Shared fixtures: the real PTB copy, and running the real entry points as subprocesses."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PTB_DIR = Path(os.environ.get("LMEXP_PTB_DIR", REPO.parent / "shared" / "data" / "ptb"))
+
+# Fast, deterministic settings for end-to-end runs on the tiny corpus.
+TINY = ["data=tiny", "model=tiny", "trainer.threads=1", "trainer.progress=false"]
+
+
+def run_module(
+    module: str, *args: str, cwd: Path, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run `python -m module args...` in cwd, as a user would, and capture its output."""
+    full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
+    full_env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def mlflow_runs(db: Path, experiment: str = "lmexp") -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"experiment {experiment} missing in {db}"
+    return client.search_runs([exp.experiment_id], "", max_results=1000)
+
+
+def metric_history(db: Path, run_id: str, key: str) -> list[tuple[int, float]]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+@pytest.fixture
+def ptb_dir() -> Path:
+    if not all((PTB_DIR / f"ptb.{s}.txt").is_file() for s in ("train", "valid", "test")):
+        pytest.skip(f"no PTB copy at {PTB_DIR}")
+    return PTB_DIR

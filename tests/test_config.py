@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from lmexp.config import ConfigError, TrainConfig, conf_dir, register_configs, to_typed
+
+register_configs()
+
+# (init, lr, clip, layers, steps, hidden, max_epoch, max_max_epoch, keep_prob, lr_decay, batch)
+TF_RECIPES = {
+    "small": (0.1, 1.0, 5, 2, 20, 200, 4, 13, 1.0, 0.5, 20),
+    "medium": (0.05, 1.0, 5, 2, 35, 650, 6, 39, 0.5, 0.8, 20),
+    "large": (0.04, 1.0, 10, 2, 35, 1500, 14, 55, 0.35, 1 / 1.15, 20),
+}
+
+
+def compose_typed(*overrides: str) -> TrainConfig:
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return to_typed(compose("train", overrides=list(overrides)))
+
+
+def recipe(cfg: TrainConfig) -> tuple:
+    m, t, lr = cfg.model, cfg.trainer, cfg.lr_policy
+    return (
+        m.init_scale, lr.lr, t.max_grad_norm, m.num_layers, t.num_steps, m.hidden_size,
+        lr.max_epoch, t.max_epochs, cfg.dropout.dp_keep_prob, lr.lr_decay, t.batch_size,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("name", TF_RECIPES)
+def test_model_preset_alone_is_the_full_tf_recipe(name):
+    cfg = compose_typed(f"model={name}")
+    assert recipe(cfg) == pytest.approx(TF_RECIPES[name])
+    assert (cfg.lr_policy.name, cfg.dropout.kind, cfg.trainer.loss_reduction) == (
+        "zaremba", "standard", "sum_steps",
+    )  # fmt: skip
+
+
+def test_default_is_small_on_ptb_with_mlflow():
+    cfg = compose_typed()
+    assert (cfg.model.name, cfg.data.name, cfg.logger.kind) == ("small", "ptb", "mlflow")
+
+
+def test_pytorch_port_experiment():
+    cfg = compose_typed("experiment=pytorch_port")
+    assert (cfg.model.hidden_size, cfg.model.num_layers, cfg.trainer.num_steps) == (1500, 2, 35)
+    assert (cfg.trainer.batch_size, cfg.dropout.dp_keep_prob, cfg.trainer.max_epochs) == (
+        20,
+        0.35,
+        40,
+    )
+    assert (cfg.lr_policy.name, cfg.lr_policy.lr, cfg.trainer.max_grad_norm) == ("port", 20.0, 0.25)
+    assert cfg.lr_policy.lr_decay == pytest.approx(1 / 1.15) and cfg.lr_policy.max_epoch == 14
+    assert (cfg.model.init_scale, cfg.trainer.loss_reduction) == (0.1, "mean")
+
+
+def test_groups_override_only_what_they_name():
+    cfg = compose_typed("model=medium", "dropout=none")
+    assert cfg.dropout.kind == "none" and cfg.dropout.dp_keep_prob == 1.0
+    assert cfg.model.hidden_size == 650 and cfg.trainer.max_epochs == 39
+    cfg = compose_typed("model=medium", "dropout.dp_keep_prob=0.65", "lr_policy=plateau")
+    assert cfg.dropout.dp_keep_prob == 0.65 and cfg.lr_policy.name == "plateau"
+    assert cfg.lr_policy.lr == 1.0  # still the recipe's lr
+    debug = compose_typed("model=medium", "trainer=debug")
+    assert debug.trainer.max_epochs == 2 and debug.trainer.limit_train_batches == 20
+    assert debug.trainer.num_steps == 35
+
+
+def test_unknown_key_and_wrong_type_name_the_key():
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_typed("model.hiden_size=3")
+    assert "hiden_size" in str(err.value.__cause__ or err.value)
+    with pytest.raises((ConfigCompositionException, ValidationError, ConfigKeyError)) as err:
+        compose_typed("model.hidden_size=abc")
+    assert "hidden_size" in str(err.value.__cause__ or err.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("dropout.dp_keep_prob=1.5", r"dropout\.dp_keep_prob=1\.5 must be in \(0, 1\]"),
+        ("dropout.dp_keep_prob=0", r"dropout\.dp_keep_prob=0\.0 must be in \(0, 1\]"),
+        ("model.hidden_size=-3", r"model\.hidden_size=-3 must be a positive integer"),
+        ("lr_policy.lr=-1", r"lr_policy\.lr=-1\.0 must be a positive number"),
+        ("trainer.precision=fp8", r"trainer\.precision='fp8' is not one of fp32, bf16, fp16"),
+        ("trainer.device=tpu", r"trainer\.device='tpu' is not one of auto, cpu, cuda, cuda:N"),
+        ("lr_policy.name=cosine", r"lr_policy\.name='cosine' is not one of"),
+    ],
+)
+def test_out_of_range_values_are_one_sentence_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        compose_typed(override)

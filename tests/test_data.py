@@ -1,0 +1,132 @@
+from __future__ import annotations
+
+import io
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmexp.config import DataConfig
+from lmexp.data import (
+    PTB_MD5,
+    DataError,
+    batchify,
+    build_vocab,
+    encode,
+    load_corpus,
+    md5sum,
+    num_windows,
+    ptb_root,
+    tiny_corpus,
+    tokenize,
+    windows,
+)
+
+
+def test_tokenize_puts_eos_at_each_line_end():
+    assert tokenize(" a b \n c\n") == ["a", "b", "<eos>", "c", "<eos>"]
+
+
+def test_vocab_sorted_by_count_then_word_and_has_unk():
+    vocab = build_vocab(["b", "a", "c", "b", "a", "b"])
+    assert vocab == ["b", "a", "c", "<unk>"]
+    assert encode(["a", "zzz", "b"], vocab).tolist() == [1, 3, 0]
+
+
+def test_batchify_is_ptb_producer_time_major():
+    data = torch.arange(11)
+    batched = batchify(data, 2)  # rows [0..4], [5..9]; the 11th token is dropped
+    assert batched.shape == (5, 2)
+    assert batched[:, 0].tolist() == [0, 1, 2, 3, 4]
+    assert batched[:, 1].tolist() == [5, 6, 7, 8, 9]
+
+
+def test_windows_shift_targets_by_one_and_drop_or_keep_the_tail():
+    batched = batchify(torch.arange(20), 2)  # (10, 2): rows 0..9 and 10..19
+    train = list(windows(batched, 4, drop_last=True))
+    assert num_windows(batched, 4, True) == 2 == len(train)  # TF: (10 - 1) // 4
+    x, y = train[1]
+    assert x[:, 0].tolist() == [4, 5, 6, 7] and y[:, 0].tolist() == [5, 6, 7, 8]
+    assert x[:, 1].tolist() == [14, 15, 16, 17] and y[:, 1].tolist() == [15, 16, 17, 18]
+    evals = list(windows(batched, 4, drop_last=False))
+    assert len(evals) == 3
+    assert evals[-1][1][:, 0].tolist() == [9]  # every target scored exactly once
+    assert sum(t.numel() for _, t in evals) == 2 * 9
+
+
+def test_ptb_token_counts_and_vocabulary(ptb_dir):
+    corpus = load_corpus(DataConfig(root=str(ptb_dir)))
+    assert (corpus.train.numel(), corpus.valid.numel(), corpus.test.numel()) == (
+        929589,
+        73760,
+        82430,
+    )
+    assert corpus.vocab_size == 10000
+    assert corpus.vocab[:3] == ["the", "<unk>", "<eos>"]  # the most frequent words, by count
+    assert int(corpus.train.max()) < 10000
+
+
+def test_tiny_corpus_is_deterministic_and_learnable_size():
+    a, b = tiny_corpus(50, 2000, 200, 7), tiny_corpus(50, 2000, 200, 7)
+    assert torch.equal(a.train, b.train) and a.vocab == b.vocab
+    assert a.train.numel() == 2000 and a.valid.numel() == 200
+    assert not torch.equal(a.train, tiny_corpus(50, 2000, 200, 8).train)
+
+
+def _copy_ptb(ptb_dir: Path, dest: Path) -> Path:
+    dest.mkdir()
+    for split in ("train", "valid", "test"):
+        shutil.copy(ptb_dir / f"ptb.{split}.txt", dest)
+    return dest
+
+
+def test_missing_empty_and_corrupt_files_are_named(ptb_dir, tmp_path):
+    root = _copy_ptb(ptb_dir, tmp_path / "ptb")
+    (root / "ptb.valid.txt").write_text(" a b\n")
+    with pytest.raises(DataError, match=r"ptb\.valid\.txt has MD5 .* not PTB's"):
+        ptb_root(DataConfig(root=str(root)))
+    (root / "ptb.valid.txt").write_text("")
+    with pytest.raises(DataError, match=r"ptb\.valid\.txt is empty"):
+        ptb_root(DataConfig(root=str(root)))
+    (root / "ptb.valid.txt").unlink()
+    with pytest.raises(DataError, match=r"ptb\.valid\.txt is missing"):
+        ptb_root(DataConfig(root=str(root)))
+
+
+def _archive(ptb_dir: Path, path: Path, corrupt: bool = False) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for split in ("train", "valid", "test"):
+            data = (ptb_dir / f"ptb.{split}.txt").read_bytes()
+            if corrupt and split == "test":
+                data = data[:-10]
+            info = tarfile.TarInfo(f"./simple-examples/data/ptb.{split}.txt")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_download_verifies_and_caches(ptb_dir, tmp_path):
+    url = _archive(ptb_dir, tmp_path / "simple-examples.tgz").as_uri()
+    cfg = DataConfig(cache_dir=str(tmp_path / "cache"), url=url)
+    root = ptb_root(cfg)
+    assert root == tmp_path / "cache" / "ptb"
+    assert all(md5sum(root / f"ptb.{s}.txt") == PTB_MD5[s] for s in PTB_MD5)
+    assert not [p for p in root.iterdir() if p.name.endswith(".tmp")]
+    # A second call uses the verified cache, even with the source gone.
+    (tmp_path / "simple-examples.tgz").unlink()
+    assert ptb_root(cfg) == root
+
+
+def test_corrupt_download_is_refused_and_nothing_cached(ptb_dir, tmp_path):
+    url = _archive(ptb_dir, tmp_path / "bad.tgz", corrupt=True).as_uri()
+    with pytest.raises(DataError, match=r"ptb\.test\.txt from .* has MD5"):
+        ptb_root(DataConfig(cache_dir=str(tmp_path / "cache"), url=url))
+    assert not (tmp_path / "cache" / "ptb" / "ptb.test.txt").exists()
+
+
+def test_offline_download_says_how_to_point_data_root(tmp_path):
+    cfg = DataConfig(cache_dir=str(tmp_path), url="http://127.0.0.1:9/simple-examples.tgz")
+    with pytest.raises(DataError, match=r"Could not download PTB .* set data\.root"):
+        ptb_root(cfg)

@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import torch
+
+from lmexp.config import DropoutConfig
+from lmexp.model import LSTMLanguageModel
+
+
+def make(kind: str = "standard", keep: float = 0.5, tie: bool = False, **kw) -> LSTMLanguageModel:
+    torch.manual_seed(0)
+    return LSTMLanguageModel(50, 16, 2, 0.1, DropoutConfig(kind=kind, dp_keep_prob=keep, **kw), tie)
+
+
+def test_shapes_and_state_carry():
+    model = make()
+    tokens = torch.randint(0, 50, (7, 3))
+    logits, (h, c) = model(tokens, model.init_state(3))
+    assert logits.shape == (7, 3, 50) and h.shape == c.shape == (2, 3, 16)
+
+
+def test_uniform_init_within_scale_and_lstm_biases_zero():
+    model = make()
+    for name, p in model.named_parameters():
+        if "lstm.bias" in name:
+            assert torch.count_nonzero(p) == 0
+        else:
+            assert p.abs().max() <= 0.1 and p.std() > 0.03
+
+
+def test_tied_weights_share_storage_and_drop_vocab_times_hidden_parameters():
+    untied, tied = make(), make(tie=True)
+    assert tied.decoder.weight.data_ptr() == tied.embedding.weight.data_ptr()
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(untied) - count(tied) == 50 * 16
+
+
+def test_variational_masks_shared_across_time_and_differ_across_sequences():
+    model = make("variational", keep=0.5)
+    model.train()
+    x = torch.ones(6, 4, 16)
+    from lmexp.model import locked_dropout
+
+    torch.manual_seed(1)
+    out = locked_dropout(x, 0.5, True)
+    assert torch.equal(out[0], out[5])  # one mask per sequence, every time step
+    assert not torch.equal(out[:, 0], out[:, 1])  # sequences get different masks
+    assert set(out.unique().tolist()) <= {0.0, 2.0}
+    # Embedding dropout in a real forward: zero features are zero at every time step.
+    tokens = torch.randint(0, 50, (5, 4))
+    emb = model.embedding(tokens)
+    torch.manual_seed(3)
+    dropped = locked_dropout(emb, model.p_embedding, True)
+    zero = (dropped == 0) & (emb != 0)
+    assert torch.equal(zero[0], zero[4])
+
+
+def test_no_dropout_in_eval_mode():
+    model = make("variational", keep=0.3)
+    tokens = torch.randint(0, 50, (5, 2))
+    model.eval()
+    a, _ = model(tokens, model.init_state(2))
+    b, _ = model(tokens, model.init_state(2))
+    assert torch.equal(a, b)
+    model.train()
+    c, _ = model(tokens, model.init_state(2))
+    assert not torch.equal(a, c)
+
+
+def test_variational_keeps_separate_probabilities():
+    model = make("variational", keep=0.5, keep_prob_embedding=0.9, keep_prob_output=0.6)
+    assert (model.p_embedding, model.p_between, model.p_output) == (
+        pytest_approx(0.1), 0.5, pytest_approx(0.4),
+    )  # fmt: skip
+
+
+def pytest_approx(x):
+    import pytest
+
+    return pytest.approx(x)

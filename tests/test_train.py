@@ -1,0 +1,123 @@
+"""End-to-end runs of `python -m lmexp.train` as a user runs it: real Hydra, real MLflow sqlite store."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from conftest import TINY, metric_history, mlflow_runs, run_module
+
+from lmexp import checkpoint
+
+EPOCH_METRICS = ("train_ppl", "valid_ppl", "lr", "train_wps", "epoch_time_s")
+
+
+def test_tiny_run_logs_every_metric_every_epoch_and_learns(tmp_path):
+    proc = run_module(
+        "lmexp.train", *TINY, "trainer.max_epochs=4", "hydra.run.dir=out/run", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    db = tmp_path / "mlflow.db"  # in the launch folder, not Hydra's job folder
+    (run,) = mlflow_runs(db)
+    assert run.info.status == "FINISHED"
+    for key in EPOCH_METRICS:
+        assert [step for step, _ in metric_history(db, run.info.run_id, key)] == [1, 2, 3, 4], key
+    valid = [v for _, v in metric_history(db, run.info.run_id, "valid_ppl")]
+    assert valid[-1] < 0.5 * valid[0], valid
+    assert math.isfinite(run.data.metrics["test_ppl"]) and run.data.metrics["test_ppl"] < 10
+    lrs = [v for _, v in metric_history(db, run.info.run_id, "lr")]
+    assert lrs == [1.0, 1.0, 1.0, 1.0]  # tiny recipe: max_epoch=4
+    params = run.data.params
+    assert params["model.hidden_size"] == "32" and params["dropout.dp_keep_prob"] == "1.0"
+    assert params["data.name"] == "tiny"
+    tags = run.data.tags
+    assert tags["mlflow.source.git.commit"] and tags["torch_version"]
+    assert tags["device"].startswith("cpu") and "data=tiny" in tags["hydra_overrides"]
+    # Artifacts: the resolved config, and final weights with the vocabulary as JSON.
+    artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
+    vocab = json.loads((artifacts / "model" / "vocab.json").read_text())
+    assert "<unk>" in vocab and len(vocab) == 46
+    saved = checkpoint.load(artifacts / "model" / "model.pt")
+    assert saved["vocab"] == vocab and saved["config"]["model"]["hidden_size"] == 32
+    assert (tmp_path / "out" / "run" / "checkpoints" / "last.pt").is_file()
+    assert (tmp_path / "out" / "run" / "checkpoints" / "best.pt").is_file()
+
+
+def test_debug_run_on_real_ptb(tmp_path, ptb_dir):
+    proc = run_module(
+        "lmexp.train",
+        f"data.root={ptb_dir}",
+        "trainer=debug",
+        "trainer.threads=1",
+        cwd=tmp_path,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    db = tmp_path / "mlflow.db"
+    (run,) = mlflow_runs(db)
+    assert run.info.status == "FINISHED"
+    assert (
+        run.data.params["model.name"] == "small"
+        and run.data.params["trainer.limit_train_batches"] == "20"
+    )
+    for key in EPOCH_METRICS:
+        assert len(metric_history(db, run.info.run_id, key)) == 2
+    valid = [v for _, v in metric_history(db, run.info.run_id, "valid_ppl")]
+    assert valid[1] < valid[0] < 10000  # learning from a uniform start (ppl 10000)
+    assert math.isfinite(run.data.metrics["test_ppl"])
+
+
+def _expect_user_error(proc, *fragments: str) -> None:
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    for fragment in fragments:
+        assert fragment in text, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    assert "Epoch 1" not in text  # stopped before any training
+
+
+@pytest.mark.parametrize(
+    ("override", "fragments"),
+    [
+        ("model.hiden_size=3", ("Could not override 'model.hiden_size'", "not in 'ModelConfig'")),
+        ("dropout.dp_keep_prob=1.5", ("dropout.dp_keep_prob=1.5 must be in (0, 1]",)),
+        ("model.hidden_size=-3", ("model.hidden_size=-3 must be a positive integer",)),
+        ("trainer.max_epochs=two", ("trainer.max_epochs", "two")),
+    ],
+)
+def test_bad_config_fails_before_training_naming_the_key(tmp_path, override, fragments):
+    started = time.monotonic()
+    proc = run_module("lmexp.train", *TINY, override, cwd=tmp_path, timeout=60)
+    _expect_user_error(proc, *fragments)
+    assert time.monotonic() - started < 30
+    assert not (tmp_path / "mlflow.db").exists()  # nothing half-created
+
+
+def _ptb_copy(ptb_dir: Path, dest: Path) -> Path:
+    dest.mkdir()
+    for split in ("train", "valid", "test"):
+        shutil.copy(ptb_dir / f"ptb.{split}.txt", dest)
+    return dest
+
+
+@pytest.mark.parametrize("damage", ["missing", "empty", "corrupt"])
+def test_bad_data_root_fails_naming_the_file(tmp_path, ptb_dir, damage):
+    root = _ptb_copy(ptb_dir, tmp_path / "ptb")
+    target = root / ("ptb.valid.txt" if damage != "empty" else "ptb.train.txt")
+    if damage == "missing":
+        target.unlink()
+    elif damage == "empty":
+        target.write_text("")
+    else:
+        raw = bytearray(target.read_bytes())
+        raw[1000] = ord("#")
+        target.write_bytes(bytes(raw))
+    before = {p.name: p.read_bytes() for p in root.iterdir()}
+    proc = run_module("lmexp.train", f"data.root={root}", "trainer=debug", cwd=tmp_path, timeout=60)
+    message = {"missing": "is missing", "empty": "is empty", "corrupt": "has MD5"}[damage]
+    _expect_user_error(proc, str(target), message)
+    assert {p.name: p.read_bytes() for p in root.iterdir()} == before  # the user's files untouched
