@@ -261,7 +261,7 @@ def run_training(cfg: TrainConfig, ctx: RunContext) -> float:
         run_name=cfg.logger.run_name,
         tags=run_tags(device, ctx),
         timeout=cfg.logger.connect_timeout_s,
-        fallback_uri=cfg.logger.fallback_uri,
+        fallback_uri=cfg.logger.fallback_uri and resolve_tracking_uri(cfg.logger.fallback_uri, ctx.launch_dir),
     )
     if note:
         log.warning(note)
@@ -489,8 +489,27 @@ def _hydra_entry() -> Any:
     return entry
 
 
+def preflight_output_dir(argv: list[str], launch_dir: Path) -> None:
+    """Fail in one sentence when Hydra could not create its run folder (it would raise a traceback).
+
+    Checks the folder named by hydra.run.dir / hydra.sweep.dir (up to its first interpolation),
+    else the launch folder, where outputs/ and multirun/ go by default.
+    """
+    targets = [a.split("=", 1)[1] for a in argv if a.startswith(("hydra.run.dir=", "hydra.sweep.dir="))]
+    for target in targets or ["."]:
+        path = Path(target.split("$", 1)[0] or ".")
+        path = path if path.is_absolute() else launch_dir / path
+        try:
+            check_writable(path)  # creates what Hydra would create next anyway
+        except LmexpError as err:
+            log.error("%s", err)
+            sys.exit(2)
+
+
 def main() -> None:
     """Console entry point (`lmexp-train`) and `python -m lmexp.train`."""
+    logging.basicConfig(format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s", level=logging.INFO)
+    preflight_output_dir(sys.argv[1:], Path.cwd())
     _hydra_entry()()
 
 

@@ -1,0 +1,165 @@
+"""Interrupted runs, with real processes and real signals: kill, preemption, divergence, bad stores."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import TINY, metric_history, mlflow_runs, run_module
+
+from lmexp import checkpoint
+
+# Epochs of a couple of seconds, so a signal can land where the test wants it.
+SLOW_TINY = [*TINY, "model.hidden_size=128", "data.tiny_train_tokens=60000", "trainer.max_epochs=4"]
+COMPARED = ("train_ppl", "valid_ppl", "lr")
+
+
+def start(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "lmexp.train", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_for_line(log: Path, needle: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.exists() and needle in log.read_text():
+            return
+        assert proc.poll() is None, f"process ended before {needle!r}: {proc.stdout.read()[-3000:]}"
+        time.sleep(0.02)
+    raise AssertionError(f"{needle!r} not seen in {log} within {timeout}s")
+
+
+def histories(db: Path, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    return {key: metric_history(db, run_id, key) for key in COMPARED}
+
+
+def test_sigkill_after_second_checkpoint_then_resume_equals_uninterrupted_run(tmp_path):
+    reference = run_module("lmexp.train", *SLOW_TINY, "hydra.run.dir=ref", cwd=tmp_path)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    args = [*SLOW_TINY, "hydra.run.dir=killed"]
+    proc = start(args, tmp_path)
+    wait_for_line(tmp_path / "killed" / "train.log", "Epoch 2:", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    saved = checkpoint.load(tmp_path / "killed" / "checkpoints" / "last.pt")
+    assert saved["epoch"] in (2, 3)  # killed during epoch 3 (or just after its checkpoint)
+
+    resumed = run_module("lmexp.train", *args, cwd=tmp_path)  # the same command, the same folder
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resumed from" in (tmp_path / "killed" / "train.log").read_text()
+
+    db = tmp_path / "mlflow.db"
+    runs = {r.data.tags["output_dir"].rsplit("/", 1)[-1]: r for r in mlflow_runs(db)}
+    assert set(runs) == {"ref", "killed"}  # the resume reused its run: no third run
+    ref, killed = runs["ref"], runs["killed"]
+    assert killed.info.run_id == saved["mlflow_run_id"] and killed.info.status == "FINISHED"
+    got, want = histories(db, killed.info.run_id), histories(db, ref.info.run_id)
+    for key in COMPARED:
+        assert [s for s, _ in got[key]] == [1, 2, 3, 4], key  # each epoch once, no gaps
+    assert got == want  # bit-for-bit the same per-epoch metrics on CPU
+    assert killed.data.metrics["test_ppl"] == ref.data.metrics["test_ppl"]
+    for key in ("train_wps", "epoch_time_s"):
+        assert [s for s, _ in metric_history(db, killed.info.run_id, key)] == [1, 2, 3, 4]
+
+
+def test_sigterm_mid_epoch_checkpoints_exits_cleanly_and_resume_finishes(tmp_path):
+    args = [*SLOW_TINY, "trainer.max_epochs=2", "trainer.progress=true", "trainer.log_every_n_batches=20", "hydra.run.dir=run"]
+    proc = start(args, tmp_path)
+    wait_for_line(tmp_path / "run" / "train.log", "epoch 1 [", proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert "SIGTERM received: checkpoint saved at epoch 1" in out and "Traceback" not in out
+    saved = checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert saved["epoch"] == 0 and saved["progress"]["batch"] > 0  # mid-epoch position
+    db = tmp_path / "mlflow.db"
+    (run,) = mlflow_runs(db)
+    assert run.info.status == "KILLED" and "SIGTERM" in run.data.tags["lmexp.failure_reason"]
+
+    resumed = run_module("lmexp.train", *args, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (run,) = mlflow_runs(db)
+    assert run.info.status == "FINISHED"
+    assert [s for s, _ in metric_history(db, run.info.run_id, "valid_ppl")] == [1, 2]
+    assert math.isfinite(run.data.metrics["test_ppl"])
+
+
+def test_divergence_fails_the_run_and_keeps_the_good_checkpoint(tmp_path):
+    good = run_module("lmexp.train", *TINY, "trainer.max_epochs=1", "hydra.run.dir=run", cwd=tmp_path)
+    assert good.returncode == 0, good.stderr[-3000:]
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+    bad = run_module(
+        "lmexp.train", *TINY, "trainer.max_epochs=3", "lr_policy.lr=1e9", "trainer.max_grad_norm=1e30",
+        "trainer.log_every_n_batches=1", "hydra.run.dir=run", cwd=tmp_path,
+    )  # fmt: skip
+    assert bad.returncode == 0  # a diverged job returns +inf to a sweeper rather than crashing it
+    assert "Run diverged" in bad.stdout + bad.stderr
+    (run,) = mlflow_runs(tmp_path / "mlflow.db")
+    assert run.info.status == "FAILED"
+    assert "diverged" in run.data.tags["lmexp.failure_reason"]
+    assert last.read_bytes() == before  # no NaN checkpoint replaced the good one
+
+
+def test_unreachable_tracking_server_fails_within_seconds_naming_it(tmp_path):
+    started = time.monotonic()
+    proc = run_module("lmexp.train", *TINY, "logger.tracking_uri=http://127.0.0.1:9", cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2
+    assert "Tracking server http://127.0.0.1:9 cannot be reached" in proc.stdout + proc.stderr
+    assert "Epoch 1" not in proc.stdout + proc.stderr
+    assert time.monotonic() - started < 30
+
+
+def test_unreachable_tracking_server_with_fallback_trains_and_says_where(tmp_path):
+    proc = run_module(
+        "lmexp.train", *TINY, "trainer.max_epochs=1", "logger.tracking_uri=http://127.0.0.1:9",
+        "logger.fallback_uri=sqlite:///fallback.db", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Logging to the fallback" in proc.stdout + proc.stderr
+    (run,) = mlflow_runs(tmp_path / "fallback.db")
+    assert run.info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("where", ["hydra.run.dir=afile/run", "hydra.run.dir=/proc/lmexp-run"])
+def test_unwritable_output_folder_fails_at_start(tmp_path, where):
+    (tmp_path / "afile").write_text("not a folder")
+    proc = run_module("lmexp.train", *TINY, where, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2
+    text = proc.stdout + proc.stderr
+    assert "is not writable" in text and "hydra.run.dir" in text and "Traceback" not in text
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_resume_with_different_model_is_refused(tmp_path):
+    first = run_module("lmexp.train", *TINY, "trainer.max_epochs=1", "hydra.run.dir=run", cwd=tmp_path)
+    assert first.returncode == 0
+    proc = run_module("lmexp.train", *TINY, "model.hidden_size=64", "hydra.run.dir=run", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "was trained with model.hidden_size=32 but the config has 64" in proc.stdout + proc.stderr
+
+
+def test_tampered_checkpoint_passed_by_path_is_refused(tmp_path):
+    first = run_module("lmexp.train", *TINY, "trainer.max_epochs=1", "hydra.run.dir=run", cwd=tmp_path)
+    assert first.returncode == 0
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    raw = bytearray(last.read_bytes())
+    raw[-50] ^= 1
+    last.write_bytes(bytes(raw))
+    proc = run_module("lmexp.train", *TINY, f"trainer.ckpt_path={last}", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert f"{last} is corrupt" in proc.stdout + proc.stderr
