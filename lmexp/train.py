@@ -184,6 +184,11 @@ class Preemption:
 
     @contextmanager
     def installed(self) -> Iterator[Preemption]:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield self  # signals reach only the main thread; a threaded launcher handles them
+            return
         for sig in self.SIGNALS:
             self.previous[sig] = signal.signal(sig, self._handle)
         try:
@@ -261,7 +266,8 @@ def run_training(cfg: TrainConfig, ctx: RunContext) -> float:
         run_name=cfg.logger.run_name,
         tags=run_tags(device, ctx),
         timeout=cfg.logger.connect_timeout_s,
-        fallback_uri=cfg.logger.fallback_uri and resolve_tracking_uri(cfg.logger.fallback_uri, ctx.launch_dir),
+        fallback_uri=cfg.logger.fallback_uri
+        and resolve_tracking_uri(cfg.logger.fallback_uri, ctx.launch_dir),
     )
     if note:
         log.warning(note)
@@ -469,24 +475,16 @@ def hydra_context(cfg: Any) -> RunContext:
     return ctx
 
 
-def _hydra_entry() -> Any:
-    import hydra
-    from omegaconf import DictConfig
+def task(cfg: Any) -> float:
+    """The Hydra task: validate the composed config, then train. Module-level so that launchers
+    (joblib, submitit) pickle it by reference."""
+    from lmexp.config import to_typed
 
-    from lmexp.config import conf_dir, register_configs, to_typed
-
-    register_configs()
-
-    @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")
-    def entry(cfg: DictConfig) -> float:
-        try:
-            typed = to_typed(cfg)
-            return run_training(typed, hydra_context(cfg))
-        except LmexpError as err:
-            log.error("%s", err)
-            sys.exit(2)
-
-    return entry
+    try:
+        return run_training(to_typed(cfg), hydra_context(cfg))
+    except LmexpError as err:
+        log.error("%s", err)
+        sys.exit(2)
 
 
 def preflight_output_dir(argv: list[str], launch_dir: Path) -> None:
@@ -495,7 +493,9 @@ def preflight_output_dir(argv: list[str], launch_dir: Path) -> None:
     Checks the folder named by hydra.run.dir / hydra.sweep.dir (up to its first interpolation),
     else the launch folder, where outputs/ and multirun/ go by default.
     """
-    targets = [a.split("=", 1)[1] for a in argv if a.startswith(("hydra.run.dir=", "hydra.sweep.dir="))]
+    targets = [
+        a.split("=", 1)[1] for a in argv if a.startswith(("hydra.run.dir=", "hydra.sweep.dir="))
+    ]
     for target in targets or ["."]:
         path = Path(target.split("$", 1)[0] or ".")
         path = path if path.is_absolute() else launch_dir / path
@@ -508,10 +508,20 @@ def preflight_output_dir(argv: list[str], launch_dir: Path) -> None:
 
 def main() -> None:
     """Console entry point (`lmexp-train`) and `python -m lmexp.train`."""
-    logging.basicConfig(format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s", level=logging.INFO)
+    logging.basicConfig(
+        format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s", level=logging.INFO
+    )
     preflight_output_dir(sys.argv[1:], Path.cwd())
-    _hydra_entry()()
+    import hydra
+
+    from lmexp.config import conf_dir, register_configs
+
+    register_configs()
+    hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")(task)()
 
 
 if __name__ == "__main__":
-    main()
+    # Run the copy imported as lmexp.train, not this __main__ one, so `task` pickles by reference.
+    from lmexp.train import main as _main
+
+    _main()

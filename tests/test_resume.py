@@ -77,7 +77,13 @@ def test_sigkill_after_second_checkpoint_then_resume_equals_uninterrupted_run(tm
 
 
 def test_sigterm_mid_epoch_checkpoints_exits_cleanly_and_resume_finishes(tmp_path):
-    args = [*SLOW_TINY, "trainer.max_epochs=2", "trainer.progress=true", "trainer.log_every_n_batches=20", "hydra.run.dir=run"]
+    args = [
+        *SLOW_TINY,
+        "trainer.max_epochs=2",
+        "trainer.progress=true",
+        "trainer.log_every_n_batches=20",
+        "hydra.run.dir=run",
+    ]
     proc = start(args, tmp_path)
     wait_for_line(tmp_path / "run" / "train.log", "epoch 1 [", proc)
     proc.send_signal(signal.SIGTERM)
@@ -99,7 +105,9 @@ def test_sigterm_mid_epoch_checkpoints_exits_cleanly_and_resume_finishes(tmp_pat
 
 
 def test_divergence_fails_the_run_and_keeps_the_good_checkpoint(tmp_path):
-    good = run_module("lmexp.train", *TINY, "trainer.max_epochs=1", "hydra.run.dir=run", cwd=tmp_path)
+    good = run_module(
+        "lmexp.train", *TINY, "trainer.max_epochs=1", "hydra.run.dir=run", cwd=tmp_path
+    )
     assert good.returncode == 0, good.stderr[-3000:]
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     before = last.read_bytes()
@@ -117,7 +125,9 @@ def test_divergence_fails_the_run_and_keeps_the_good_checkpoint(tmp_path):
 
 def test_unreachable_tracking_server_fails_within_seconds_naming_it(tmp_path):
     started = time.monotonic()
-    proc = run_module("lmexp.train", *TINY, "logger.tracking_uri=http://127.0.0.1:9", cwd=tmp_path, timeout=60)
+    proc = run_module(
+        "lmexp.train", *TINY, "logger.tracking_uri=http://127.0.0.1:9", cwd=tmp_path, timeout=60
+    )
     assert proc.returncode == 2
     assert "Tracking server http://127.0.0.1:9 cannot be reached" in proc.stdout + proc.stderr
     assert "Epoch 1" not in proc.stdout + proc.stderr
@@ -146,15 +156,23 @@ def test_unwritable_output_folder_fails_at_start(tmp_path, where):
 
 
 def test_resume_with_different_model_is_refused(tmp_path):
-    first = run_module("lmexp.train", *TINY, "trainer.max_epochs=1", "hydra.run.dir=run", cwd=tmp_path)
+    first = run_module(
+        "lmexp.train", *TINY, "trainer.max_epochs=1", "hydra.run.dir=run", cwd=tmp_path
+    )
     assert first.returncode == 0
-    proc = run_module("lmexp.train", *TINY, "model.hidden_size=64", "hydra.run.dir=run", cwd=tmp_path)
+    proc = run_module(
+        "lmexp.train", *TINY, "model.hidden_size=64", "hydra.run.dir=run", cwd=tmp_path
+    )
     assert proc.returncode == 2
-    assert "was trained with model.hidden_size=32 but the config has 64" in proc.stdout + proc.stderr
+    assert (
+        "was trained with model.hidden_size=32 but the config has 64" in proc.stdout + proc.stderr
+    )
 
 
 def test_tampered_checkpoint_passed_by_path_is_refused(tmp_path):
-    first = run_module("lmexp.train", *TINY, "trainer.max_epochs=1", "hydra.run.dir=run", cwd=tmp_path)
+    first = run_module(
+        "lmexp.train", *TINY, "trainer.max_epochs=1", "hydra.run.dir=run", cwd=tmp_path
+    )
     assert first.returncode == 0
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     raw = bytearray(last.read_bytes())

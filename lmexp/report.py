@@ -1,0 +1,301 @@
+"""`python -m lmexp.report`: compare runs without the UI.
+
+Prints a table of the runs of an experiment (or of one sweep): the parameters that differ, then
+final train/valid/test perplexity, words/s, epochs and status, sorted by validation perplexity.
+Writes it as CSV and Markdown, and draws final perplexity against the swept parameter and the
+learning curves as PNGs. `--record FILE` instead writes one run's results record as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from lmexp.config import LmexpError
+from lmexp.tracking import RunRecord, fetch_runs, resolve_tracking_uri, set_run_outcome
+
+HISTORY_KEYS = ("train_ppl", "valid_ppl", "train_wps", "epoch_time_s", "lr")
+RESULT_COLUMNS = ("train_ppl", "valid_ppl", "test_ppl", "train_wps", "epochs", "status")
+# Params that differ between runs but say nothing about the experiment.
+IGNORED_PARAMS = ("logger.", "trainer.progress", "trainer.ckpt_path", "trainer.resume")
+
+
+def short(value: str | None) -> str:
+    """A parameter value for tables and legends: long floats (Optuna's) to 4 significant digits."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return str(value)
+    return f"{number:.4g}" if len(str(value)) > 6 else str(value)
+
+
+def _last(record: RunRecord, key: str) -> float:
+    history = record.history.get(key)
+    if history:
+        return history[-1][1]
+    return record.metrics.get(key, math.nan)
+
+
+def summarize(record: RunRecord) -> dict[str, Any]:
+    wps = [v for _, v in record.history.get("train_wps", [])]
+    return {
+        "run_id": record.run_id,
+        "run_name": record.run_name,
+        "train_ppl": _last(record, "train_ppl"),
+        "valid_ppl": _last(record, "valid_ppl"),
+        "best_valid_ppl": record.metrics.get("best_valid_ppl", math.nan),
+        "test_ppl": record.metrics.get("test_ppl", math.nan),
+        "train_wps": sum(wps) / len(wps) if wps else math.nan,
+        "epochs": len(record.history.get("valid_ppl", [])),
+        "status": record.status,
+    }
+
+
+def differing_params(records: list[RunRecord]) -> list[str]:
+    keys = sorted({k for r in records for k in r.params if not k.startswith(IGNORED_PARAMS)})
+    return [k for k in keys if len({r.params.get(k) for r in records}) > 1]
+
+
+def build_table(
+    records: list[RunRecord], swept: list[str] | None = None
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """Columns and rows, best validation perplexity first (failed and unfinished runs last)."""
+    params = list(swept or []) + [k for k in differing_params(records) if k not in (swept or [])]
+    rows = []
+    for record in records:
+        row = {"run_id": record.run_id[:8], **{k: short(record.params.get(k, "")) for k in params}}
+        row.update({k: v for k, v in summarize(record).items() if k in RESULT_COLUMNS})
+        rows.append(row)
+
+    def key(row: dict[str, Any]) -> tuple[int, float]:
+        v = row["valid_ppl"]
+        return (row["status"] != "FINISHED", v if math.isfinite(v) else math.inf)
+
+    rows.sort(key=key)
+    return ["run_id", *params, *RESULT_COLUMNS], rows
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return (
+            "nan" if math.isnan(value) else f"{value:.2f}" if abs(value) < 1e6 else f"{value:.3g}"
+        )
+    return str(value)
+
+
+def format_markdown(columns: list[str], rows: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(_fmt(row[c]) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def format_text(columns: list[str], rows: list[dict[str, Any]]) -> str:
+    cells = [columns] + [[_fmt(row[c]) for c in columns] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    return (
+        "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells)
+        + "\n"
+    )
+
+
+def write_table(columns: list[str], rows: list[dict[str, Any]], out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "runs.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "runs.md").write_text(format_markdown(columns, rows))
+    return [out / "runs.csv", out / "runs.md"]
+
+
+def plot(records: list[RunRecord], params: list[str], out: Path) -> list[Path]:
+    """final_ppl.png (final ppl against `param`) and learning_curves.png (valid ppl per epoch)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    param = params[0] if params else None
+    if param is not None:
+        points = []
+        for r in records:
+            try:
+                points.append((float(r.params[param]), summarize(r)))
+            except (KeyError, ValueError):
+                continue
+        points.sort(key=lambda p: p[0])
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key, style in (("train_ppl", "o--"), ("valid_ppl", "s-"), ("test_ppl", "^:")):
+            xs = [x for x, s in points if math.isfinite(s[key])]
+            ys = [s[key] for _, s in points if math.isfinite(s[key])]
+            ax.plot(xs, ys, style, label=key)
+        ax.set_xlabel(param)
+        ax.set_ylabel("perplexity (final)")
+        ax.set_title(f"Final perplexity against {param}")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / "final_ppl.png", dpi=100)
+        plt.close(fig)
+        paths.append(out / "final_ppl.png")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in records:
+        history = [(s, v) for s, v in r.history.get("valid_ppl", []) if math.isfinite(v)]
+        if history:
+            label = (
+                ", ".join(f"{p}={short(r.params.get(p))}" for p in params)
+                or r.run_name
+                or r.run_id[:8]
+            )
+            ax.plot([s for s, _ in history], [v for _, v in history], marker="o", label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation perplexity")
+    ax.set_yscale("log")
+    ax.set_title("Learning curves")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "learning_curves.png", dpi=100)
+    plt.close(fig)
+    paths.append(out / "learning_curves.png")
+    return paths
+
+
+def report(
+    uri: str,
+    experiment: str,
+    out: Path,
+    parent_run_id: str | None = None,
+    swept: list[str] | None = None,
+) -> tuple[str, list[Path], list[RunRecord]]:
+    """Fetch the runs, write the table and plots into out; return the text table and the files."""
+    records = fetch_runs(uri, experiment, parent_run_id, HISTORY_KEYS)
+    if not records:
+        raise LmexpError(f"No runs found in experiment {experiment!r} at {uri}.")
+    columns, rows = build_table(records, swept)
+    files = write_table(columns, rows, out)
+    files += plot(records, swept or differing_params(records)[:1], out)
+    return format_text(columns, rows), files, records
+
+
+def summarize_sweep(
+    uri: str, experiment: str, parent_run_id: str, swept: list[str], sweep_dir: Path
+) -> None:
+    """Called when a multirun ends: table and plots into the sweep folder and onto the parent run."""
+    try:
+        text, files, records = report(uri, experiment, sweep_dir / "report", parent_run_id, swept)
+    except LmexpError:
+        set_run_outcome(uri, parent_run_id, {}, {"best_run_id": "none"}, [], status="FAILED")
+        return
+    finished = [summarize(r) for r in records if r.status == "FINISHED"]
+    best = min(finished, key=lambda s: s["best_valid_ppl"], default=None)
+    metrics = {"n_runs": len(records), "n_finished": len(finished)}
+    tags = {}
+    if best is not None:
+        metrics["best_valid_ppl"] = best["best_valid_ppl"]
+        if math.isfinite(best["test_ppl"]):
+            metrics["best_test_ppl"] = best["test_ppl"]
+        tags["best_run_id"] = best["run_id"]
+        by_id = {r.run_id: r for r in records}
+        tags.update({f"best.{k}": by_id[best["run_id"]].params.get(k, "") for k in swept})
+    set_run_outcome(uri, parent_run_id, metrics, tags, files)
+    print(text, end="")
+
+
+def results_record(uri: str, experiment: str, run_id: str) -> dict[str, Any]:
+    """One run's results as plain data: config, per-epoch ppl, test ppl, speed, provenance."""
+    (record,) = [
+        r for r in fetch_runs(uri, experiment, None, HISTORY_KEYS) if r.run_id == run_id
+    ] or [None]
+    if record is None:
+        raise LmexpError(f"Run {run_id} is not in experiment {experiment!r} at {uri}.")
+    epochs = [
+        {"epoch": step, **{k: dict(record.history[k]).get(step) for k in HISTORY_KEYS}}
+        for step, _ in record.history.get("valid_ppl", [])
+    ]
+    return {
+        "run_id": record.run_id,
+        "run_name": record.run_name,
+        "status": record.status,
+        "config": dict(sorted(record.params.items())),
+        "epochs": epochs,
+        "final": {
+            "train_ppl": _last(record, "train_ppl"),
+            "valid_ppl": _last(record, "valid_ppl"),
+            "best_valid_ppl": record.metrics.get("best_valid_ppl"),
+            "test_ppl": record.metrics.get("test_ppl"),
+        },
+        "train_wps_mean": summarize(record)["train_wps"],
+        "train_time_s": sum(e["epoch_time_s"] or 0 for e in epochs),
+        "device": record.tags.get("device"),
+        "torch_version": record.tags.get("torch_version"),
+        "git_commit": record.tags.get("mlflow.source.git.commit"),
+        "hydra_overrides": record.tags.get("hydra_overrides"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lmexp.report", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here"
+    )
+    parser.add_argument("--experiment", default="lmexp")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--sweep", metavar="PARENT_RUN_ID", help="only the runs of this sweep")
+    group.add_argument(
+        "--sweep-dir", type=Path, help="only the runs of the sweep in this multirun folder"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("report"), help="folder for CSV, Markdown, PNGs"
+    )
+    parser.add_argument(
+        "--record", type=Path, help="write the results record of --run to this JSON file"
+    )
+    parser.add_argument("--run", help="run id for --record")
+    args = parser.parse_args(argv)
+    uri = resolve_tracking_uri(args.tracking_uri, Path.cwd())
+    try:
+        if args.record:
+            if not args.run:
+                raise LmexpError(
+                    "--record needs --run RUN_ID (see the run id in the MLflow UI or the report)."
+                )
+            record = results_record(uri, args.experiment, args.run)
+            args.record.parent.mkdir(parents=True, exist_ok=True)
+            args.record.write_text(json.dumps(record, indent=2) + "\n")
+            print(f"wrote {args.record}")
+            return 0
+        parent, swept = args.sweep, None
+        if args.sweep_dir:
+            sweep_file = args.sweep_dir / "mlflow_sweep.json"
+            if not sweep_file.is_file():
+                raise LmexpError(
+                    f"{args.sweep_dir} has no mlflow_sweep.json; pass a multirun/<date>/<time> folder."
+                )
+            sweep = json.loads(sweep_file.read_text())
+            parent, swept, uri = (
+                sweep["parent_run_id"],
+                sweep["swept_params"],
+                sweep["tracking_uri"],
+            )
+        text, files, _ = report(uri, args.experiment, args.out, parent, swept)
+    except LmexpError as err:
+        print(f"lmexp.report: error: {err}", file=sys.stderr)
+        return 2
+    print(text, end="")
+    print("wrote " + ", ".join(str(f) for f in files))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

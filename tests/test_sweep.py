@@ -1,0 +1,173 @@
+"""Sweeps through real Hydra multirun launches into real MLflow sqlite stores."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import TINY, metric_history, mlflow_runs, run_module
+
+pytestmark = pytest.mark.slow
+SWEEP = [*TINY, "trainer.max_epochs=2"]
+
+
+def sweep_dir(cwd: Path) -> Path:
+    (folder,) = [p.parent for p in (cwd / "multirun").glob("*/*/mlflow_sweep.json")]
+    return folder
+
+
+def split_runs(db: Path) -> tuple[object, list]:
+    runs = mlflow_runs(db)
+    (parent,) = [r for r in runs if r.data.tags.get("lmexp.kind") == "sweep"]
+    children = [r for r in runs if r is not parent]
+    assert all(r.data.tags.get("mlflow.parentRunId") == parent.info.run_id for r in children)
+    return parent, children
+
+
+def assert_store_intact(db: Path) -> None:
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_dp_keep_prob_sweep_children_parent_and_ordered_report(tmp_path):
+    proc = run_module(
+        "lmexp.train", "-m", *SWEEP, "dropout.dp_keep_prob=0.35,0.5,0.65", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    db = tmp_path / "mlflow.db"
+    parent, children = split_runs(db)
+    assert len(children) == 3 and all(r.info.status == "FINISHED" for r in children)
+    assert sorted(r.data.params["dropout.dp_keep_prob"] for r in children) == [
+        "0.35",
+        "0.5",
+        "0.65",
+    ]
+    for run in children:
+        for key in ("train_ppl", "valid_ppl", "lr", "train_wps", "epoch_time_s"):
+            assert [s for s, _ in metric_history(db, run.info.run_id, key)] == [1, 2]
+    # Jobs ran in multirun/<date>/<time>/<n>/.
+    folder = sweep_dir(tmp_path)
+    assert sorted(p.name for p in folder.iterdir() if p.name.isdigit()) == ["0", "1", "2"]
+    # The parent knows the best child and carries the report.
+    best = min(children, key=lambda r: r.data.metrics["best_valid_ppl"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["best_run_id"] == best.info.run_id
+    assert parent.data.metrics["best_valid_ppl"] == best.data.metrics["best_valid_ppl"]
+    assert parent.data.tags["swept_params"] == "dropout.dp_keep_prob"
+    artifacts = Path(parent.info.artifact_uri.removeprefix("file://"))
+    assert {"runs.csv", "runs.md", "final_ppl.png", "learning_curves.png"} <= {
+        p.name for p in artifacts.iterdir()
+    }
+    # The report CLI: ordered by validation perplexity.
+    report = run_module("lmexp.report", "--sweep-dir", str(folder), "--out", "rep", cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    rows = list(csv.DictReader((tmp_path / "rep" / "runs.csv").read_text().splitlines()))
+    assert [float(r["valid_ppl"]) for r in rows] == sorted(float(r["valid_ppl"]) for r in rows)
+    assert [r["dropout.dp_keep_prob"] for r in rows][0] == best.data.params["dropout.dp_keep_prob"]
+    assert "dropout.dp_keep_prob" in report.stdout.splitlines()[0]
+    assert_pngs_have_content(tmp_path / "rep")
+
+
+def assert_pngs_have_content(folder: Path) -> None:
+    import matplotlib.image as mpimg
+    import numpy as np
+
+    for name in ("final_ppl.png", "learning_curves.png"):
+        raw = (folder / name).read_bytes()
+        assert raw.startswith(b"\x89PNG\r\n\x1a\n")
+        pixels = mpimg.imread(folder / name)
+        assert pixels.shape[0] > 200 and pixels.shape[1] > 300
+        colours = np.unique(pixels.reshape(-1, pixels.shape[-1]).round(2), axis=0)
+        assert len(colours) > 20 and pixels.std() > 0.05  # lines, text and axes, not blank
+
+
+def test_joblib_two_workers_four_jobs_into_fresh_store(tmp_path):
+    proc = run_module(
+        "lmexp.train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *SWEEP,
+        "dropout.dp_keep_prob=0.35,0.5,0.65,0.8", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    db = tmp_path / "mlflow.db"
+    _, children = split_runs(db)
+    assert len(children) == 4 and all(r.info.status == "FINISHED" for r in children)
+    assert_store_intact(db)
+
+
+def test_parallel_independent_runs_on_a_fresh_store_do_not_corrupt_it(tmp_path):
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "lmexp.train",
+                *TINY,
+                "trainer.max_epochs=1",
+                f"hydra.run.dir=r{i}",
+            ],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for i in range(4)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, outputs
+    db = tmp_path / "mlflow.db"
+    runs = mlflow_runs(db)
+    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+    assert_store_intact(db)
+
+
+def test_submitit_local_launcher_runs_jobs_through_submitit(tmp_path):
+    proc = run_module(
+        "lmexp.train",
+        "-m",
+        "hydra/launcher=submitit_local",
+        *SWEEP,
+        "dropout.dp_keep_prob=0.5,0.8",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = sweep_dir(tmp_path)
+    assert list((folder / ".submitit").glob("*/*_result.pkl"))  # submitit ran and stored results
+    _, children = split_runs(tmp_path / "mlflow.db")
+    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+
+
+def test_optuna_search_trials_are_child_runs_and_best_is_recorded(tmp_path):
+    proc = run_module(
+        "lmexp.train", "hparams_search=ptb_optuna", "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.sampler.n_startup_trials=2", *SWEEP, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    parent, children = split_runs(tmp_path / "mlflow.db")
+    assert len(children) == 3
+    results = yaml.safe_load((sweep_dir(tmp_path) / "optimization_results.yaml").read_text())
+    best_child = min(children, key=lambda r: r.data.metrics["best_valid_ppl"])
+    assert results["best_value"] == pytest.approx(best_child.data.metrics["best_valid_ppl"])
+    assert parent.data.metrics["best_valid_ppl"] == pytest.approx(results["best_value"])
+    assert parent.data.tags["best_run_id"] == best_child.info.run_id
+    assert set(json.loads((sweep_dir(tmp_path) / "mlflow_sweep.json").read_text())["swept_params"]) == {
+        "dropout.dp_keep_prob", "lr_policy.lr",
+    }  # fmt: skip
+
+
+def test_a_diverging_job_fails_alone(tmp_path):
+    proc = run_module(
+        "lmexp.train", "-m", *SWEEP, "trainer.max_grad_norm=1e30", "trainer.log_every_n_batches=1",
+        "lr_policy.lr=0.5,1e9,1.0", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    parent, children = split_runs(tmp_path / "mlflow.db")
+    status = {r.data.params["lr_policy.lr"]: r for r in children}
+    assert status["1000000000.0"].info.status == "FAILED"
+    assert "diverged" in status["1000000000.0"].data.tags["lmexp.failure_reason"]
+    assert status["0.5"].info.status == status["1.0"].info.status == "FINISHED"
+    assert parent.data.metrics["n_finished"] == 2
