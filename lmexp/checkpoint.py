@@ -91,3 +91,32 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def load_model(
+    path: Path, device: str | torch.device = "cpu"
+) -> tuple[Any, list[str], dict[str, Any]]:
+    """Rebuild a trained model from any lmexp checkpoint or exported model.pt (safely loaded).
+
+    Returns the model in eval mode, its vocabulary and the resolved config it was trained with.
+    """
+    from lmexp.config import DropoutConfig, ModelConfig
+    from lmexp.model import LSTMLanguageModel
+
+    state = load(path, map_location=device)
+    missing = [k for k in ("model", "vocab", "config") if k not in state]
+    if missing:
+        raise CheckpointError(
+            f"{path} has no {', '.join(missing)}; pass a checkpoint or model.pt written by lmexp."
+        )
+    config, vocab = state["config"], state["vocab"]
+    model = LSTMLanguageModel.from_config(
+        ModelConfig(**config["model"]), DropoutConfig(**config["dropout"]), len(vocab)
+    )
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"{path}: weights do not fit its own config ({str(err).splitlines()[0]})."
+        ) from err
+    return model.to(device).eval(), vocab, config

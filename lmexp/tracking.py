@@ -235,6 +235,21 @@ def open_tracker(
     return MlflowTracker(uri, experiment_name, run_id, run_name, tags), note
 
 
+def download_model(uri: str, run_id: str, dest: Path) -> Path:
+    """Fetch a run's model/model.pt artifact (written by lmexp.train) into dest."""
+    from mlflow.exceptions import MlflowException
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        local = _client(uri).download_artifacts(run_id, "model/model.pt", str(dest))
+    except (MlflowException, OSError) as err:
+        raise TrackingError(
+            f"Run {run_id} in {uri} has no model/model.pt artifact ({str(err).splitlines()[0]}); "
+            "check the run id and logger.tracking_uri (--tracking-uri), or pass a model.pt path."
+        ) from err
+    return Path(local)
+
+
 # --- sweeps: a parent run per multirun, read back by the report ----------------------------
 
 

@@ -1,0 +1,295 @@
+"""`python -m lmexp.bench [overrides]`: training words/s of lmexp's step against the 2017 ways.
+
+Variants, all on the same model size, data and device, in one process:
+  lmexp      the harness's own step (`lmexp.loop.TrainStep`), exactly as `lmexp.train` runs it;
+  port       the 2017 PyTorch port's loop: fused nn.LSTM, model.zero_grad(), loss.item() every
+             batch, a separate clip_grad_norm_, and a manual p.data.add_(-lr * grad) per parameter;
+  cell_loop  the same model as a Python loop over time of nn.LSTMCell per layer (TF RNNCell style).
+After a warm-up of each, the variants are timed in turn, `bench.repeats` times, so drifts in
+machine speed hit them alike; the median, min and max words/s and each median's ratio to port's
+are printed and, with bench.output=PATH, written as JSON. Evaluation words/s of lmexp too.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmexp.config import BenchConfig, LmexpError, flatten
+from lmexp.data import batchify, load_corpus, windows
+from lmexp.loop import TrainStep, detach, evaluate
+from lmexp.model import LSTMLanguageModel, State
+
+log = logging.getLogger("lmexp.bench")
+Step = Callable[[torch.Tensor, torch.Tensor, State], State]
+
+
+class CellLoopLM(nn.Module):
+    """The same network with one nn.LSTMCell per layer stepped in Python, as TF's RNNCell did."""
+
+    def __init__(self, reference: LSTMLanguageModel) -> None:
+        super().__init__()
+        h, layers = reference.hidden_size, reference.num_layers
+        self.num_layers, self.hidden_size = layers, h
+        self.embedding = nn.Embedding(reference.embedding.num_embeddings, h)
+        self.cells = nn.ModuleList(nn.LSTMCell(h, h) for _ in range(layers))
+        self.decoder = nn.Linear(h, reference.decoder.out_features)
+        self.p = reference.p_output
+        self.load_from(reference)
+
+    @torch.no_grad()
+    def load_from(self, reference: LSTMLanguageModel) -> None:
+        self.embedding.weight.copy_(reference.embedding.weight)
+        self.decoder.load_state_dict(reference.decoder.state_dict())
+        for i, cell in enumerate(self.cells):
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                getattr(cell, name).copy_(getattr(reference.lstm, f"{name}_l{i}"))
+
+    def init_state(self, batch_size: int) -> State:
+        w = self.decoder.weight
+        shape = (self.num_layers, batch_size, self.hidden_size)
+        return w.new_zeros(shape), w.new_zeros(shape)
+
+    def forward(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        drop = nn.functional.dropout
+        h, c = list(state[0].unbind(0)), list(state[1].unbind(0))
+        outputs = []
+        for x in drop(self.embedding(tokens), self.p, self.training).unbind(0):
+            for i, cell in enumerate(self.cells):
+                h[i], c[i] = cell(x, (h[i], c[i]))
+                x = drop(h[i], self.p, self.training)
+            outputs.append(x)
+        return self.decoder(torch.stack(outputs)), (torch.stack(h), torch.stack(c))
+
+
+def port_step(model: nn.Module, lr: float, max_grad_norm: float) -> Step:
+    """The 2017 port's training step, line for line (its run_epoch)."""
+    criterion = nn.CrossEntropyLoss()
+    costs = 0.0
+
+    def step(inputs: torch.Tensor, targets: torch.Tensor, hidden: State) -> State:
+        nonlocal costs
+        hidden = detach(hidden)  # repackage_hidden
+        model.zero_grad(set_to_none=False)  # 2017 zero_grad: fill the grads with zeros
+        outputs, hidden = model(inputs, hidden)
+        loss = criterion(outputs.view(-1, outputs.size(-1)), targets.view(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        for p in model.parameters():
+            p.data.add_(p.grad.data, alpha=-lr)
+        costs += loss.item() * inputs.size(0)  # a host sync every batch
+        return hidden
+
+    return step
+
+
+def lmexp_step(step: TrainStep) -> Step:
+    def run(inputs: torch.Tensor, targets: torch.Tensor, state: State) -> State:
+        return step(inputs, targets, state)[1]
+
+    return run
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(
+    step: Step,
+    model: nn.Module,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+) -> float:
+    """Words per second of `step` over `batches` (the clock stops after the device finishes)."""
+    model.train()
+    state = model.init_state(batches[0][0].size(1))
+    sync(device)
+    start = time.perf_counter()
+    for inputs, targets in batches:
+        state = step(inputs, targets, state)
+    sync(device)
+    words = sum(t.numel() for _, t in batches)
+    return words / (time.perf_counter() - start)
+
+
+def stats(samples: list[float]) -> dict[str, float]:
+    return {
+        "wps_median": statistics.median(samples),
+        "wps_min": min(samples),
+        "wps_max": max(samples),
+    }
+
+
+def run_bench(cfg: BenchConfig, device: torch.device) -> dict[str, Any]:
+    from lmexp.train import configure_threads, device_name
+
+    b, t = cfg.bench, cfg.trainer
+    unknown = set(b.variants) - {"lmexp", "port", "cell_loop"}
+    if unknown:
+        raise LmexpError(
+            f"bench.variants has unknown {sorted(unknown)}; choose from lmexp, port, cell_loop."
+        )
+    threads = configure_threads(t.threads)
+    corpus = load_corpus(cfg.data)
+    data = batchify(corpus.train, t.batch_size).to(device)
+    needed = b.warmup_batches + b.batches
+    batches = list(
+        itertools.islice(
+            itertools.cycle(list(windows(data, t.num_steps, drop_last=True))[:needed]), needed
+        )
+    )
+    warmup, timed = batches[: b.warmup_batches], batches[b.warmup_batches :]
+
+    torch.manual_seed(t.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    steps: dict[str, tuple[Step, nn.Module]] = {}
+    for name in b.variants:
+        torch.manual_seed(t.seed)
+        model = LSTMLanguageModel.from_config(cfg.model, cfg.dropout, corpus.vocab_size)
+        if name == "cell_loop":
+            model = CellLoopLM(model)
+        model = model.to(device)
+        if name == "lmexp":
+            model.flatten_parameters()
+            step = lmexp_step(
+                TrainStep(
+                    model,
+                    cfg.lr_policy.lr,
+                    t.max_grad_norm,
+                    t.loss_reduction,
+                    t.precision,
+                    t.compile,
+                )
+            )
+        else:
+            step = port_step(model, cfg.lr_policy.lr, t.max_grad_norm)
+        steps[name] = (step, model)
+
+    for name, (step, model) in steps.items():
+        log.info("warming up %s", name)
+        time_steps(step, model, warmup, device)
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    for repeat in range(b.repeats):
+        order = list(steps)[repeat % len(steps) :] + list(steps)[: repeat % len(steps)]
+        for name in order:
+            step, model = steps[name]
+            samples[name].append(time_steps(step, model, timed, device))
+            log.info("repeat %d %-9s %10.0f words/s", repeat + 1, name, samples[name][-1])
+
+    variants = {name: stats(values) for name, values in samples.items()}
+    port = variants.get("port", {}).get("wps_median")
+    for values in variants.values():
+        values["ratio_vs_port"] = values["wps_median"] / port if port else None
+    result: dict[str, Any] = {
+        "device": device_name(device),
+        "torch_version": torch.__version__,
+        "config": {
+            **flatten({"model": vars(cfg.model)}),
+            "dropout.kind": cfg.dropout.kind,
+            "dropout.dp_keep_prob": cfg.dropout.dp_keep_prob,
+            **{
+                f"trainer.{k}": getattr(t, k)
+                for k in ("batch_size", "num_steps", "precision", "compile", "loss_reduction")
+            },
+            "threads": threads,
+            "bench.batches": b.batches,
+            "bench.repeats": b.repeats,
+            "bench.warmup_batches": b.warmup_batches,
+        },
+        "variants": variants,
+    }
+    if "lmexp" in steps:
+        model = steps["lmexp"][1]
+        valid = batchify(corpus.valid, t.eval_batch_size).to(device)
+        eval_samples = []
+        for _ in range(b.repeats):
+            sync(device)
+            start = time.perf_counter()
+            _, tokens = evaluate(model, valid, t.eval_num_steps, b.eval_batches, t.precision)
+            sync(device)
+            eval_samples.append(tokens / (time.perf_counter() - start))
+        result["eval"] = {"lmexp": stats(eval_samples)}
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = [
+        f"device: {result['device']}  torch {result['torch_version']}",
+        f"{'variant':<10} {'median w/s':>12} {'min':>10} {'max':>10} {'vs port':>8}",
+    ]
+    for name, v in result["variants"].items():
+        ratio = f"{v['ratio_vs_port']:.2f}x" if v["ratio_vs_port"] else "-"
+        lines.append(
+            f"{name:<10} {v['wps_median']:>12.0f} {v['wps_min']:>10.0f} {v['wps_max']:>10.0f} {ratio:>8}"
+        )
+    for name, v in result.get("eval", {}).items():
+        lines.append(
+            f"{name + ' eval':<10} {v['wps_median']:>12.0f} {v['wps_min']:>10.0f} {v['wps_max']:>10.0f}"
+        )
+    return "\n".join(lines)
+
+
+def task(cfg: Any) -> None:
+    from omegaconf import OmegaConf
+
+    from lmexp.config import validate
+    from lmexp.train import select_device
+
+    try:
+        typed = OmegaConf.to_object(cfg)
+        validate(typed)
+        result = run_bench(typed, select_device(typed.trainer.device))
+    except LmexpError as err:
+        log.error("%s", err)
+        sys.exit(2)
+    print(format_table(result), flush=True)
+    if typed.bench.output:
+        out = Path(typed.bench.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        log.info("wrote %s", out)
+    if typed.bench.log_mlflow:
+        from hydra.core.hydra_config import HydraConfig
+
+        from lmexp.tracking import open_tracker, resolve_tracking_uri
+
+        uri = resolve_tracking_uri(typed.logger.tracking_uri, Path(HydraConfig.get().runtime.cwd))
+        tracker, _ = open_tracker(
+            "mlflow", uri, typed.logger.experiment_name, None, "bench", {"lmexp.kind": "bench"}
+        )
+        tracker.log_params(result["config"])
+        metrics = {
+            f"{n}.{k}": v
+            for n, vs in result["variants"].items()
+            for k, v in vs.items()
+            if v is not None
+        }
+        tracker.log_metrics(metrics, step=0)
+        tracker.finish()
+
+
+def main() -> None:
+    import hydra
+
+    from lmexp.config import conf_dir, register_configs
+
+    register_configs()
+    hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="bench")(task)()
+
+
+if __name__ == "__main__":
+    from lmexp.bench import main as _main
+
+    _main()

@@ -1,0 +1,103 @@
+"""`python -m lmexp.evaluate MODEL [--split test | --text FILE]`: perplexity of a trained model.
+
+MODEL is a checkpoint or model.pt path, or an MLflow run id (its model/model.pt artifact). The
+split is read and batched as training did (same vocabulary, batch size and window), so the test
+split reproduces the test_ppl the run logged. A text file is tokenised like PTB; words outside the
+vocabulary become <unk>, and how many did is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmexp import checkpoint
+from lmexp.config import DataConfig, LmexpError
+from lmexp.data import UNK, batchify, encode, load_corpus, read_words
+from lmexp.loop import evaluate, perplexity
+
+
+def resolve_model(
+    source: str, tracking_uri: str | None, device: str
+) -> tuple[Any, list[str], dict[str, Any]]:
+    """Load MODEL: an existing file, else an MLflow run id in the tracking store."""
+    path = Path(source)
+    if path.is_file():
+        return checkpoint.load_model(path, device)
+    if path.suffix or "/" in source:
+        raise LmexpError(
+            f"{source} does not exist; pass a model.pt or checkpoint path, or an MLflow run id."
+        )
+    from lmexp.tracking import check_store, download_model, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri, Path.cwd())
+    check_store(uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        return checkpoint.load_model(download_model(uri, source, Path(tmp)), device)
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="model.pt / checkpoint path, or an MLflow run id")
+    parser.add_argument("--tracking-uri", help="store holding the run (default: as lmexp.train)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lmexp.evaluate", description=__doc__.splitlines()[0]
+    )
+    add_model_args(parser)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--split", choices=("train", "valid", "test"), default="test")
+    source.add_argument("--text", type=Path, help="a text file to score instead of a split")
+    parser.add_argument("--data-root", help="PTB folder, if not where the model was trained")
+    parser.add_argument(
+        "--batch-size", type=int, help="default: the run's (test: trainer.test_batch_size)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        model, vocab, config = resolve_model(args.model, args.tracking_uri, args.device)
+        trainer = config["trainer"]
+        if args.text is not None:
+            if not args.text.is_file():
+                raise LmexpError(f"--text {args.text} does not exist.")
+            words = read_words(args.text)
+            if not words:
+                raise LmexpError(f"--text {args.text} holds no words.")
+            tokens = encode(words, vocab)
+            unknown = sum(1 for w in words if w not in set(vocab) and w != UNK)
+            label, batch = str(args.text), args.batch_size or 1
+        else:
+            data_cfg = DataConfig(
+                **{**config["data"], **({"root": args.data_root} if args.data_root else {})}
+            )
+            corpus = load_corpus(data_cfg)
+            if corpus.vocab != vocab:
+                raise LmexpError(
+                    "The corpus's vocabulary differs from the model's; pass the --data-root it was trained on."
+                )
+            tokens, unknown, label = corpus.split(args.split), 0, f"{data_cfg.name} {args.split}"
+            default = (
+                trainer["test_batch_size"] if args.split == "test" else trainer["eval_batch_size"]
+            )
+            batch = args.batch_size or default
+        loss, count = evaluate(
+            model, batchify(tokens, batch).to(args.device), trainer["eval_num_steps"]
+        )
+    except LmexpError as err:
+        print(f"lmexp.evaluate: error: {err}", file=sys.stderr)
+        return 2
+    print(
+        f"{label}: perplexity {perplexity(loss, count):.4f} over {count} tokens ({unknown} out-of-vocabulary words mapped to {UNK})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    sys.exit(main())

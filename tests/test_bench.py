@@ -1,0 +1,52 @@
+"""The benchmark runs and writes valid JSON with every field (tiny sizes: a check, not a timing)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from conftest import run_module
+
+from lmexp.bench import CellLoopLM
+from lmexp.config import DropoutConfig
+from lmexp.model import LSTMLanguageModel
+
+
+def test_bench_writes_json_with_every_field(tmp_path):
+    proc = run_module(
+        "lmexp.bench", "data=tiny", "model=tiny", "trainer.threads=1", "bench.batches=4",
+        "bench.warmup_batches=1", "bench.eval_batches=3", "bench.output=bench.json", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["device"].startswith("cpu") and result["torch_version"] == torch.__version__
+    assert result["config"]["model.hidden_size"] == 32 and result["config"]["bench.repeats"] == 3
+    assert set(result["variants"]) == {"lmexp", "port", "cell_loop"}
+    for variant in result["variants"].values():
+        assert set(variant) == {"wps_median", "wps_min", "wps_max", "ratio_vs_port"}
+        assert 0 < variant["wps_min"] <= variant["wps_median"] <= variant["wps_max"]
+    assert result["variants"]["port"]["ratio_vs_port"] == 1.0
+    ratio = result["variants"]["lmexp"]["wps_median"] / result["variants"]["port"]["wps_median"]
+    assert abs(result["variants"]["lmexp"]["ratio_vs_port"] - ratio) < 1e-9
+    assert result["eval"]["lmexp"]["wps_median"] > 0
+    assert "vs port" in proc.stdout and "cell_loop" in proc.stdout
+
+
+def test_bench_rejects_unknown_variant(tmp_path):
+    proc = run_module(
+        "lmexp.bench", "data=tiny", "model=tiny", "bench.variants=[lmexp,tf]", cwd=tmp_path
+    )
+    assert proc.returncode == 2
+    assert "bench.variants has unknown ['tf']" in proc.stdout + proc.stderr
+
+
+def test_cell_loop_computes_the_same_function_as_the_fused_lstm():
+    torch.manual_seed(0)
+    fused = LSTMLanguageModel(30, 12, 2, 0.1, DropoutConfig(kind="none")).eval()
+    cells = CellLoopLM(fused).eval()
+    tokens = torch.randint(0, 30, (7, 3))
+    a, (ha, ca) = fused(tokens, fused.init_state(3))
+    b, (hb, cb) = cells(tokens, cells.init_state(3))
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(ha, hb)
+    torch.testing.assert_close(ca, cb)

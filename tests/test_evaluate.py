@@ -1,0 +1,71 @@
+"""evaluate and generate on a model trained by the real entry point (tiny corpus)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from conftest import TINY, mlflow_runs, run_module
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, str, float]:
+    cwd = tmp_path_factory.mktemp("trained")
+    proc = run_module("lmexp.train", *TINY, "trainer.max_epochs=2", "hydra.run.dir=run", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = mlflow_runs(cwd / "mlflow.db")
+    return cwd, run.info.run_id, run.data.metrics["test_ppl"]
+
+
+def ppl(stdout: str) -> float:
+    return float(re.search(r"perplexity ([0-9.]+)", stdout).group(1))
+
+
+def test_evaluate_reproduces_logged_test_ppl_from_run_id_and_from_path(trained):
+    cwd, run_id, logged = trained
+    by_id = run_module("lmexp.evaluate", run_id, cwd=cwd)
+    assert by_id.returncode == 0, by_id.stderr
+    assert ppl(by_id.stdout) == pytest.approx(logged, rel=1e-4)
+    by_path = run_module("lmexp.evaluate", "run/model/model.pt", cwd=cwd)
+    assert ppl(by_path.stdout) == pytest.approx(logged, rel=1e-4)
+
+
+def test_evaluate_text_file_maps_unknown_words_to_unk(trained):
+    cwd, _, _ = trained
+    (cwd / "sample.txt").write_text("w1 w2 w3 zebra\nw4 w5 quux w6\n")
+    proc = run_module("lmexp.evaluate", "run/model/model.pt", "--text", "sample.txt", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+    assert "over 9 tokens (2 out-of-vocabulary words mapped to <unk>)" in proc.stdout
+
+
+def test_evaluate_names_a_bad_model_source(trained, tmp_path):
+    cwd, _, _ = trained
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    proc = run_module("lmexp.evaluate", str(tmp_path / "junk.pt"), cwd=cwd)
+    assert proc.returncode == 2 and "is not an lmexp checkpoint" in proc.stderr
+    proc = run_module("lmexp.evaluate", "0123456789abcdef0123456789abcdef", cwd=cwd)
+    assert proc.returncode == 2 and "has no model/model.pt artifact" in proc.stderr
+
+
+def test_generate_is_deterministic_per_seed_and_emits_only_vocabulary(trained):
+    cwd, run_id, _ = trained
+    args = ["run/model/model.pt", "--prompt", "w1 w2 zebra", "--words", "40", "--seed", "7"]
+    first, again = (
+        run_module("lmexp.generate", *args, cwd=cwd),
+        run_module("lmexp.generate", *args, cwd=cwd),
+    )
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == again.stdout
+    assert "not in the vocabulary, fed as <unk>: zebra" in first.stderr
+    other = run_module("lmexp.generate", *args[:-1], "8", cwd=cwd)
+    assert other.stdout != first.stdout
+    vocab = set(json.loads((cwd / "run" / "model" / "vocab.json").read_text()))
+    text = first.stdout.rstrip("\n")
+    generated = text.split()[3:]
+    # 3 prompt words + 40 sampled ones; each sampled <eos> is printed as a line break.
+    assert len(text.split()) + text.count("\n") == 43
+    assert set(generated) <= vocab
+    by_id = run_module("lmexp.generate", run_id, *args[1:], cwd=cwd)
+    assert by_id.stdout == first.stdout
