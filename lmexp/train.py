@@ -69,9 +69,12 @@ def select_device(requested: str, job_num: int | None = None) -> torch.device:
 def configure_threads(threads: int) -> int:
     """torch intra-op threads: the configured number, else one per physical core."""
     if threads == 0:
-        import psutil
+        try:
+            import psutil
 
-        threads = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+            threads = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+        except ImportError:  # psutil comes with lmexp; a bare GPU box running only the bench may lack it
+            threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
     return threads
 
