@@ -171,3 +171,25 @@ def test_a_diverging_job_fails_alone(tmp_path):
     assert "diverged" in status["1000000000.0"].data.tags["lmexp.failure_reason"]
     assert status["0.5"].info.status == status["1.0"].info.status == "FINISHED"
     assert parent.data.metrics["n_finished"] == 2
+
+
+def test_slurm_launcher_preset_composes_with_cluster_settings():
+    from hydra import compose, initialize_config_dir
+
+    from lmexp.config import conf_dir, register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(
+            "train",
+            ["hydra/launcher=slurm", "hydra.launcher.partition=a100"],
+            return_hydra_config=True,
+        )
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.partition, launcher.gpus_per_node, launcher.array_parallelism) == (
+        "a100",
+        1,
+        8,
+    )
+    assert launcher.signal_delay_s > 0 and launcher.max_num_timeout > 0 and launcher.mem_gb > 0
