@@ -45,11 +45,43 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """Decoder (linear) + mean softmax cross-entropy with a leaner backward.
+
+    Forward is the usual log-softmax and NLL. Backward turns the saved log-probabilities into
+    probabilities in place, subtracts one at the targets, and applies the 1/N scale to the small
+    (tokens x hidden, vocab x hidden) results rather than to the (tokens x vocab) matrix. The
+    standard path instead builds a zero-filled one-hot gradient of that size and reads it back,
+    so this skips two passes over the largest tensor of the step. Same math, fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets):  # type: ignore[override]
+        log_probs = torch.log_softmax(torch.addmm(bias, hidden, weight.t()), dim=1)
+        nll = -log_probs.gather(1, targets.unsqueeze(1)).mean()
+        ctx.save_for_backward(hidden, weight, log_probs, targets)
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        hidden, weight, log_probs, targets = ctx.saved_tensors
+        probs = log_probs.exp_()  # the buffer is ours: backward runs once
+        probs[torch.arange(targets.numel(), device=targets.device), targets] -= 1.0
+        scale = grad / targets.numel()
+        return (probs @ weight) * scale, (probs.t() @ hidden) * scale, probs.sum(0) * scale, None
+
+
 class TrainStep:
     """One truncated-BPTT step: forward, loss, backward, clip, SGD. Exactly what `train` runs.
 
     loss_reduction "sum_steps" scales the per-token mean by the window length, which is TF's loss
     (summed over time steps, averaged over the batch); "mean" is the per-token mean.
+
+    Lean by construction: the loss stays on the device; gradients are dropped (set to None)
+    instead of zero-filled and then accumulated into; clipping and the SGD update are multi-tensor
+    (foreach) ops with the clip coefficient kept on the device; in fp32 the decoder and loss run
+    as `LinearCrossEntropy`. On the CPU the embedding gradient is sparse, so only the rows a batch
+    touches are normed and updated (on a GPU its coalesce would sync the host every batch).
     """
 
     def __init__(
@@ -62,45 +94,74 @@ class TrainStep:
         compile_model: bool = False,
     ) -> None:
         self.model = model
-        self.forward = torch.compile(model) if compile_model else model
         self.params = [p for p in model.parameters() if p.requires_grad]
         device = self.params[0].device
-        # foreach kernels exist for CUDA; on CPU they fall back to the per-tensor loop anyway.
-        self.optimizer = torch.optim.SGD(self.params, lr=lr, foreach=device.type == "cuda")
-        self.max_grad_norm = max_grad_norm
+        self.lr, self.max_grad_norm = lr, max_grad_norm
         self.sum_steps = loss_reduction == "sum_steps"
         self.device, self.precision = device, precision
+        self.fused_head = precision == "fp32" and not compile_model
+        features = model.features
+        self.features = torch.compile(features) if compile_model else features
+        self.forward = torch.compile(model) if compile_model else model
+        tied = model.decoder.weight is model.embedding.weight
+        model.embedding.sparse = device.type == "cpu" and not tied and precision != "fp16"
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        # fp16 needs an optimizer object for the grad scaler's unscale/skip logic.
+        self.optimizer = torch.optim.SGD(self.params, lr=lr) if self.scaler is not None else None
 
     def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        self.lr = lr
+        if self.optimizer is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
 
     def __call__(
         self, inputs: torch.Tensor, targets: torch.Tensor, state: State
     ) -> tuple[torch.Tensor, State]:
         """Returns the window's summed NLL (a detached device scalar) and the new state."""
-        with autocast(self.device, self.precision):
-            logits, state = self.forward(inputs, detach(state))
-            mean_nll = F.cross_entropy(
-                logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1)
+        if self.fused_head:
+            hidden, state = self.features(inputs, detach(state))
+            decoder = self.model.decoder
+            flat = hidden.reshape(-1, hidden.size(-1))
+            mean_nll = LinearCrossEntropy.apply(
+                flat, decoder.weight, decoder.bias, targets.reshape(-1)
             )
+        else:
+            with autocast(self.device, self.precision):
+                logits, state = self.forward(inputs, detach(state))
+                mean_nll = F.cross_entropy(
+                    logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1)
+                )
         loss = mean_nll * inputs.size(0) if self.sum_steps else mean_nll
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
-        nn.utils.clip_grad_norm_(
-            self.params, self.max_grad_norm, foreach=self.device.type == "cuda"
-        )
-        if self.scaler is not None:
+            nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
         else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.clip_and_update()
         return mean_nll.detach() * targets.numel(), state
+
+    @torch.no_grad()
+    def clip_and_update(self) -> None:
+        """clip_grad_norm_ then plain SGD, sparse-aware; gradients are dropped afterwards."""
+        dense = [p for p in self.params if p.grad is not None and not p.grad.is_sparse]
+        grads = [p.grad for p in dense]
+        sparse = [
+            (p, p.grad.coalesce()) for p in self.params if p.grad is not None and p.grad.is_sparse
+        ]
+        norms = list(torch._foreach_norm(grads)) + [g.values().norm() for _, g in sparse]
+        total = torch.linalg.vector_norm(torch.stack(norms))
+        coef = (self.max_grad_norm / (total + 1e-6)).clamp(max=1.0)  # clip_grad_norm_'s rule
+        torch._foreach_mul_(grads, coef)
+        torch._foreach_add_(dense, grads, alpha=-self.lr)
+        for p, g in sparse:
+            p.index_add_(0, g.indices()[0], g.values() * coef, alpha=-self.lr)
+        for p in self.params:
+            p.grad = None
 
 
 @dataclass

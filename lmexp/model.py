@@ -88,6 +88,11 @@ class LSTMLanguageModel(nn.Module):
         return weight.new_zeros(shape), weight.new_zeros(shape)
 
     def forward(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        hidden, state = self.features(tokens, state)
+        return self.decoder(hidden), state
+
+    def features(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """Everything but the decoder: the (dropped-out) LSTM output, (steps, batch, hidden)."""
         x = self.embedding(tokens)
         if self.variational:
             x = locked_dropout(x, self.p_embedding, self.training)
@@ -104,7 +109,7 @@ class LSTMLanguageModel(nn.Module):
             x = F.dropout(x, self.p_embedding, self.training)
             x, new_state = self.lstm(x, state)
             x = F.dropout(x, self.p_output, self.training)
-        return self.decoder(x), new_state
+        return x, new_state
 
     def flatten_parameters(self) -> None:
         """Make the LSTM weights one contiguous cuDNN buffer (call once, after .to(device))."""

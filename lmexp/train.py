@@ -73,7 +73,9 @@ def configure_threads(threads: int) -> int:
             import psutil
 
             threads = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-        except ImportError:  # psutil comes with lmexp; a bare GPU box running only the bench may lack it
+        except (
+            ImportError
+        ):  # psutil comes with lmexp; a bare GPU box running only the bench may lack it
             threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
     return threads

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmexp.config import DropoutConfig
-from lmexp.data import batchify, tiny_corpus
+from lmexp.data import batchify, tiny_corpus, windows
 from lmexp.loop import EpochProgress, TrainStep, evaluate, perplexity, train_epoch
 from lmexp.model import LSTMLanguageModel
 
@@ -72,3 +72,53 @@ def test_stop_request_returns_position_and_continuing_finishes_the_epoch():
     progress, _, stopped = train_epoch(step, data, 10, state, resumed)
     assert not stopped and progress.batch == (data.size(0) - 1) // 10
     assert progress.tokens == progress.batch * 100
+
+
+def reference_step(model, params, lr, clip, reduction):
+    """The textbook step: dense grads, F.cross_entropy, clip_grad_norm_, torch.optim.SGD."""
+    optimizer = torch.optim.SGD(params, lr=lr)
+
+    def step(x, y, state):
+        logits, state = model(x, (state[0].detach(), state[1].detach()))
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+        (loss * x.size(0) if reduction == "sum_steps" else loss).backward()
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        optimizer.step()
+        optimizer.zero_grad()
+        return loss.detach(), state
+
+    return step
+
+
+@pytest.mark.parametrize(
+    ("clip", "reduction", "tie"),
+    [
+        (5.0, "sum_steps", False),
+        (0.05, "sum_steps", False),
+        (0.25, "mean", False),
+        (5.0, "sum_steps", True),
+    ],
+)
+def test_lean_step_equals_the_textbook_step(clip, reduction, tie):
+    def build():
+        torch.manual_seed(0)
+        return LSTMLanguageModel(
+            CORPUS.vocab_size, 24, 2, 0.1, DropoutConfig(kind="none"), tie_weights=tie
+        )
+
+    lean_model, ref_model = build(), build()
+    lean = TrainStep(lean_model, 1.0, clip, reduction)
+    ref = reference_step(ref_model, list(ref_model.parameters()), 1.0, clip, reduction)
+    data = batchify(CORPUS.train, 10)
+    s1, s2 = lean_model.init_state(10), ref_model.init_state(10)
+    for i, (x, y) in enumerate(windows(data, 10, drop_last=True)):
+        if i == 6:
+            break
+        nll, s1 = lean(x, y, s1)
+        loss, s2 = ref(x, y, s2)
+        assert float(nll) / y.numel() == pytest.approx(float(loss), rel=1e-5)
+    assert lean_model.embedding.sparse is not tie  # the sparse path ran where it could
+    for (name, a), (_, b) in zip(
+        lean_model.named_parameters(), ref_model.named_parameters(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
