@@ -181,3 +181,40 @@ def test_tampered_checkpoint_passed_by_path_is_refused(tmp_path):
     proc = run_module("lmexp.train", *TINY, f"trainer.ckpt_path={last}", cwd=tmp_path)
     assert proc.returncode == 2
     assert f"{last} is corrupt" in proc.stdout + proc.stderr
+
+
+def test_sigusr2_checkpoints_then_hands_over_to_the_previous_handler(tmp_path):
+    """Under submitit the handler installed before ours requeues the job: it must run, after our checkpoint."""
+    args = [
+        *SLOW_TINY,
+        "trainer.max_epochs=2",
+        "trainer.progress=true",
+        "trainer.log_every_n_batches=20",
+        "hydra.run.dir=run",
+    ]
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text(
+        "import pathlib, signal, sys\n"
+        "def requeue(signum, frame):\n"
+        "    ckpt = pathlib.Path('run/checkpoints/last.pt').exists()\n"
+        "    pathlib.Path('requeued').write_text(f'{signum} {ckpt}')\n"
+        "    sys.exit(0)\n"
+        "signal.signal(signal.SIGUSR2, requeue)\n"
+        f"sys.argv = ['lmexp.train', *{args!r}]\n"
+        "from lmexp.train import main\n"
+        "main()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(wrapper)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    wait_for_line(tmp_path / "run" / "train.log", "epoch 1 [", proc)
+    proc.send_signal(signal.SIGUSR2)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out[-3000:]
+    assert (tmp_path / "requeued").read_text() == f"{int(signal.SIGUSR2)} True"
+    saved = checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert saved["progress"]["batch"] > 0

@@ -121,3 +121,20 @@ def test_bad_data_root_fails_naming_the_file(tmp_path, ptb_dir, damage):
     message = {"missing": "is missing", "empty": "is empty", "corrupt": "has MD5"}[damage]
     _expect_user_error(proc, str(target), message)
     assert {p.name: p.read_bytes() for p in root.iterdir()} == before  # the user's files untouched
+
+
+def test_parallel_jobs_spread_over_visible_gpus(monkeypatch):
+    import torch
+
+    from lmexp.train import select_device
+
+    assert select_device("auto", 3).type == "cpu" or torch.cuda.is_available()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert [str(select_device("auto", n)) for n in (0, 1, 5, None)] == [
+        "cuda:0",
+        "cuda:1",
+        "cuda:1",
+        "cuda:0",
+    ]
+    assert str(select_device("cuda:2", 7)) == "cuda:2"  # an explicit device is kept
