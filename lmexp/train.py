@@ -326,6 +326,14 @@ def _train(
             state = (resume["state"][0].to(device), resume["state"][1].to(device))
         checkpoint.set_rng_state(resume["rng"])
         backfill_metrics(tracker, history)
+        if start_epoch >= t.max_epochs and tracker.logged_steps("test_ppl"):
+            log.info(
+                "Run %s already finished all %d epochs; nothing to do.",
+                tracker.run_id,
+                t.max_epochs,
+            )
+            tracker.finish("FINISHED")
+            return best_valid
         log.info(
             "Resumed from %s at epoch %d, batch %d",
             resume["path"],

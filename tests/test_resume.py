@@ -218,3 +218,15 @@ def test_sigusr2_checkpoints_then_hands_over_to_the_previous_handler(tmp_path):
     assert (tmp_path / "requeued").read_text() == f"{int(signal.SIGUSR2)} True"
     saved = checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")
     assert saved["progress"]["batch"] > 0
+
+
+def test_rerunning_a_finished_run_changes_nothing(tmp_path):
+    args = [*TINY, "trainer.max_epochs=2", "hydra.run.dir=run"]
+    assert run_module("lmexp.train", *args, cwd=tmp_path).returncode == 0
+    again = run_module("lmexp.train", *args, cwd=tmp_path)
+    assert again.returncode == 0 and "already finished all 2 epochs" in again.stdout + again.stderr
+    db = tmp_path / "mlflow.db"
+    (run,) = mlflow_runs(db)
+    assert run.info.status == "FINISHED"
+    assert len(metric_history(db, run.info.run_id, "test_ppl")) == 1
+    assert [s for s, _ in metric_history(db, run.info.run_id, "valid_ppl")] == [1, 2]

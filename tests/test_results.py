@@ -1,0 +1,74 @@
+"""The committed results records (made by `lmexp.report --record` from real runs) stay consistent."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from lmexp.config import LrPolicyConfig
+from lmexp.schedules import learning_rate
+
+REPO = Path(__file__).resolve().parents[1]
+RECORDS = {"ptb_small_cpu.json": "false", "ptb_small_tied_cpu.json": "true"}
+
+
+@pytest.fixture(params=sorted(RECORDS))
+def record(request) -> tuple[str, dict]:
+    return request.param, json.loads((REPO / "results" / request.param).read_text())
+
+
+def test_record_is_a_finished_full_small_run_on_ptb(record):
+    name, r = record
+    c = r["config"]
+    assert r["status"] == "FINISHED"
+    assert (c["model.name"], c["data.name"], c["model.tie_weights"]) == (
+        "small",
+        "ptb",
+        RECORDS[name].capitalize(),
+    )
+    assert c["trainer.limit_train_batches"] == c["trainer.limit_eval_batches"] == "None"
+    assert int(c["trainer.max_epochs"]) == 13 == len(r["epochs"])
+    assert [e["epoch"] for e in r["epochs"]] == list(range(1, 14))
+    assert re.fullmatch(r"[0-9a-f]{40}", r["git_commit"]) and r["device"] and r["torch_version"]
+
+
+def test_record_is_internally_consistent(record):
+    _, r = record
+    last = r["epochs"][-1]
+    assert (
+        r["final"]["valid_ppl"] == last["valid_ppl"]
+        and r["final"]["train_ppl"] == last["train_ppl"]
+    )
+    assert r["final"]["best_valid_ppl"] == min(e["valid_ppl"] for e in r["epochs"])
+    assert r["train_time_s"] == pytest.approx(sum(e["epoch_time_s"] for e in r["epochs"]))
+    c = r["config"]
+    policy = LrPolicyConfig(
+        name=c["lr_policy.name"], lr=float(c["lr_policy.lr"]), lr_decay=float(c["lr_policy.lr_decay"]),
+        max_epoch=int(c["lr_policy.max_epoch"]),
+    )  # fmt: skip
+    assert [e["lr"] for e in r["epochs"]] == pytest.approx(
+        [learning_rate(policy, i) for i in range(13)]
+    )
+    train = [e["train_ppl"] for e in r["epochs"]]
+    assert all(
+        b < a for a, b in zip(train, train[1:], strict=False)
+    )  # training ppl falls every epoch
+    assert all(math.isfinite(e["valid_ppl"]) for e in r["epochs"])
+
+
+def test_untied_small_reproduces_tf_within_target():
+    r = json.loads((REPO / "results" / "ptb_small_cpu.json").read_text())
+    assert r["final"]["test_ppl"] <= 116.5  # TF's tutorial: 115.91
+
+
+def test_readme_results_table_shows_the_recorded_numbers():
+    readme = (REPO / "README.md").read_text()
+    for name in RECORDS:
+        r = json.loads((REPO / "results" / name).read_text())
+        row = next(line for line in readme.splitlines() if f"results/{name}" in line)
+        for key in ("train_ppl", "valid_ppl", "test_ppl"):
+            assert f"{r['final'][key]:.2f}" in row, (name, key, row)
