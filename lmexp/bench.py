@@ -163,16 +163,7 @@ def run_bench(cfg: BenchConfig, device: torch.device) -> dict[str, Any]:
         model = model.to(device)
         if name == "lmexp":
             model.flatten_parameters()
-            step = lmexp_step(
-                TrainStep(
-                    model,
-                    cfg.lr_policy.lr,
-                    t.max_grad_norm,
-                    t.loss_reduction,
-                    t.precision,
-                    t.compile,
-                )
-            )
+            step = lmexp_step(TrainStep.from_config(model, t, cfg.lr_policy.lr))
         else:
             step = port_step(model, cfg.lr_policy.lr, t.max_grad_norm)
         steps[name] = (step, model)

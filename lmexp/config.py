@@ -97,6 +97,7 @@ class TrainerConfig:
     progress: bool = True
     precision: str = "fp32"  # fp32 | bf16 | fp16
     compile: bool = False
+    cuda_graphs: bool = False  # capture the step in CUDA graphs (torch.compile "reduce-overhead")
     ckpt_every_n_batches: int = 0  # 0: checkpoint at epoch ends only
     resume: bool = True  # continue from <run dir>/checkpoints/last.pt when it exists
     ckpt_path: str | None = None  # resume from this checkpoint instead
@@ -235,6 +236,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         "trainer.ckpt_every_n_batches",
         t.ckpt_every_n_batches,
         "must be >= 0",
+    )
+    _check(
+        not t.cuda_graphs or t.device != "cpu",
+        "trainer.cuda_graphs",
+        t.cuda_graphs,
+        "needs a CUDA device, but trainer.device=cpu",
     )
     _choice("logger.kind", lg.kind, ("mlflow", "none"))
     _check(

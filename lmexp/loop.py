@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lmexp.config import TrainerConfig
 from lmexp.data import num_windows, windows
 from lmexp.model import State
 
@@ -92,6 +93,7 @@ class TrainStep:
         loss_reduction: str = "sum_steps",
         precision: str = "fp32",
         compile_model: bool = False,
+        cuda_graphs: bool = False,
     ) -> None:
         self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -99,15 +101,33 @@ class TrainStep:
         self.lr, self.max_grad_norm = lr, max_grad_norm
         self.sum_steps = loss_reduction == "sum_steps"
         self.device, self.precision = device, precision
+        if cuda_graphs and device.type != "cuda":
+            raise ValueError("cuda_graphs needs the model on a CUDA device")
+        # CUDA graphs through torch.compile's "reduce-overhead" mode: the fixed-shape forward and
+        # backward are captured once and replayed, removing per-kernel launch overhead.
+        mode = "reduce-overhead" if cuda_graphs else None
+        compile_model = compile_model or cuda_graphs
         self.fused_head = precision == "fp32" and not compile_model
         features = model.features
-        self.features = torch.compile(features) if compile_model else features
-        self.forward = torch.compile(model) if compile_model else model
+        self.features = torch.compile(features, mode=mode) if compile_model else features
+        self.forward = torch.compile(model, mode=mode) if compile_model else model
         tied = model.decoder.weight is model.embedding.weight
         model.embedding.sparse = device.type == "cpu" and not tied and precision != "fp16"
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         # fp16 needs an optimizer object for the grad scaler's unscale/skip logic.
         self.optimizer = torch.optim.SGD(self.params, lr=lr) if self.scaler is not None else None
+
+    @classmethod
+    def from_config(cls, model: nn.Module, trainer: TrainerConfig, lr: float) -> TrainStep:
+        return cls(
+            model,
+            lr,
+            trainer.max_grad_norm,
+            trainer.loss_reduction,
+            trainer.precision,
+            trainer.compile,
+            trainer.cuda_graphs,
+        )
 
     def set_lr(self, lr: float) -> None:
         self.lr = lr

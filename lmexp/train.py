@@ -341,9 +341,7 @@ def _train(
             progress.batch if progress else 0,
         )
     model.flatten_parameters()
-    step = TrainStep(
-        model, cfg.lr_policy.lr, t.max_grad_norm, t.loss_reduction, t.precision, t.compile
-    )
+    step = TrainStep.from_config(model, t, cfg.lr_policy.lr)
     n_params = sum(p.numel() for p in model.parameters())
     log.info(
         "model=%s: %.2fM parameters, vocab %d, device %s, %d threads; MLflow run %s at %s",

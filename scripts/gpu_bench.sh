@@ -31,4 +31,5 @@ for preset in model=small model=medium model=large experiment=pytorch_port; do
   done
 done
 bench large_bf16_compile model=large trainer.precision=bf16 trainer.compile=true bench.variants=[lmexp,port]
+bench large_bf16_cudagraphs model=large trainer.precision=bf16 trainer.cuda_graphs=true bench.variants=[lmexp,port]
 ls -l "$OUT"

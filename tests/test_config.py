@@ -87,9 +87,35 @@ def test_unknown_key_and_wrong_type_name_the_key():
         ("lr_policy.lr=-1", r"lr_policy\.lr=-1\.0 must be a positive number"),
         ("trainer.precision=fp8", r"trainer\.precision='fp8' is not one of fp32, bf16, fp16"),
         ("trainer.device=tpu", r"trainer\.device='tpu' is not one of auto, cpu, cuda, cuda:N"),
-        ("lr_policy.name=cosine", r"lr_policy\.name='cosine' is not one of"),
+        ("lr_policy.name=cosine", r"lr_policy\.name=.cosine. is not one of"),
+        (
+            "trainer.cuda_graphs=true trainer.device=cpu",
+            r"trainer\.cuda_graphs=True needs a CUDA device",
+        ),
     ],
 )
 def test_out_of_range_values_are_one_sentence_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
-        compose_typed(override)
+        compose_typed(*override.split())
+
+
+@pytest.mark.parametrize(
+    ("name", "hidden", "keep"), [("medium_tied", 650, 0.5), ("large_tied", 1500, 0.35)]
+)
+def test_tied_presets_use_pytorch_examples_settings(name, hidden, keep):
+    cfg = compose_typed(f"experiment={name}")
+    assert cfg.model.tie_weights and (cfg.model.hidden_size, cfg.dropout.dp_keep_prob) == (
+        hidden,
+        keep,
+    )
+    assert (cfg.lr_policy.name, cfg.lr_policy.lr, cfg.lr_policy.plateau_factor) == (
+        "plateau",
+        20.0,
+        4.0,
+    )
+    assert (cfg.trainer.max_grad_norm, cfg.trainer.loss_reduction, cfg.trainer.max_epochs) == (
+        0.25,
+        "mean",
+        40,
+    )
+    assert (cfg.trainer.num_steps, cfg.trainer.batch_size) == (35, 20)

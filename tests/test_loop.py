@@ -122,3 +122,22 @@ def test_lean_step_equals_the_textbook_step(clip, reduction, tie):
         lean_model.named_parameters(), ref_model.named_parameters(), strict=True
     ):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graphs_step_matches_eager_on_cuda():  # pragma: no cover - GPU only
+    def one_epoch(cuda_graphs: bool) -> float:
+        torch.manual_seed(0)
+        model = LSTMLanguageModel(CORPUS.vocab_size, 16, 2, 0.1, DropoutConfig(kind="none")).cuda()
+        step = TrainStep(model, 1.0, 5.0, cuda_graphs=cuda_graphs)
+        data = batchify(CORPUS.train, 10).cuda()
+        progress, _, _ = train_epoch(step, data, 10, model.init_state(10), limit_batches=30)
+        return progress.ppl
+
+    assert one_epoch(True) == pytest.approx(one_epoch(False), rel=1e-3)
+
+
+def test_cuda_graphs_on_cpu_is_refused():
+    model = LSTMLanguageModel(CORPUS.vocab_size, 8, 1, 0.1)
+    with pytest.raises(ValueError, match="cuda_graphs needs the model on a CUDA device"):
+        TrainStep(model, 1.0, 5.0, cuda_graphs=True)
