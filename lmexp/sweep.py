@@ -58,7 +58,14 @@ class MlflowSweepCallback(Callback):
             },
         )
         (sweep_dir / SWEEP_FILE).write_text(
-            json.dumps({"parent_run_id": parent, "tracking_uri": uri, "swept_params": swept})
+            json.dumps(
+                {
+                    "parent_run_id": parent,
+                    "tracking_uri": uri,
+                    "experiment": config.logger.experiment_name,
+                    "swept_params": swept,
+                }
+            )
         )
         log.info("MLflow sweep parent run %s in %s", parent, uri)
 
