@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here"
     )
-    parser.add_argument("--experiment", default="lmexp")
+    parser.add_argument("--experiment", default="lmexp", help="(a --sweep-dir names its own)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--sweep", metavar="PARENT_RUN_ID", help="only the runs of this sweep")
     group.add_argument(
@@ -288,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                 sweep["swept_params"],
                 sweep["tracking_uri"],
             )
+            args.experiment = sweep.get("experiment", args.experiment)
         text, files, _ = report(uri, args.experiment, args.out, parent, swept)
     except LmexpError as err:
         print(f"lmexp.report: error: {err}", file=sys.stderr)
