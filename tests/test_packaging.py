@@ -1,0 +1,62 @@
+"""conf/ ships inside the wheel: an installed (non-editable) lmexp runs from any folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+pytest.importorskip("setuptools")
+
+
+@pytest.mark.slow
+def test_installed_wheel_finds_its_configs_from_another_folder(tmp_path):
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run(
+        [
+            *pip,
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path / "dist"),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = (tmp_path / "dist").glob("lmexp-*.whl")
+    target = tmp_path / "site"
+    subprocess.run(
+        [*pip, "install", "--no-deps", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    args = ["data=tiny", "model=tiny", "logger=none", "trainer.max_epochs=1", "trainer.threads=1"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmexp.train", *args, "hydra/launcher=slurm", "--cfg", "hydra"],
+        cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "SlurmLauncher" in proc.stdout  # a nested config group shipped too
+    proc = subprocess.run(
+        [sys.executable, "-c", "import lmexp.config as c; print(c.conf_dir())"],
+        cwd=elsewhere, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.stdout.strip() == str(target / "lmexp" / "conf")
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmexp.train", *args],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Test perplexity" in proc.stdout + proc.stderr
