@@ -108,8 +108,6 @@ class TrainStep:
         mode = "reduce-overhead" if cuda_graphs else None
         compile_model = compile_model or cuda_graphs
         self.fused_head = precision == "fp32" and not compile_model
-        features = model.features
-        self.features = torch.compile(features, mode=mode) if compile_model else features
         self.forward = torch.compile(model, mode=mode) if compile_model else model
         tied = model.decoder.weight is model.embedding.weight
         model.embedding.sparse = device.type == "cpu" and not tied and precision != "fp16"
@@ -140,7 +138,7 @@ class TrainStep:
     ) -> tuple[torch.Tensor, State]:
         """Returns the window's summed NLL (a detached device scalar) and the new state."""
         if self.fused_head:
-            hidden, state = self.features(inputs, detach(state))
+            hidden, state = self.model.features(inputs, detach(state))
             decoder = self.model.decoder
             flat = hidden.reshape(-1, hidden.size(-1))
             mean_nll = LinearCrossEntropy.apply(

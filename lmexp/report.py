@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lmexp.config import LmexpError
-from lmexp.tracking import RunRecord, fetch_runs, resolve_tracking_uri, set_run_outcome
+from lmexp.tracking import RunRecord, fetch_run, fetch_runs, resolve_tracking_uri, set_run_outcome
 
 HISTORY_KEYS = ("train_ppl", "valid_ppl", "train_wps", "epoch_time_s", "lr")
 RESULT_COLUMNS = ("train_ppl", "valid_ppl", "test_ppl", "train_wps", "epochs", "status")
@@ -210,13 +210,9 @@ def summarize_sweep(
     print(text, end="")
 
 
-def results_record(uri: str, experiment: str, run_id: str) -> dict[str, Any]:
+def results_record(uri: str, run_id: str) -> dict[str, Any]:
     """One run's results as plain data: config, per-epoch ppl, test ppl, speed, provenance."""
-    (record,) = [
-        r for r in fetch_runs(uri, experiment, None, HISTORY_KEYS) if r.run_id == run_id
-    ] or [None]
-    if record is None:
-        raise LmexpError(f"Run {run_id} is not in experiment {experiment!r} at {uri}.")
+    record = fetch_run(uri, run_id, HISTORY_KEYS)
     epochs = [
         {"epoch": step, **{k: dict(record.history[k]).get(step) for k in HISTORY_KEYS}}
         for step, _ in record.history.get("valid_ppl", [])
@@ -270,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise LmexpError(
                     "--record needs --run RUN_ID (see the run id in the MLflow UI or the report)."
                 )
-            record = results_record(uri, args.experiment, args.run)
+            record = results_record(uri, args.run)
             args.record.parent.mkdir(parents=True, exist_ok=True)
             args.record.write_text(json.dumps(record, indent=2) + "\n")
             print(f"wrote {args.record}")

@@ -292,31 +292,42 @@ def fetch_runs(
         token = page.token
         if not token:
             break
-    records = []
-    for run in runs:
-        if not parent_run_id and run.data.tags.get("lmexp.kind") == "sweep":
-            continue  # sweep parents hold summaries, not a training run
-        history = {
-            key: [
-                (m.step, m.value)
-                for m in sorted(
-                    client.get_metric_history(run.info.run_id, key), key=lambda m: m.step
-                )
-            ]
-            for key in history_keys
-        }
-        records.append(
-            RunRecord(
-                run.info.run_id,
-                run.info.run_name or "",
-                run.info.status,
-                dict(run.data.params),
-                dict(run.data.metrics),
-                dict(run.data.tags),
-                history,
-            )
-        )
-    return records
+    return [
+        _record(client, run, history_keys)
+        for run in runs
+        # sweep parents hold summaries, not a training run
+        if parent_run_id or run.data.tags.get("lmexp.kind") != "sweep"
+    ]
+
+
+def fetch_run(uri: str, run_id: str, history_keys: tuple[str, ...] = ()) -> RunRecord:
+    """One run by id, with the metric histories asked for."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as err:
+        raise TrackingError(
+            f"Run {run_id} is not in {uri}; check the run id and --tracking-uri."
+        ) from err
+    return _record(client, run, history_keys)
+
+
+def _record(client: Any, run: Any, history_keys: tuple[str, ...]) -> RunRecord:
+    history = {}
+    for key in history_keys:
+        points = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
+        history[key] = [(m.step, m.value) for m in points]
+    return RunRecord(
+        run.info.run_id,
+        run.info.run_name or "",
+        run.info.status,
+        dict(run.data.params),
+        dict(run.data.metrics),
+        dict(run.data.tags),
+        history,
+    )
 
 
 def set_run_outcome(

@@ -178,6 +178,7 @@ class Preemption:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.frame: Any = None
         self.previous: dict[int, Any] = {}
 
     def requested(self) -> bool:

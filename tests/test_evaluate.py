@@ -69,3 +69,15 @@ def test_generate_is_deterministic_per_seed_and_emits_only_vocabulary(trained):
     assert set(generated) <= vocab
     by_id = run_module("lmexp.generate", run_id, *args[1:], cwd=cwd)
     assert by_id.stdout == first.stdout
+
+
+def test_report_record_of_a_run_matches_its_mlflow_metrics(trained):
+    cwd, run_id, logged = trained
+    proc = run_module("lmexp.report", "--run", run_id, "--record", "rec.json", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((cwd / "rec.json").read_text())
+    assert record["run_id"] == run_id and record["status"] == "FINISHED"
+    assert [e["epoch"] for e in record["epochs"]] == [1, 2]
+    assert record["final"]["test_ppl"] == logged
+    assert record["final"]["valid_ppl"] == record["epochs"][-1]["valid_ppl"]
+    assert record["config"]["model.name"] == "tiny" and len(record["git_commit"]) == 40
