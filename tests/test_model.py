@@ -1,9 +1,10 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lmexp.config import DropoutConfig
-from lmexp.model import LSTMLanguageModel
+from lmexp.model import LSTMLanguageModel, locked_dropout
 
 
 def make(kind: str = "standard", keep: float = 0.5, tie: bool = False, **kw) -> LSTMLanguageModel:
@@ -38,8 +39,6 @@ def test_variational_masks_shared_across_time_and_differ_across_sequences():
     model = make("variational", keep=0.5)
     model.train()
     x = torch.ones(6, 4, 16)
-    from lmexp.model import locked_dropout
-
     torch.manual_seed(1)
     out = locked_dropout(x, 0.5, True)
     assert torch.equal(out[0], out[5])  # one mask per sequence, every time step
@@ -68,12 +67,4 @@ def test_no_dropout_in_eval_mode():
 
 def test_variational_keeps_separate_probabilities():
     model = make("variational", keep=0.5, keep_prob_embedding=0.9, keep_prob_output=0.6)
-    assert (model.p_embedding, model.p_between, model.p_output) == (
-        pytest_approx(0.1), 0.5, pytest_approx(0.4),
-    )  # fmt: skip
-
-
-def pytest_approx(x):
-    import pytest
-
-    return pytest.approx(x)
+    assert (model.p_embedding, model.p_between, model.p_output) == pytest.approx((0.1, 0.5, 0.4))
