@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import torch
-from conftest import run_module
+from conftest import mlflow_runs, run_module
 
 from lmexp.bench import CellLoopLM
 from lmexp.config import DropoutConfig
@@ -15,7 +15,8 @@ from lmexp.model import LSTMLanguageModel
 def test_bench_writes_json_with_every_field(tmp_path):
     proc = run_module(
         "lmexp.bench", "data=tiny", "model=tiny", "trainer.threads=1", "bench.batches=4",
-        "bench.warmup_batches=1", "bench.eval_batches=3", "bench.output=bench.json", cwd=tmp_path,
+        "bench.warmup_batches=1", "bench.eval_batches=3", "bench.output=bench.json",
+        "bench.log_mlflow=true", cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "bench.json").read_text())
@@ -30,6 +31,9 @@ def test_bench_writes_json_with_every_field(tmp_path):
     assert abs(result["variants"]["lmexp"]["ratio_vs_port"] - ratio) < 1e-9
     assert result["eval"]["lmexp"]["wps_median"] > 0
     assert "vs port" in proc.stdout and "cell_loop" in proc.stdout
+    (run,) = mlflow_runs(tmp_path / "mlflow.db")  # the same figures, logged to MLflow
+    assert run.data.tags["lmexp.kind"] == "bench" and run.info.status == "FINISHED"
+    assert run.data.metrics["lmexp.wps_median"] == result["variants"]["lmexp"]["wps_median"]
 
 
 def test_bench_rejects_unknown_variant(tmp_path):
