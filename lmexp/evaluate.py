@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             if not words:
                 raise LmexpError(f"--text {args.text} holds no words.")
             tokens = encode(words, vocab)
-            unknown = sum(1 for w in words if w not in set(vocab) and w != UNK)
+            known = set(vocab)  # always holds <unk>
+            unknown = sum(1 for w in words if w not in known)
             label, batch = str(args.text), args.batch_size or 1
         else:
             data_cfg = DataConfig(
