@@ -187,14 +187,25 @@ def report(
 
 
 def summarize_sweep(
-    uri: str, experiment: str, parent_run_id: str, swept: list[str], sweep_dir: Path
+    uri: str,
+    experiment: str,
+    parent_run_id: str,
+    swept: list[str],
+    sweep_dir: Path,
+    status: str | None = "FINISHED",
 ) -> None:
-    """Called when a multirun ends: table and plots into the sweep folder and onto the parent run."""
+    """Called when a multirun ends: table and plots into the sweep folder and onto the parent run,
+    which ends with `status`. None means the sweep ended early: KILLED if a job was stopped (by
+    a signal or Ctrl-C), else FAILED."""
     try:
         text, files, records = report(uri, experiment, sweep_dir / "report", parent_run_id, swept)
     except LmexpError:
-        set_run_outcome(uri, parent_run_id, {}, {"best_run_id": "none"}, [], status="FAILED")
+        set_run_outcome(
+            uri, parent_run_id, {}, {"best_run_id": "none"}, [], status=status or "FAILED"
+        )
         return
+    if status is None:
+        status = "KILLED" if any(r.status == "KILLED" for r in records) else "FAILED"
     finished = [summarize(r) for r in records if r.status == "FINISHED"]
     best = min(finished, key=lambda s: s["best_valid_ppl"], default=None)
     metrics = {"n_runs": len(records), "n_finished": len(finished)}
@@ -206,7 +217,7 @@ def summarize_sweep(
         tags["best_run_id"] = best["run_id"]
         by_id = {r.run_id: r for r in records}
         tags.update({f"best.{k}": by_id[best["run_id"]].params.get(k, "") for k in swept})
-    set_run_outcome(uri, parent_run_id, metrics, tags, files)
+    set_run_outcome(uri, parent_run_id, metrics, tags, files, status=status)
     print(text, end="")
 
 

@@ -1,25 +1,37 @@
-"""Hydra callback that gives every multirun one MLflow parent run.
+"""Hydra callback that checks a multirun's jobs up front and gives it one MLflow parent run.
 
-on_multirun_start runs once in the sweeping process before any job: it creates (and migrates)
-the store and the experiment, so parallel jobs never race on a fresh sqlite file, opens the
-parent run and writes its id into the sweep folder, where each job finds it. on_multirun_end
-records the best child and attaches the comparison table and plots.
+on_multirun_start runs once in the sweeping process before any job. It composes and validates
+the config of every job the sweep can launch (the ends of a sampled interval), so a bad value in
+the fifth job fails in one sentence before the first job spends hours. It then creates (and
+migrates) the store and the experiment, so parallel jobs never race on a fresh sqlite file,
+opens the parent run and writes its id into the sweep folder, where each job finds it.
+on_multirun_end records the best child and attaches the comparison table and plots. If the
+sweeping process ends another way (a job's error, Ctrl-C, SIGTERM), the parent is closed at exit
+as FAILED or KILLED with the report of the jobs that did finish, instead of staying RUNNING.
 """
 
 from __future__ import annotations
 
+import atexit
+import itertools
 import json
 import logging
 import os
+import signal
+import sys
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from lmexp.config import LmexpError
 from lmexp.train import SWEEP_FILE
 
 log = logging.getLogger("lmexp.sweep")
+
+# Above this many combinations, check each swept value once (the others at their first value).
+MAX_FULL_CHECK = 256
 
 
 def _swept_params(config: DictConfig) -> list[str]:
@@ -34,8 +46,63 @@ def _swept_params(config: DictConfig) -> list[str]:
     return keys
 
 
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def sweep_jobs(config: DictConfig) -> list[list[str]]:
+    """The overrides of the jobs a sweep can launch: every job of a grid; for a sampled interval,
+    its two ends. Past MAX_FULL_CHECK combinations, each swept value once."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+    args = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+    options: dict[str, list[str]] = {}  # later overrides of a key win, as in Hydra's sweepers
+    for override in OverridesParser.create().parse_overrides(args):
+        key = override.get_key_element()
+        if not override.is_sweep_override():
+            options[key] = [override.input_line]
+        elif override.is_discrete_sweep():
+            options[key] = [f"{key}={v}" for v in override.sweep_string_iterator()]
+        else:
+            interval = override.value()
+            options[key] = [f"{key}={_number(v)}" for v in (interval.start, interval.end)]
+    choices = list(options.values())
+    total = 1
+    for values in choices:
+        total *= len(values)
+    if total <= MAX_FULL_CHECK:
+        return [list(job) for job in itertools.product(*choices)]
+    base = [values[0] for values in choices]
+    return [
+        base[:i] + [value] + base[i + 1 :] for i, values in enumerate(choices) for value in values
+    ]
+
+
+def check_sweep(config: DictConfig) -> int:
+    """Compose and validate every job's config; exit 2 naming the first bad job before any runs."""
+    from hydra import compose
+
+    from lmexp.config import to_typed
+
+    jobs = sweep_jobs(config)
+    for job in jobs:
+        try:
+            to_typed(compose(config_name=config.hydra.job.config_name, overrides=job))
+        except LmexpError as err:
+            swept = " ".join(o for o in job if o not in config.hydra.overrides.task)
+            log.error("%s Sweep not started, no job run (bad job: %s).", err, swept or job)
+            sys.exit(2)
+    return len(jobs)
+
+
 class MlflowSweepCallback(Callback):
+    def __init__(self) -> None:
+        self.parent: dict[str, Any] | None = None  # set while the parent run is open
+        self.signum: int | None = None
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        log.info("Checked the config of %d sweep jobs", check_sweep(config))
         if config.logger.kind != "mlflow":
             return
         from lmexp.tracking import resolve_tracking_uri, start_parent_run
@@ -68,20 +135,46 @@ class MlflowSweepCallback(Callback):
             )
         )
         log.info("MLflow sweep parent run %s in %s", parent, uri)
+        self.parent = {
+            "uri": uri,
+            "experiment": config.logger.experiment_name,
+            "run_id": parent,
+            "swept": swept,
+            "sweep_dir": sweep_dir,
+        }
+        atexit.register(self._close_unfinished)
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            # SIGTERM's default ends the process without running atexit; exit through Python.
+            signal.signal(signal.SIGTERM, self._terminate)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if config.logger.kind != "mlflow":
-            return
-        sweep_file = Path(config.hydra.sweep.dir) / SWEEP_FILE
-        if not sweep_file.is_file():
-            return
+        if self.parent is not None:
+            self._summarize("FINISHED")
+
+    def _summarize(self, status: str | None) -> None:
         from lmexp.report import summarize_sweep
 
-        sweep = json.loads(sweep_file.read_text())
+        parent, self.parent = self.parent, None
+        assert parent is not None
         summarize_sweep(
-            sweep["tracking_uri"],
-            config.logger.experiment_name,
-            sweep["parent_run_id"],
-            sweep["swept_params"],
-            Path(config.hydra.sweep.dir),
+            parent["uri"],
+            parent["experiment"],
+            parent["run_id"],
+            parent["swept"],
+            parent["sweep_dir"],
+            status=status,
         )
+
+    def _terminate(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        sys.exit(128 + signum)
+
+    def _close_unfinished(self) -> None:
+        """At exit, close a parent run the sweep did not reach on_multirun_end for."""
+        if self.parent is None:
+            return
+        log.warning(
+            "Sweep ended early: closing MLflow parent run %s with the finished jobs' report",
+            self.parent["run_id"],
+        )
+        self._summarize("KILLED" if self.signum is not None else None)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -171,6 +174,64 @@ def test_a_diverging_job_fails_alone(tmp_path):
     assert "diverged" in status["1000000000.0"].data.tags["lmexp.failure_reason"]
     assert status["0.5"].info.status == status["1.0"].info.status == "FINISHED"
     assert parent.data.metrics["n_finished"] == 2
+
+
+def test_a_bad_value_in_a_later_job_stops_the_sweep_before_any_job_runs(tmp_path):
+    proc = run_module("lmexp.train", "-m", *SWEEP, "dropout.dp_keep_prob=0.5,2.0", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    (line,) = [ln for ln in output.splitlines() if "Invalid config" in ln]
+    assert "dropout.dp_keep_prob=2.0 must be in (0, 1]" in line and "Sweep not started" in line
+    assert "Traceback" not in output
+    assert not (tmp_path / "mlflow.db").exists()  # nothing ran, nothing was logged
+    assert not list(tmp_path.glob("multirun/*/*/0"))
+
+
+def test_an_optuna_interval_end_out_of_range_is_refused_up_front(tmp_path):
+    proc = run_module(
+        "lmexp.train", "hparams_search=ptb_optuna", "lr_policy.lr=interval(0,1)", *SWEEP,
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "lr_policy.lr=0.0 must be a positive number" in proc.stdout + proc.stderr
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_sweep_crashing_in_a_later_job_closes_the_parent_as_failed_with_the_report(tmp_path):
+    proc = run_module(
+        "lmexp.train", "-m", *SWEEP, "data=tiny,ptb", f"data.root={tmp_path / 'missing'}",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "missing" in proc.stdout + proc.stderr  # the job's own one-sentence error names the folder
+    parent, children = split_runs(tmp_path / "mlflow.db")
+    (finished,) = children  # the ptb job failed before opening a run
+    assert finished.info.status == "FINISHED"
+    assert parent.info.status == "FAILED"  # not left RUNNING
+    assert parent.data.metrics["n_finished"] == 1
+    assert parent.data.tags["best_run_id"] == finished.info.run_id
+    assert (sweep_dir(tmp_path) / "report" / "runs.csv").is_file()
+
+
+def test_sweep_stopped_by_sigterm_closes_the_parent_as_killed(tmp_path):
+    slow = ["model.hidden_size=128", "data.tiny_train_tokens=60000", "trainer.max_epochs=3"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmexp.train", "-m", *TINY, *slow, "dropout.dp_keep_prob=0.5,0.7,0.9"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not any("Epoch 1:" in p.read_text() for p in tmp_path.glob("multirun/*/*/1/train.log")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # during the second job (the basic launcher runs it here)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    parent, children = split_runs(tmp_path / "mlflow.db")
+    by_keep = {r.data.params["dropout.dp_keep_prob"]: r.info.status for r in children}
+    assert by_keep == {"0.5": "FINISHED", "0.7": "KILLED"}  # the third job never started
+    assert parent.info.status == "KILLED" and parent.data.metrics["n_finished"] == 1
+    assert (sweep_dir(tmp_path) / "report" / "runs.csv").is_file()
 
 
 def test_slurm_launcher_preset_composes_with_cluster_settings():
