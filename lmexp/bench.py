@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmexp.config import BenchConfig, LmexpError, flatten
+from lmexp.config import BenchConfig, LmexpError, check_device_support, flatten
 from lmexp.data import batchify, load_corpus, windows
 from lmexp.loop import TrainStep, detach, evaluate
 from lmexp.model import LSTMLanguageModel, State
@@ -140,6 +140,7 @@ def run_bench(cfg: BenchConfig, device: torch.device) -> dict[str, Any]:
         raise LmexpError(
             f"bench.variants has unknown {sorted(unknown)}; choose from lmexp, port, cell_loop."
         )
+    check_device_support(t, device.type)
     threads = configure_threads(t.threads)
     corpus = load_corpus(cfg.data)
     data = batchify(corpus.train, t.batch_size).to(device)

@@ -106,6 +106,7 @@ class TrainStep:
         # CUDA graphs through torch.compile's "reduce-overhead" mode: the fixed-shape forward and
         # backward are captured once and replayed, removing per-kernel launch overhead.
         mode = "reduce-overhead" if cuda_graphs else None
+        self.cuda_graphs = cuda_graphs
         compile_model = compile_model or cuda_graphs
         self.fused_head = precision == "fp32" and not compile_model
         self.forward = torch.compile(model, mode=mode) if compile_model else model
@@ -145,8 +146,13 @@ class TrainStep:
                 flat, decoder.weight, decoder.bias, targets.reshape(-1)
             )
         else:
+            if self.cuda_graphs:
+                # A new iteration: the graphs' previous outputs may be overwritten from here on.
+                torch.compiler.cudagraph_mark_step_begin()
             with autocast(self.device, self.precision):
                 logits, state = self.forward(inputs, detach(state))
+                if self.cuda_graphs:  # the state lives in graph memory the next replay reuses
+                    state = (state[0].clone(), state[1].clone())
                 mean_nll = F.cross_entropy(
                     logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1)
                 )

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from lmexp import checkpoint
-from lmexp.config import LmexpError, TrainConfig, TrainerConfig, flatten
+from lmexp.config import LmexpError, TrainConfig, TrainerConfig, check_device_support, flatten
 from lmexp.data import Corpus, batchify, load_corpus
 from lmexp.loop import DivergenceError, EpochProgress, TrainStep, evaluate, perplexity, train_epoch
 from lmexp.model import LSTMLanguageModel, State
@@ -258,6 +258,7 @@ def run_training(cfg: TrainConfig, ctx: RunContext) -> float:
     """Train, evaluate and track one run; return its best validation perplexity."""
     t, d = cfg.trainer, cfg.data
     device = select_device(t.device, ctx.job_num)
+    check_device_support(t, device.type)
     threads = configure_threads(t.threads)
     corpus: Corpus = load_corpus(d)
     ckpt_dir = ctx.output_dir / "checkpoints"

@@ -203,7 +203,9 @@ def test_sweep_crashing_in_a_later_job_closes_the_parent_as_failed_with_the_repo
         cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "missing" in proc.stdout + proc.stderr  # the job's own one-sentence error names the folder
+    assert (
+        "missing" in proc.stdout + proc.stderr
+    )  # the job's own one-sentence error names the folder
     parent, children = split_runs(tmp_path / "mlflow.db")
     (finished,) = children  # the ptb job failed before opening a run
     assert finished.info.status == "FINISHED"

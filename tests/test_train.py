@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import TINY, metric_history, mlflow_runs, run_module
 
 from lmexp import checkpoint
@@ -95,6 +96,21 @@ def test_bad_config_fails_before_training_naming_the_key(tmp_path, override, fra
     _expect_user_error(proc, *fragments)
     assert time.monotonic() - started < 30
     assert not (tmp_path / "mlflow.db").exists()  # nothing half-created
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+@pytest.mark.parametrize(
+    ("module", "override", "fragment"),
+    [
+        ("lmexp.train", "trainer.cuda_graphs=true", "trainer.cuda_graphs=True needs a CUDA device"),
+        ("lmexp.train", "trainer.precision=fp16", "trainer.precision='fp16' is a CUDA path"),
+        ("lmexp.bench", "trainer.precision=fp16", "trainer.precision='fp16' is a CUDA path"),
+    ],
+)
+def test_gpu_only_settings_on_a_cpu_machine_are_one_sentence(tmp_path, module, override, fragment):
+    proc = run_module(module, *TINY, "logger=none", override, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2
+    _expect_user_error(proc, fragment)
 
 
 def _ptb_copy(ptb_dir: Path, dest: Path) -> Path:
