@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import torch
-from conftest import mlflow_runs, run_module
+from conftest import REPO, mlflow_runs, run_module
 
 from lmexp.bench import CellLoopLM
 from lmexp.config import DropoutConfig
@@ -54,3 +57,37 @@ def test_cell_loop_computes_the_same_function_as_the_fused_lstm():
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(ha, hb)
     torch.testing.assert_close(ca, cb)
+
+
+def test_gpu_script_runs_every_step_at_toy_sizes_without_mlflow(tmp_path):
+    """scripts/gpu_bench.sh in SMOKE mode: the shell logic, the overrides of every preset and the
+    merged JSON are checked here, so a GPU session's few minutes are not spent finding a typo.
+    MLflow is made unimportable, as on the bare GPU machine."""
+    blocker = tmp_path / "no_mlflow" / "mlflow"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('mlflow is not on the GPU machine')\n")
+    env = {
+        **os.environ,
+        "SMOKE": "1",
+        "OUT": str(tmp_path / "out"),
+        "PYTHON": sys.executable,
+        "PYTHONPATH": str(blocker.parent),
+        "TMPDIR": str(tmp_path),
+    }
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "gpu_bench.sh")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = (tmp_path / "out" / "gpu_bench.log").read_text()
+    assert "FAILED" not in log and "Traceback" not in log, log[-3000:]
+    assert "Test perplexity" in log  # the end-to-end lmexp.train step ran
+    runs = json.loads((tmp_path / "out" / "gpu_bench.json").read_text())
+    presets = ("large", "pytorch_port", "medium", "small")
+    assert set(runs) == {f"{p}_{prec}" for p in presets for prec in ("fp32", "bf16")}
+    for name, result in runs.items():
+        assert result["config"]["trainer.precision"] == name.rsplit("_", 1)[1]
+        assert set(result["variants"]) == {"lmexp", "port", "cell_loop"}
+        assert result["variants"]["port"]["ratio_vs_port"] == 1.0
+    for preset in ("large", "medium", "small"):
+        assert runs[f"{preset}_fp32"]["config"]["model.name"] == preset

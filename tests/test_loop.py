@@ -13,11 +13,14 @@ from lmexp.model import LSTMLanguageModel
 CORPUS = tiny_corpus(50, 20000, 2000, 1234)
 
 
-def curve(precision: str, epochs: int = 3) -> list[float]:
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def curve(precision: str, epochs: int = 3, device: str = "cpu") -> list[float]:
     torch.manual_seed(0)
     model = LSTMLanguageModel(CORPUS.vocab_size, 32, 2, 0.1, DropoutConfig(kind="none"))
-    step = TrainStep(model, 1.0, 5.0, "sum_steps", precision)
-    train, valid = batchify(CORPUS.train, 10), batchify(CORPUS.valid, 10)
+    step = TrainStep(model.to(device), 1.0, 5.0, "sum_steps", precision)
+    train, valid = batchify(CORPUS.train, 10).to(device), batchify(CORPUS.valid, 10).to(device)
     out = []
     for _ in range(epochs):
         train_epoch(step, train, 10, model.init_state(10))
@@ -30,10 +33,11 @@ def test_fp32_learns_the_tiny_chain():
     assert ppl[0] < 20 and ppl[-1] < 4.0 and ppl[-1] < ppl[0]
 
 
-def test_bf16_autocast_tracks_fp32():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_bf16_autocast_tracks_fp32(device):
     """Stated tolerance: within 10% at every epoch (the first, where ppl falls fastest, differs
-    most: 7.6% here) and within 5% at the last."""
-    fp32, bf16 = curve("fp32"), curve("bf16")
+    most: 7.6% here on the CPU) and within 5% at the last."""
+    fp32, bf16 = curve("fp32", device=device), curve("bf16", device=device)
     assert bf16 == pytest.approx(fp32, rel=0.10), (fp32, bf16)
     assert bf16[-1] == pytest.approx(fp32[-1], rel=0.05), (fp32, bf16)
     assert bf16 != fp32  # the bf16 path really ran in reduced precision
@@ -52,9 +56,10 @@ def test_compiled_step_matches_eager():
     assert one_epoch(True) == pytest.approx(one_epoch(False), rel=1e-3)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 with a grad scaler needs CUDA")
+@CUDA
 def test_fp16_grad_scaler_tracks_fp32_on_cuda():  # pragma: no cover - GPU only
-    assert curve("fp16") == pytest.approx(curve("fp32"), rel=0.05)
+    fp32, fp16 = curve("fp32", device="cuda"), curve("fp16", device="cuda")
+    assert fp16 == pytest.approx(fp32, rel=0.05), (fp32, fp16)
 
 
 def test_stop_request_returns_position_and_continuing_finishes_the_epoch():
@@ -124,7 +129,7 @@ def test_lean_step_equals_the_textbook_step(clip, reduction, tie):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@CUDA
 def test_cuda_graphs_step_matches_eager_on_cuda():  # pragma: no cover - GPU only
     def one_epoch(cuda_graphs: bool) -> float:
         torch.manual_seed(0)
