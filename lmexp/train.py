@@ -34,7 +34,28 @@ log = logging.getLogger("lmexp.train")
 
 EPOCH_METRICS = ("train_ppl", "valid_ppl", "lr", "train_wps", "epoch_time_s")
 # Keys a checkpoint must agree on with the config it is resumed under.
+# A checkpoint given as trainer.ckpt_path must match these (the weights' and batches' shapes).
 RESUME_KEYS = ("model", "dropout.kind", "data.name", "trainer.batch_size", "trainer.num_steps")
+# Resuming a run in its own folder continues the same experiment: every key must match except
+# these, which change how or where it runs, not what it computes (max_epochs may be extended).
+SAME_RUN_FREE_KEYS = (
+    "trainer.max_epochs",
+    "trainer.device",
+    "trainer.threads",
+    "trainer.progress",
+    "trainer.log_every_n_batches",
+    "trainer.ckpt_every_n_batches",
+    "trainer.resume",
+    "trainer.ckpt_path",
+    "trainer.precision",
+    "trainer.compile",
+    "trainer.cuda_graphs",
+    "data.root",
+    "data.cache_dir",
+    "data.url",
+    "data.verify_md5",
+    "logger",
+)
 SWEEP_FILE = "mlflow_sweep.json"
 
 
@@ -150,21 +171,32 @@ def find_resume(
 ) -> dict[str, Any] | None:
     """The checkpoint to resume from (trainer.ckpt_path, else this run's last.pt), verified."""
     if trainer.ckpt_path:
-        path = Path(trainer.ckpt_path).expanduser()
+        path, same_run = Path(trainer.ckpt_path).expanduser(), False
     elif trainer.resume and (ckpt_dir / "last.pt").exists():
-        path = ckpt_dir / "last.pt"
+        path, same_run = ckpt_dir / "last.pt", True
     else:
         return None
     state = checkpoint.load(path)
     saved = flatten(state.get("config", {}))
     current = flatten(resolved)
-    for prefix in RESUME_KEYS:
-        for key in sorted(k for k in current if k == prefix or k.startswith(prefix + ".")):
-            if key in saved and saved[key] != current[key]:
-                raise checkpoint.CheckpointError(
-                    f"{path} was trained with {key}={saved[key]!r} but the config has "
-                    f"{current[key]!r}; resume with the same settings or start a new run."
-                )
+
+    def under(key: str, prefixes: tuple[str, ...]) -> bool:
+        return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+    for key in sorted(current):
+        if key not in saved or saved[key] == current[key]:
+            continue
+        if under(key, RESUME_KEYS):
+            raise checkpoint.CheckpointError(
+                f"{path} was trained with {key}={saved[key]!r} but the config has "
+                f"{current[key]!r}; resume with the same settings or start a new run."
+            )
+        if same_run and not under(key, SAME_RUN_FREE_KEYS):
+            raise checkpoint.CheckpointError(
+                f"{path} belongs to a run with {key}={saved[key]!r}, not {current[key]!r}: this "
+                "folder holds another experiment; give this one its own hydra.run.dir (or "
+                "hydra.sweep.dir), or rerun that one with its own settings."
+            )
     state["path"] = str(path)
     return state
 

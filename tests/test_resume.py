@@ -111,9 +111,9 @@ def test_divergence_fails_the_run_and_keeps_the_good_checkpoint(tmp_path):
     assert good.returncode == 0, good.stderr[-3000:]
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     before = last.read_bytes()
-    bad = run_module(
+    bad = run_module(  # continue from that checkpoint, in its folder, with a diverging lr
         "lmexp.train", *TINY, "trainer.max_epochs=3", "lr_policy.lr=1e9", "trainer.max_grad_norm=1e30",
-        "trainer.log_every_n_batches=1", "hydra.run.dir=run", cwd=tmp_path,
+        "trainer.log_every_n_batches=1", f"trainer.ckpt_path={last}", "hydra.run.dir=run", cwd=tmp_path,
     )  # fmt: skip
     assert bad.returncode == 0  # a diverged job returns +inf to a sweeper rather than crashing it
     assert "Run diverged" in bad.stdout + bad.stderr
@@ -167,6 +167,32 @@ def test_resume_with_different_model_is_refused(tmp_path):
     assert (
         "was trained with model.hidden_size=32 but the config has 64" in proc.stdout + proc.stderr
     )
+
+
+def test_resuming_in_a_run_folder_with_other_hyperparameters_is_refused(tmp_path):
+    """The same folder means the same experiment: a different lr or dropout (e.g. an Optuna
+    trial rerun into an old sweep folder) must not silently continue another run's weights."""
+    first = run_module(
+        "lmexp.train", *TINY, "trainer.max_epochs=1", "hydra.run.dir=run", cwd=tmp_path
+    )
+    assert first.returncode == 0
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+    proc = run_module(
+        "lmexp.train", *TINY, "trainer.max_epochs=2", "dropout.dp_keep_prob=0.5",
+        "hydra.run.dir=run", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    text = proc.stdout + proc.stderr
+    assert "belongs to a run with dropout.dp_keep_prob=1.0, not 0.5" in text
+    assert "Traceback" not in text and "Epoch 2" not in text
+    assert last.read_bytes() == before
+    # Extending the same run (more epochs, another thread count) is still a resume.
+    more = run_module(
+        "lmexp.train", *TINY, "trainer.max_epochs=2", "trainer.threads=2", "hydra.run.dir=run",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert more.returncode == 0 and "Resumed from" in more.stdout + more.stderr
 
 
 def test_tampered_checkpoint_passed_by_path_is_refused(tmp_path):
