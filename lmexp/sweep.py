@@ -111,6 +111,9 @@ class MlflowSweepCallback(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         swept = _swept_params(config)
+        sweep_file = sweep_dir / SWEEP_FILE
+        # The same sweep folder again (hydra.sweep.dir=...): resuming an interrupted sweep.
+        earlier = json.loads(sweep_file.read_text()) if sweep_file.is_file() else {}
         parent = start_parent_run(
             uri,
             config.logger.experiment_name,
@@ -123,8 +126,11 @@ class MlflowSweepCallback(Callback):
                 "sweeper": str(OmegaConf.select(config, "hydra.sweeper._target_")),
                 "launcher": str(OmegaConf.select(config, "hydra.launcher._target_")),
             },
+            reopen=earlier.get("parent_run_id") if earlier.get("tracking_uri") == uri else None,
         )
-        (sweep_dir / SWEEP_FILE).write_text(
+        if parent == earlier.get("parent_run_id"):
+            log.info("Continuing the sweep in %s: its finished jobs are skipped", sweep_dir)
+        sweep_file.write_text(
             json.dumps(
                 {
                     "parent_run_id": parent,

@@ -253,9 +253,28 @@ def download_model(uri: str, run_id: str, dest: Path) -> Path:
 # --- sweeps: a parent run per multirun, read back by the report ----------------------------
 
 
-def start_parent_run(uri: str, experiment_name: str, run_name: str, tags: dict[str, str]) -> str:
+def start_parent_run(
+    uri: str,
+    experiment_name: str,
+    run_name: str,
+    tags: dict[str, str],
+    reopen: str | None = None,
+) -> str:
+    """Open a sweep's parent run: `reopen` (an earlier parent of the same sweep folder), set
+    RUNNING again, when it still exists in that experiment; else a new run."""
+    from mlflow.exceptions import MlflowException
+
     experiment_id = prepare_experiment(uri, experiment_name)
-    return _client(uri).create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+    client = _client(uri)
+    if reopen:
+        try:
+            run = client.get_run(reopen)
+            if run.info.experiment_id == experiment_id and run.info.lifecycle_stage == "active":
+                client.update_run(reopen, status="RUNNING")
+                return reopen
+        except MlflowException:
+            pass  # deleted or from another store: start a new parent
+    return client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
 
 
 @dataclass

@@ -215,11 +215,13 @@ def test_sweep_crashing_in_a_later_job_closes_the_parent_as_failed_with_the_repo
     assert (sweep_dir(tmp_path) / "report" / "runs.csv").is_file()
 
 
-def test_sweep_stopped_by_sigterm_closes_the_parent_as_killed(tmp_path):
+def test_sweep_stopped_by_sigterm_closes_its_parent_and_resumes_in_the_same_folder(tmp_path):
     slow = ["model.hidden_size=128", "data.tiny_train_tokens=60000", "trainer.max_epochs=3"]
+    args = [
+        sys.executable, "-m", "lmexp.train", "-m", *TINY, *slow, "dropout.dp_keep_prob=0.5,0.7,0.9",
+    ]  # fmt: skip
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lmexp.train", "-m", *TINY, *slow, "dropout.dp_keep_prob=0.5,0.7,0.9"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
     )  # fmt: skip
     deadline = time.monotonic() + 240
@@ -229,11 +231,27 @@ def test_sweep_stopped_by_sigterm_closes_the_parent_as_killed(tmp_path):
     proc.send_signal(signal.SIGTERM)  # during the second job (the basic launcher runs it here)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
-    parent, children = split_runs(tmp_path / "mlflow.db")
-    by_keep = {r.data.params["dropout.dp_keep_prob"]: r.info.status for r in children}
-    assert by_keep == {"0.5": "FINISHED", "0.7": "KILLED"}  # the third job never started
+    db = tmp_path / "mlflow.db"
+    parent, children = split_runs(db)
+    by_keep = {r.data.params["dropout.dp_keep_prob"]: r for r in children}
+    assert {k: r.info.status for k, r in by_keep.items()} == {"0.5": "FINISHED", "0.7": "KILLED"}
     assert parent.info.status == "KILLED" and parent.data.metrics["n_finished"] == 1
-    assert (sweep_dir(tmp_path) / "report" / "runs.csv").is_file()
+    folder = sweep_dir(tmp_path)
+    assert (folder / "report" / "runs.csv").is_file()
+
+    # The same command into the same sweep folder finishes the sweep under the same parent.
+    resumed = run_module(*args[2:], f"hydra.sweep.dir={folder}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    text = resumed.stdout + resumed.stderr
+    assert "Continuing the sweep" in text and "already finished all 3 epochs" in text
+    again, children = split_runs(db)
+    assert again.info.run_id == parent.info.run_id and again.info.status == "FINISHED"
+    assert len(children) == 3 and all(r.info.status == "FINISHED" for r in children)
+    for keep in ("0.5", "0.7"):  # the same runs as before, each epoch logged once
+        (run,) = [r for r in children if r.data.params["dropout.dp_keep_prob"] == keep]
+        assert run.info.run_id == by_keep[keep].info.run_id
+        assert [s for s, _ in metric_history(db, run.info.run_id, "valid_ppl")] == [1, 2, 3]
+    assert again.data.metrics["n_finished"] == 3
 
 
 def test_slurm_launcher_preset_composes_with_cluster_settings():
