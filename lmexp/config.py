@@ -44,6 +44,9 @@ class DropoutConfig:
     keep_prob_embedding: float | None = None
     keep_prob_between: float | None = None
     keep_prob_output: float | None = None
+    # DropConnect on the hidden-to-hidden weights (AWD-LSTM's weight drop), with either kind:
+    # the probability of dropping each recurrent weight, a fresh mask per training batch.
+    weight_drop: float = 0.0
 
 
 @dataclass
@@ -188,6 +191,18 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _choice("dropout.kind", d.kind, ("standard", "variational", "none"))
     for name in ("dp_keep_prob", "keep_prob_embedding", "keep_prob_between", "keep_prob_output"):
         _keep_prob(f"dropout.{name}", getattr(d, name))
+    _check(
+        0.0 <= d.weight_drop < 1.0,
+        "dropout.weight_drop",
+        d.weight_drop,
+        "must be in [0, 1): the probability of dropping each hidden-to-hidden weight",
+    )
+    _check(
+        d.weight_drop == 0.0 or d.kind != "none",
+        "dropout.weight_drop",
+        d.weight_drop,
+        "needs dropout=standard, variational or weight_drop, not dropout.kind=none",
+    )
     _choice("lr_policy.name", lr.name, ("zaremba", "port", "plateau", "constant"))
     _check(math.isfinite(lr.lr) and lr.lr > 0, "lr_policy.lr", lr.lr, "must be a positive number")
     _check(0 < lr.lr_decay <= 1, "lr_policy.lr_decay", lr.lr_decay, "must be in (0, 1]")

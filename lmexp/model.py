@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -25,6 +27,8 @@ class LSTMLanguageModel(nn.Module):
     With standard (or no) dropout the recurrence is one fused multi-layer `nn.LSTM` (cuDNN on
     GPU). Variational dropout needs a mask between layers that is shared across time, so it runs
     one fused single-layer `nn.LSTM` per layer; the recurrent path stays inside the fused kernel.
+    Weight drop (DropConnect on the hidden-to-hidden matrices) passes dropped copies of those
+    matrices to the same fused LSTM call, so it keeps the fused kernel too.
     """
 
     def __init__(
@@ -48,6 +52,7 @@ class LSTMLanguageModel(nn.Module):
         self.p_embedding = drop(dropout.keep_prob_embedding)
         self.p_between = drop(dropout.keep_prob_between)
         self.p_output = drop(dropout.keep_prob_output)
+        self.p_weight = dropout.weight_drop if dropout.kind != "none" else 0.0
 
         self.embedding = nn.Embedding(vocab_size, hidden_size)
         if self.variational:
@@ -100,16 +105,31 @@ class LSTMLanguageModel(nn.Module):
             for i, layer in enumerate(self.layers):
                 if i > 0:
                     x = locked_dropout(x, self.p_between, self.training)
-                x, (h, c) = layer(x, (state[0][i : i + 1], state[1][i : i + 1]))
+                x, (h, c) = self._recur(layer, x, (state[0][i : i + 1], state[1][i : i + 1]))
                 hs.append(h)
                 cs.append(c)
             x = locked_dropout(x, self.p_output, self.training)
             new_state = (torch.cat(hs), torch.cat(cs))
         else:
             x = F.dropout(x, self.p_embedding, self.training)
-            x, new_state = self.lstm(x, state)
+            x, new_state = self._recur(self.lstm, x, state)
             x = F.dropout(x, self.p_output, self.training)
         return x, new_state
+
+    def _recur(self, lstm: nn.LSTM, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """lstm(x, state); while training with weight drop, on dropped hidden-to-hidden weights."""
+        if not (self.training and self.p_weight):
+            return lstm(x, state)
+        dropped = {
+            name: F.dropout(getattr(lstm, name), self.p_weight)
+            for name in lstm._flat_weights_names
+            if name.startswith("weight_hh")
+        }
+        with warnings.catch_warnings():
+            # cuDNN packs weights that are not one flat buffer into one per call, and says so;
+            # the dropped matrices are new tensors each batch, so the packing is expected here.
+            warnings.filterwarnings("ignore", "RNN module weights are not part of single")
+            return torch.func.functional_call(lstm, dropped, (x, state))
 
     def flatten_parameters(self) -> None:
         """Make the LSTM weights one contiguous cuDNN buffer (call once, after .to(device))."""

@@ -88,6 +88,8 @@ def test_unknown_key_and_wrong_type_name_the_key():
         ("trainer.precision=fp8", r"trainer\.precision='fp8' is not one of fp32, bf16, fp16"),
         ("trainer.device=tpu", r"trainer\.device='tpu' is not one of auto, cpu, cuda, cuda:N"),
         ("lr_policy.name=cosine", r"lr_policy\.name=.cosine. is not one of"),
+        ("dropout.weight_drop=1.0", r"dropout\.weight_drop=1\.0 must be in \[0, 1\)"),
+        ("dropout=none dropout.weight_drop=0.5", r"dropout\.weight_drop=0\.5 needs dropout="),
         (
             "trainer.cuda_graphs=true trainer.device=cpu",
             r"trainer\.cuda_graphs=True needs a CUDA device",
@@ -119,3 +121,12 @@ def test_tied_presets_use_pytorch_examples_settings(name, hidden, keep):
         40,
     )
     assert (cfg.trainer.num_steps, cfg.trainer.batch_size) == (35, 20)
+
+
+def test_weight_drop_preset_is_variational_with_dropconnect():
+    cfg = compose_typed("dropout=weight_drop", "model=medium")
+    assert (cfg.dropout.kind, cfg.dropout.weight_drop, cfg.dropout.dp_keep_prob) == (
+        "variational",
+        0.5,
+        0.5,
+    )

@@ -68,3 +68,45 @@ def test_no_dropout_in_eval_mode():
 def test_variational_keeps_separate_probabilities():
     model = make("variational", keep=0.5, keep_prob_embedding=0.9, keep_prob_output=0.6)
     assert (model.p_embedding, model.p_between, model.p_output) == pytest.approx((0.1, 0.5, 0.4))
+
+
+def _zero_fraction(t: torch.Tensor) -> float:
+    return (t == 0).float().mean().item()
+
+
+@pytest.mark.parametrize("kind", ["standard", "variational"])
+def test_weight_drop_drops_recurrent_weights_only_while_training(kind):
+    """DropConnect: the gradient of a dropped hidden-to-hidden weight is exactly zero; about
+    weight_drop of them are; the input weights and the stored weights are untouched."""
+    model = make(kind, keep=1.0, weight_drop=0.5).train()
+    lstms = list(model.layers) if kind == "variational" else [model.lstm]
+    before = [w.detach().clone() for m in lstms for w in m.parameters()]
+    tokens = torch.randint(0, 50, (20, 8))
+    logits, _ = model(tokens, model.init_state(8))
+    logits.square().sum().backward()
+    for lstm in lstms:
+        hh = [g for n, g in ((n, p.grad) for n, p in lstm.named_parameters()) if "weight_hh" in n]
+        ih = [p.grad for n, p in lstm.named_parameters() if "weight_ih" in n]
+        for grad in hh:
+            assert 0.4 < _zero_fraction(grad) < 0.6
+        for grad in ih:
+            assert _zero_fraction(grad) < 0.05
+    after = [w.detach() for m in lstms for w in m.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    # Without weight drop almost no recurrent gradient entry is exactly zero.
+    plain = make(kind, keep=1.0).train()
+    logits, _ = plain(tokens, plain.init_state(8))
+    logits.square().sum().backward()
+    plain_lstm = plain.layers[0] if kind == "variational" else plain.lstm
+    assert _zero_fraction(plain_lstm.weight_hh_l0.grad) < 0.05
+
+
+def test_weight_drop_is_off_in_eval_and_fresh_each_training_batch():
+    model, plain = make(keep=1.0, weight_drop=0.5), make(keep=1.0)
+    tokens = torch.randint(0, 50, (6, 3))
+    model.eval(), plain.eval()
+    assert torch.equal(model(tokens, model.init_state(3))[0], plain(tokens, plain.init_state(3))[0])
+    model.train()
+    a, _ = model(tokens, model.init_state(3))
+    b, _ = model(tokens, model.init_state(3))
+    assert not torch.equal(a, b)  # a new mask per call
