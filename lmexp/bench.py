@@ -191,6 +191,7 @@ def run_bench(cfg: BenchConfig, device: torch.device) -> dict[str, Any]:
             **flatten({"model": vars(cfg.model)}),
             "dropout.kind": cfg.dropout.kind,
             "dropout.dp_keep_prob": cfg.dropout.dp_keep_prob,
+            "dropout.weight_drop": cfg.dropout.weight_drop,
             **{
                 f"trainer.{k}": getattr(t, k)
                 for k in ("batch_size", "num_steps", "precision", "compile", "loss_reduction")

@@ -84,10 +84,13 @@ def test_gpu_script_runs_every_step_at_toy_sizes_without_mlflow(tmp_path):
     assert "Test perplexity" in log  # the end-to-end lmexp.train step ran
     runs = json.loads((tmp_path / "out" / "gpu_bench.json").read_text())
     presets = ("large", "pytorch_port", "medium", "small")
-    assert set(runs) == {f"{p}_{prec}" for p in presets for prec in ("fp32", "bf16")}
-    for name, result in runs.items():
-        assert result["config"]["trainer.precision"] == name.rsplit("_", 1)[1]
-        assert set(result["variants"]) == {"lmexp", "port", "cell_loop"}
-        assert result["variants"]["port"]["ratio_vs_port"] == 1.0
+    grid = {f"{p}_{prec}" for p in presets for prec in ("fp32", "bf16")}
+    assert set(runs) == grid | {"medium_weight_drop"}
+    for name in grid:
+        assert runs[name]["config"]["trainer.precision"] == name.rsplit("_", 1)[1]
+        assert set(runs[name]["variants"]) == {"lmexp", "port", "cell_loop"}
+        assert runs[name]["variants"]["port"]["ratio_vs_port"] == 1.0
+    assert set(runs["medium_weight_drop"]["variants"]) == {"lmexp", "port"}
+    assert runs["medium_weight_drop"]["config"]["dropout.weight_drop"] == 0.5
     for preset in ("large", "medium", "small"):
         assert runs[f"{preset}_fp32"]["config"]["model.name"] == preset

@@ -110,3 +110,23 @@ def test_weight_drop_is_off_in_eval_and_fresh_each_training_batch():
     a, _ = model(tokens, model.init_state(3))
     b, _ = model(tokens, model.init_state(3))
     assert not torch.equal(a, b)  # a new mask per call
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_weight_drop_on_cuda_keeps_cudnn_and_leaks_no_warning():  # pragma: no cover - GPU only
+    import warnings
+
+    model = make(keep=1.0, weight_drop=0.5).cuda().train()
+    model.flatten_parameters()
+    tokens = torch.randint(0, 50, (20, 8), device="cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a flatten_parameters warning would fail here
+        for _ in range(3):
+            model.zero_grad()
+            logits, _ = model(tokens, model.init_state(8))
+            logits.square().sum().backward()
+    assert 0.4 < _zero_fraction(model.lstm.weight_hh_l0.grad) < 0.6
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # eval uses the flat weights as they are
+        model(tokens, model.init_state(8))
