@@ -53,12 +53,14 @@ def _number(value: float) -> str:
 def sweep_jobs(config: DictConfig) -> list[list[str]]:
     """The overrides of the jobs a sweep can launch: every job of a grid; for a sampled interval,
     its two ends. Past MAX_FULL_CHECK combinations, each swept value once."""
+    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     params = OmegaConf.select(config, "hydra.sweeper.params") or {}
     args = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
     options: dict[str, list[str]] = {}  # later overrides of a key win, as in Hydra's sweepers
-    for override in OverridesParser.create().parse_overrides(args):
+    parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+    for override in parser.parse_overrides(args):  # the loader lists options for glob()
         key = override.get_key_element()
         if not override.is_sweep_override():
             options[key] = [override.input_line]
@@ -89,9 +91,10 @@ def check_sweep(config: DictConfig) -> int:
     for job in jobs:
         try:
             to_typed(compose(config_name=config.hydra.job.config_name, overrides=job))
-        except LmexpError as err:
+        except Exception as err:  # noqa: BLE001 - any job that cannot be composed is the user's
             swept = " ".join(o for o in job if o not in config.hydra.overrides.task)
-            log.error("%s Sweep not started, no job run (bad job: %s).", err, swept or job)
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            log.error("%s Sweep not started, no job run (bad job: %s).", reason, swept or job)
             sys.exit(2)
     return len(jobs)
 
@@ -102,12 +105,29 @@ class MlflowSweepCallback(Callback):
         self.signum: int | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # Hydra turns a callback's exception into a warning and launches the jobs anyway, so
+        # each error here ends the process itself, in one sentence.
         log.info("Checked the config of %d sweep jobs", check_sweep(config))
         if config.logger.kind != "mlflow":
             return
-        from lmexp.tracking import resolve_tracking_uri, start_parent_run
+        try:
+            self._open_parent(config)
+        except LmexpError as err:
+            log.error("%s", err)
+            sys.exit(2)
 
-        uri = resolve_tracking_uri(config.logger.tracking_uri, Path(os.getcwd()))
+    def _open_parent(self, config: DictConfig) -> None:
+        from lmexp.tracking import resolve_tracking_uri, start_parent_run, usable_store
+
+        here = Path(os.getcwd())
+        fallback = config.logger.fallback_uri
+        uri, note = usable_store(
+            resolve_tracking_uri(config.logger.tracking_uri, here),
+            config.logger.connect_timeout_s,
+            fallback and resolve_tracking_uri(fallback, here),
+        )
+        if note:
+            log.warning(note)
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         swept = _swept_params(config)

@@ -223,16 +223,22 @@ def open_tracker(
     """The tracker for logger.kind, after checking its store; returns it and a fallback note."""
     if kind == "none":
         return Tracker(), None
-    note = None
+    uri, note = usable_store(uri, timeout, fallback_uri)
+    return MlflowTracker(uri, experiment_name, run_id, run_name, tags), note
+
+
+def usable_store(
+    uri: str, timeout: float = 5.0, fallback_uri: str | None = None
+) -> tuple[str, str | None]:
+    """The store to log to: uri when it works, else fallback_uri with a note saying so."""
     try:
         check_store(uri, timeout)
+        return uri, None
     except TrackingError as err:
         if not fallback_uri:
             raise
-        note = f"{err} Logging to the fallback {fallback_uri} instead."
         check_store(fallback_uri, timeout)
-        uri = fallback_uri
-    return MlflowTracker(uri, experiment_name, run_id, run_name, tags), note
+        return fallback_uri, f"{err} Logging to the fallback {fallback_uri} instead."
 
 
 def download_model(uri: str, run_id: str, dest: Path) -> Path:

@@ -197,6 +197,33 @@ def test_an_optuna_interval_end_out_of_range_is_refused_up_front(tmp_path):
     assert not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (  # glob() over a config group needs Hydra's config loader to expand
+            ["-m", "experiment=glob(*_tied)", "dropout.dp_keep_prob=2.0"],
+            "dropout.dp_keep_prob=2.0 must be in (0, 1]",
+        ),
+        (
+            ["hparams_search=ptb_optuna", "dropout.keep=interval(0.1,0.9)"],
+            "Could not override 'dropout.keep'",
+        ),
+        (
+            ["-m", "logger.tracking_uri=http://127.0.0.1:9", "dropout.dp_keep_prob=0.5,0.6"],
+            "Tracking server http://127.0.0.1:9 cannot be reached",
+        ),
+    ],
+)
+def test_a_sweep_that_cannot_run_is_one_sentence_before_any_job(tmp_path, overrides, fragment):
+    started = time.monotonic()
+    proc = run_module("lmexp.train", *overrides, *SWEEP, cwd=tmp_path, timeout=120)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output[-3000:]
+    assert fragment in output and "Traceback" not in output and "Launching" not in output
+    assert time.monotonic() - started < 60
+    assert not list(tmp_path.glob("multirun/*/*/0"))
+
+
 def test_sweep_crashing_in_a_later_job_closes_the_parent_as_failed_with_the_report(tmp_path):
     proc = run_module(
         "lmexp.train", "-m", *SWEEP, "data=tiny,ptb", f"data.root={tmp_path / 'missing'}",
