@@ -26,6 +26,10 @@ RECORDS = {
         "model.tie_weights": "False",
         "dropout.weight_drop": "0.5",
     },
+    "ptb_small_tied_weight_drop_0.25_cpu.json": {
+        "model.tie_weights": "True",
+        "dropout.weight_drop": "0.25",
+    },
 }
 
 
