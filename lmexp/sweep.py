@@ -34,15 +34,24 @@ log = logging.getLogger("lmexp.sweep")
 MAX_FULL_CHECK = 256
 
 
-def _swept_params(config: DictConfig) -> list[str]:
-    """The keys a sweep varies, from its command-line overrides and sweeper params."""
-    keys = []
-    for override in config.hydra.overrides.task:
-        key, _, value = override.partition("=")
-        if "," in value or value.startswith(("range(", "choice(", "interval(", "tag(", "glob(")):
-            keys.append(key.lstrip("+~"))
+def parse_sweep(config: DictConfig) -> tuple[list[Any], list[Any]]:
+    """The sweeper's params and the command line's task overrides, parsed as Hydra's sweepers do
+    (with its config loader, which glob() needs to list a group's options)."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
     params = OmegaConf.select(config, "hydra.sweeper.params") or {}
-    keys.extend(k for k in params if k not in keys)
+    return (
+        parser.parse_overrides([f"{k}={v}" for k, v in params.items()]),
+        parser.parse_overrides(list(config.hydra.overrides.task)),
+    )
+
+
+def swept_keys(params: list[Any], task: list[Any]) -> list[str]:
+    """The keys a sweep varies: command-line sweeps, then every sweeper param."""
+    keys = [o.get_key_element().lstrip("+~") for o in task if o.is_sweep_override()]
+    keys.extend(k for k in (o.get_key_element() for o in params) if k not in keys)
     return keys
 
 
@@ -50,17 +59,11 @@ def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
-def sweep_jobs(config: DictConfig) -> list[list[str]]:
+def sweep_jobs(params: list[Any], task: list[Any]) -> list[list[str]]:
     """The overrides of the jobs a sweep can launch: every job of a grid; for a sampled interval,
     its two ends. Past MAX_FULL_CHECK combinations, each swept value once."""
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
-    args = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
     options: dict[str, list[str]] = {}  # later overrides of a key win, as in Hydra's sweepers
-    parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
-    for override in parser.parse_overrides(args):  # the loader lists options for glob()
+    for override in params + task:
         key = override.get_key_element()
         if not override.is_sweep_override():
             options[key] = [override.input_line]
@@ -81,13 +84,12 @@ def sweep_jobs(config: DictConfig) -> list[list[str]]:
     ]
 
 
-def check_sweep(config: DictConfig) -> int:
+def check_sweep(config: DictConfig, jobs: list[list[str]]) -> None:
     """Compose and validate every job's config; exit 2 naming the first bad job before any runs."""
     from hydra import compose
 
     from lmexp.config import to_typed
 
-    jobs = sweep_jobs(config)
     for job in jobs:
         try:
             to_typed(compose(config_name=config.hydra.job.config_name, overrides=job))
@@ -96,7 +98,7 @@ def check_sweep(config: DictConfig) -> int:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             log.error("%s Sweep not started, no job run (bad job: %s).", reason, swept or job)
             sys.exit(2)
-    return len(jobs)
+    log.info("Checked the config of %d sweep jobs", len(jobs))
 
 
 class MlflowSweepCallback(Callback):
@@ -107,16 +109,17 @@ class MlflowSweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # Hydra turns a callback's exception into a warning and launches the jobs anyway, so
         # each error here ends the process itself, in one sentence.
-        log.info("Checked the config of %d sweep jobs", check_sweep(config))
+        params, task = parse_sweep(config)
+        check_sweep(config, sweep_jobs(params, task))
         if config.logger.kind != "mlflow":
             return
         try:
-            self._open_parent(config)
+            self._open_parent(config, swept_keys(params, task))
         except LmexpError as err:
             log.error("%s", err)
             sys.exit(2)
 
-    def _open_parent(self, config: DictConfig) -> None:
+    def _open_parent(self, config: DictConfig, swept: list[str]) -> None:
         from lmexp.tracking import resolve_tracking_uri, start_parent_run, usable_store
 
         here = Path(os.getcwd())
@@ -130,7 +133,6 @@ class MlflowSweepCallback(Callback):
             log.warning(note)
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        swept = _swept_params(config)
         sweep_file = sweep_dir / SWEEP_FILE
         # The same sweep folder again (hydra.sweep.dir=...): resuming an interrupted sweep.
         earlier = json.loads(sweep_file.read_text()) if sweep_file.is_file() else {}
