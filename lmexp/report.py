@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from lmexp.config import LmexpError
-from lmexp.tracking import RunRecord, fetch_run, fetch_runs, resolve_tracking_uri, set_run_outcome
+from lmexp.tracking import (
+    SWEEP_FILE,
+    RunRecord,
+    fetch_run,
+    fetch_runs,
+    read_sweep,
+    resolve_tracking_uri,
+    set_run_outcome,
+)
 
 HISTORY_KEYS = ("train_ppl", "valid_ppl", "train_wps", "epoch_time_s", "lr")
 RESULT_COLUMNS = ("train_ppl", "valid_ppl", "test_ppl", "train_wps", "epochs", "status")
@@ -284,12 +292,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         parent, swept = args.sweep, None
         if args.sweep_dir:
-            sweep_file = args.sweep_dir / "mlflow_sweep.json"
-            if not sweep_file.is_file():
+            sweep = read_sweep(args.sweep_dir)
+            if sweep is None:
                 raise LmexpError(
-                    f"{args.sweep_dir} has no mlflow_sweep.json; pass a multirun/<date>/<time> folder."
+                    f"{args.sweep_dir} has no {SWEEP_FILE}; pass a multirun/<date>/<time> folder."
                 )
-            sweep = json.loads(sweep_file.read_text())
             parent, swept, uri = (
                 sweep["parent_run_id"],
                 sweep["swept_params"],

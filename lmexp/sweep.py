@@ -26,7 +26,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from lmexp.config import LmexpError
-from lmexp.train import SWEEP_FILE
+from lmexp.tracking import SWEEP_FILE, read_sweep
 
 log = logging.getLogger("lmexp.sweep")
 
@@ -133,9 +133,8 @@ class MlflowSweepCallback(Callback):
             log.warning(note)
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        sweep_file = sweep_dir / SWEEP_FILE
         # The same sweep folder again (hydra.sweep.dir=...): resuming an interrupted sweep.
-        earlier = json.loads(sweep_file.read_text()) if sweep_file.is_file() else {}
+        earlier = read_sweep(sweep_dir) or {}
         parent = start_parent_run(
             uri,
             config.logger.experiment_name,
@@ -152,24 +151,15 @@ class MlflowSweepCallback(Callback):
         )
         if parent == earlier.get("parent_run_id"):
             log.info("Continuing the sweep in %s: its finished jobs are skipped", sweep_dir)
-        sweep_file.write_text(
-            json.dumps(
-                {
-                    "parent_run_id": parent,
-                    "tracking_uri": uri,
-                    "experiment": config.logger.experiment_name,
-                    "swept_params": swept,
-                }
-            )
-        )
-        log.info("MLflow sweep parent run %s in %s", parent, uri)
-        self.parent = {
-            "uri": uri,
+        record = {
+            "parent_run_id": parent,
+            "tracking_uri": uri,
             "experiment": config.logger.experiment_name,
-            "run_id": parent,
-            "swept": swept,
-            "sweep_dir": sweep_dir,
+            "swept_params": swept,
         }
+        (sweep_dir / SWEEP_FILE).write_text(json.dumps(record))
+        log.info("MLflow sweep parent run %s in %s", parent, uri)
+        self.parent = {**record, "sweep_dir": sweep_dir}
         atexit.register(self._close_unfinished)
         if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
             # SIGTERM's default ends the process without running atexit; exit through Python.
@@ -185,10 +175,10 @@ class MlflowSweepCallback(Callback):
         parent, self.parent = self.parent, None
         assert parent is not None
         summarize_sweep(
-            parent["uri"],
+            parent["tracking_uri"],
             parent["experiment"],
-            parent["run_id"],
-            parent["swept"],
+            parent["parent_run_id"],
+            parent["swept_params"],
             parent["sweep_dir"],
             status=status,
         )
@@ -203,6 +193,6 @@ class MlflowSweepCallback(Callback):
             return
         log.warning(
             "Sweep ended early: closing MLflow parent run %s with the finished jobs' report",
-            self.parent["run_id"],
+            self.parent["parent_run_id"],
         )
         self._summarize("KILLED" if self.signum is not None else None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import urllib.error
 import urllib.parse
@@ -257,6 +258,16 @@ def download_model(uri: str, run_id: str, dest: Path) -> Path:
 
 
 # --- sweeps: a parent run per multirun, read back by the report ----------------------------
+
+# In a sweep folder: parent_run_id, tracking_uri, experiment and swept_params, which the jobs,
+# a resumed sweep and the report read.
+SWEEP_FILE = "mlflow_sweep.json"
+
+
+def read_sweep(folder: Path) -> dict[str, Any] | None:
+    """The sweep record a multirun folder holds, or None when it has none."""
+    path = folder / SWEEP_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def start_parent_run(

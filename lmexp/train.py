@@ -28,7 +28,7 @@ from lmexp.data import Corpus, batchify, load_corpus
 from lmexp.loop import DivergenceError, EpochProgress, TrainStep, evaluate, perplexity, train_epoch
 from lmexp.model import LSTMLanguageModel, State
 from lmexp.schedules import learning_rate
-from lmexp.tracking import PARENT_TAG, Tracker, open_tracker, resolve_tracking_uri
+from lmexp.tracking import PARENT_TAG, Tracker, open_tracker, read_sweep, resolve_tracking_uri
 
 log = logging.getLogger("lmexp.train")
 
@@ -56,7 +56,6 @@ SAME_RUN_FREE_KEYS = (
     "data.verify_md5",
     "logger",
 )
-SWEEP_FILE = "mlflow_sweep.json"
 
 
 @dataclass
@@ -513,9 +512,8 @@ def hydra_context(cfg: Any) -> RunContext:
     )
     if hc.mode == RunMode.MULTIRUN:
         ctx.job_num = hc.job.num
-        sweep_file = Path(hc.sweep.dir) / SWEEP_FILE
-        if sweep_file.is_file():
-            sweep = json.loads(sweep_file.read_text())
+        sweep = read_sweep(Path(hc.sweep.dir))
+        if sweep is not None:
             ctx.parent_run_id, ctx.tracking_uri = sweep["parent_run_id"], sweep["tracking_uri"]
     return ctx
 
