@@ -25,10 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmexp.config import BenchConfig, LmexpError, check_device_support, flatten
+from lmexp.config import BenchConfig, LmexpError, flatten
 from lmexp.data import batchify, load_corpus, windows
 from lmexp.loop import TrainStep, detach, evaluate
 from lmexp.model import LSTMLanguageModel, State
+from lmexp.runtime import check_device_support, configure_threads, device_name, select_device
 
 log = logging.getLogger("lmexp.bench")
 Step = Callable[[torch.Tensor, torch.Tensor, State], State]
@@ -132,8 +133,6 @@ def stats(samples: list[float]) -> dict[str, float]:
 
 
 def run_bench(cfg: BenchConfig, device: torch.device) -> dict[str, Any]:
-    from lmexp.train import configure_threads, device_name
-
     b, t = cfg.bench, cfg.trainer
     unknown = set(b.variants) - {"lmexp", "port", "cell_loop"}
     if unknown:
@@ -238,7 +237,6 @@ def task(cfg: Any) -> None:
     from omegaconf import OmegaConf
 
     from lmexp.config import validate
-    from lmexp.train import select_device
 
     try:
         typed = OmegaConf.to_object(cfg)
@@ -274,12 +272,10 @@ def task(cfg: Any) -> None:
 
 
 def main() -> None:
-    import hydra
+    """Console entry point (`lmexp-bench`) and `python -m lmexp.bench`."""
+    from lmexp.launch import launch
 
-    from lmexp.config import conf_dir, register_configs
-
-    register_configs()
-    hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="bench")(task)()
+    launch(task, "bench", sys.argv[1:])
 
 
 if __name__ == "__main__":

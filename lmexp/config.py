@@ -271,22 +271,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def check_device_support(trainer: TrainerConfig, device_type: str) -> None:
-    """Refuse, in one sentence, trainer settings the chosen device cannot run."""
-    _check(
-        not trainer.cuda_graphs or device_type == "cuda",
-        "trainer.cuda_graphs",
-        trainer.cuda_graphs,
-        f"needs a CUDA device, but this run is on {device_type} (no GPU visible); leave it off",
-    )
-    _check(
-        trainer.precision != "fp16" or device_type == "cuda",
-        "trainer.precision",
-        trainer.precision,
-        f"is a CUDA path (fp16 LSTM kernels and a grad scaler), not {device_type}; use bf16 or fp32",
-    )
-
-
 def to_typed(cfg: DictConfig) -> TrainConfig:
     """Turn Hydra's composed DictConfig into the validated dataclass tree."""
     obj = OmegaConf.to_object(cfg)

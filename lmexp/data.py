@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from lmexp.config import DataConfig, LmexpError
+from lmexp.config import DataConfig, LmexpError, TrainerConfig
 
 SPLITS = ("train", "valid", "test")
 PTB_MD5 = {
@@ -246,3 +246,31 @@ def windows(
         lo = i * num_steps
         hi = min(lo + num_steps, batched.size(0) - 1)
         yield batched[lo:hi], batched[lo + 1 : hi + 1]
+
+
+def batch_splits(corpus: Corpus, trainer: TrainerConfig) -> dict[str, torch.Tensor]:
+    """The three splits batched as training and evaluation read them; a split too short for its
+    batch size (or, for training, for one window of num_steps) is refused naming the keys."""
+    sizes = {
+        "train": ("trainer.batch_size", trainer.batch_size),
+        "valid": ("trainer.eval_batch_size", trainer.eval_batch_size),
+        "test": ("trainer.test_batch_size", trainer.test_batch_size),
+    }
+    batched = {}
+    for split, (key, size) in sizes.items():
+        tokens = corpus.split(split).numel()
+        if tokens // size < 2:
+            raise DataError(
+                f"The {split} split has {tokens} tokens, too few for {key}={size} (it needs at "
+                f"least {2 * size}); lower {key} or use a larger corpus."
+            )
+        batched[split] = batchify(corpus.split(split), size)
+    needed = trainer.batch_size * (trainer.num_steps + 1)
+    if num_windows(batched["train"], trainer.num_steps, drop_last=True) == 0:
+        raise DataError(
+            f"The train split has {corpus.train.numel()} tokens, too few for one window of "
+            f"trainer.batch_size={trainer.batch_size} x trainer.num_steps={trainer.num_steps} "
+            f"(it needs at least {needed}); lower trainer.batch_size or trainer.num_steps, or use "
+            "a larger corpus."
+        )
+    return batched

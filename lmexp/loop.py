@@ -225,8 +225,9 @@ def train_epoch(
     """Train over `data` (time-major, batched) from progress.batch on.
 
     Returns the epoch's totals, the final hidden state, and whether it stopped early because
-    should_stop() became true (then progress.batch is where to resume). Raises DivergenceError as
-    soon as a logged loss is not finite.
+    should_stop() became true (then progress.batch is where to resume). Raises DivergenceError at
+    the first log interval whose perplexity is not finite: a NaN or infinite loss, or a mean loss
+    too large for exp (which no learning run reaches: uniform guessing over PTB's 10k words is 9.2).
     """
     step.model.train()
     progress = progress or EpochProgress()
@@ -244,11 +245,12 @@ def train_epoch(
         progress.loss_sum += value
         progress.tokens += pending_tokens
         progress.seconds += now - start
+        mean = value / pending_tokens if pending_tokens else 0.0
         pending, pending_tokens, start = torch.zeros((), device=data.device), 0, now
-        if not math.isfinite(value):
+        if not math.isfinite(perplexity(mean, 1)):
             raise DivergenceError(
-                f"training loss became {value} at epoch batch {progress.batch}: lower lr_policy.lr "
-                "or trainer.max_grad_norm"
+                f"training loss became {mean:.4g} per token (perplexity {perplexity(mean, 1)}) at "
+                f"epoch batch {progress.batch}: lower lr_policy.lr or trainer.max_grad_norm"
             )
 
     stopped = False

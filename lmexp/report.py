@@ -17,9 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from lmexp.config import LmexpError
+from lmexp.runtime import folder_in_use
 from lmexp.tracking import (
+    FAILURE_TAG,
     SWEEP_FILE,
     RunRecord,
+    end_run,
     fetch_run,
     fetch_runs,
     read_sweep,
@@ -183,15 +186,28 @@ def report(
     out: Path,
     parent_run_id: str | None = None,
     swept: list[str] | None = None,
+    records: list[RunRecord] | None = None,
 ) -> tuple[str, list[Path], list[RunRecord]]:
-    """Fetch the runs, write the table and plots into out; return the text table and the files."""
-    records = fetch_runs(uri, experiment, parent_run_id, HISTORY_KEYS)
+    """Fetch the runs (unless given), write the table and plots into out; return the text table,
+    the files and the runs."""
+    if records is None:
+        records = fetch_runs(uri, experiment, parent_run_id, HISTORY_KEYS)
     if not records:
         raise LmexpError(f"No runs found in experiment {experiment!r} at {uri}.")
     columns, rows = build_table(records, swept)
     files = write_table(columns, rows, out)
     files += plot(records, swept or differing_params(records)[:1], out)
     return format_text(columns, rows), files, records
+
+
+def close_dead_runs(uri: str, records: list[RunRecord], reason: str) -> None:
+    """Mark KILLED the runs MLflow still shows RUNNING whose process is gone: no live process
+    holds their run folder's lock (a job killed with its sweeper, or with SIGKILL)."""
+    for record in records:
+        folder = record.tags.get("output_dir")
+        if record.status == "RUNNING" and folder and not folder_in_use(Path(folder)):
+            end_run(uri, record.run_id, "KILLED", reason)
+            record.status = "KILLED"
 
 
 def summarize_sweep(
@@ -201,32 +217,54 @@ def summarize_sweep(
     swept: list[str],
     sweep_dir: Path,
     status: str | None = "FINISHED",
+    reason: str | None = None,
 ) -> None:
     """Called when a multirun ends: table and plots into the sweep folder and onto the parent run,
     which ends with `status`. None means the sweep ended early: KILLED if a job was stopped (by
-    a signal or Ctrl-C), else FAILED."""
+    a signal or Ctrl-C), else FAILED. The summary numbers are tags, which a rerun of the sweep
+    overwrites rather than logging twice."""
     try:
-        text, files, records = report(uri, experiment, sweep_dir / "report", parent_run_id, swept)
-    except LmexpError:
-        set_run_outcome(
-            uri, parent_run_id, {}, {"best_run_id": "none"}, [], status=status or "FAILED"
+        records = fetch_runs(uri, experiment, parent_run_id, HISTORY_KEYS)
+        close_dead_runs(uri, records, "its process ended without closing the run; rerun the sweep")
+        text, files, _ = report(
+            uri, experiment, sweep_dir / "report", parent_run_id, swept, records
         )
+    except LmexpError:
+        set_run_outcome(uri, parent_run_id, {"best_run_id": "none"}, [], status=status or "FAILED")
         return
     if status is None:
         status = "KILLED" if any(r.status == "KILLED" for r in records) else "FAILED"
     finished = [summarize(r) for r in records if r.status == "FINISHED"]
     best = min(finished, key=lambda s: s["best_valid_ppl"], default=None)
-    metrics = {"n_runs": len(records), "n_finished": len(finished)}
-    tags = {}
+    tags: dict[str, Any] = {"n_runs": len(records), "n_finished": len(finished)}
+    if reason:
+        tags[FAILURE_TAG] = reason
     if best is not None:
-        metrics["best_valid_ppl"] = best["best_valid_ppl"]
+        tags["best_valid_ppl"] = best["best_valid_ppl"]
         if math.isfinite(best["test_ppl"]):
-            metrics["best_test_ppl"] = best["test_ppl"]
+            tags["best_test_ppl"] = best["test_ppl"]
         tags["best_run_id"] = best["run_id"]
         by_id = {r.run_id: r for r in records}
         tags.update({f"best.{k}": by_id[best["run_id"]].params.get(k, "") for k in swept})
-    set_run_outcome(uri, parent_run_id, metrics, tags, files, status=status)
+    set_run_outcome(uri, parent_run_id, tags, files, status=status)
     print(text, end="")
+
+
+def close_stale_sweep(uri: str, sweep: dict[str, Any], sweep_dir: Path) -> bool:
+    """A sweep whose parent is still RUNNING though no process holds its folder (the sweeper was
+    killed with SIGKILL): close it, and its dead jobs' runs, as KILLED with the report so far."""
+    if folder_in_use(sweep_dir) or fetch_run(uri, sweep["parent_run_id"]).status != "RUNNING":
+        return False
+    summarize_sweep(
+        uri,
+        sweep["experiment"],
+        sweep["parent_run_id"],
+        sweep["swept_params"],
+        sweep_dir,
+        status="KILLED",
+        reason="the sweeping process ended without closing the sweep; rerun it to finish",
+    )
+    return True
 
 
 def results_record(uri: str, run_id: str) -> dict[str, Any]:
@@ -303,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
                 sweep["tracking_uri"],
             )
             args.experiment = sweep.get("experiment", args.experiment)
+            if close_stale_sweep(uri, {"experiment": args.experiment, **sweep}, args.sweep_dir):
+                print(f"closed the sweep's parent run {parent} as KILLED: its process is gone")
         text, files, _ = report(uri, args.experiment, args.out, parent, swept)
     except LmexpError as err:
         print(f"lmexp.report: error: {err}", file=sys.stderr)

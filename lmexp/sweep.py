@@ -13,12 +13,14 @@ as FAILED or KILLED with the report of the jobs that did finish, instead of stay
 from __future__ import annotations
 
 import atexit
+import contextlib
 import itertools
 import json
 import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +28,15 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from lmexp.config import LmexpError
+from lmexp.runtime import SWEEP_STOPPING, folder_in_use, held_here, lock_folder
 from lmexp.tracking import SWEEP_FILE, read_sweep
 
 log = logging.getLogger("lmexp.sweep")
 
 # Above this many combinations, check each swept value once (the others at their first value).
 MAX_FULL_CHECK = 256
+# How long a terminated sweeper waits for its local jobs to checkpoint and close their runs.
+JOB_GRACE_S = 60.0
 
 
 def parse_sweep(config: DictConfig) -> tuple[list[Any], list[Any]]:
@@ -101,23 +106,54 @@ def check_sweep(config: DictConfig, jobs: list[list[str]]) -> None:
     log.info("Checked the config of %d sweep jobs", len(jobs))
 
 
+def stop_local_jobs(sweep_dir: Path, signum: int, grace_s: float = JOB_GRACE_S) -> None:
+    """Pass the sweeper's SIGTERM on to its job processes (joblib's workers), then wait until
+    their run folders are released: each job checkpoints and ends its run KILLED itself, rather
+    than being killed with its sweeper and left RUNNING. Jobs on a cluster are not our children
+    and go on; a job that outlasts grace_s is closed as KILLED by the parent's summary."""
+    import psutil
+
+    (sweep_dir / SWEEP_STOPPING).touch()  # a job that has yet to start does not start
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            child.send_signal(signum)
+    deadline = time.monotonic() + grace_s
+    jobs = [p for p in sweep_dir.iterdir() if p.is_dir()]
+    others = [job for job in jobs if not held_here(job)]  # in-process jobs stopped themselves
+    while any(folder_in_use(job) for job in others) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 class MlflowSweepCallback(Callback):
     def __init__(self) -> None:
         self.parent: dict[str, Any] | None = None  # set while the parent run is open
         self.signum: int | None = None
+        self.sweep_dir = Path(".")
+        self.local_jobs = True
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # Hydra turns a callback's exception into a warning and launches the jobs anyway, so
         # each error here ends the process itself, in one sentence.
         params, task = parse_sweep(config)
         check_sweep(config, sweep_jobs(params, task))
-        if config.logger.kind != "mlflow":
-            return
         try:
-            self._open_parent(config, swept_keys(params, task))
+            self._claim_folder(config)
+            if config.logger.kind == "mlflow":
+                self._open_parent(config, swept_keys(params, task))
         except LmexpError as err:
             log.error("%s", err)
             sys.exit(2)
+
+    def _claim_folder(self, config: DictConfig) -> None:
+        """Hold the sweep folder for this sweeper's life; on SIGTERM, stop the local jobs."""
+        self.sweep_dir = Path(config.hydra.sweep.dir)
+        lock_folder(self.sweep_dir, "sweep")
+        (self.sweep_dir / SWEEP_STOPPING).unlink(missing_ok=True)  # left by a stopped run of it
+        # Jobs on a cluster are not this process's to stop: they finish, or a rerun takes over.
+        self.local_jobs = "Slurm" not in str(OmegaConf.select(config, "hydra.launcher._target_"))
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            # SIGTERM's default ends the process without running atexit; exit through Python.
+            signal.signal(signal.SIGTERM, self._terminate)
 
     def _open_parent(self, config: DictConfig, swept: list[str]) -> None:
         from lmexp.tracking import resolve_tracking_uri, start_parent_run, usable_store
@@ -132,7 +168,6 @@ class MlflowSweepCallback(Callback):
         if note:
             log.warning(note)
         sweep_dir = Path(config.hydra.sweep.dir)
-        sweep_dir.mkdir(parents=True, exist_ok=True)
         # The same sweep folder again (hydra.sweep.dir=...): resuming an interrupted sweep.
         earlier = read_sweep(sweep_dir) or {}
         parent = start_parent_run(
@@ -161,9 +196,6 @@ class MlflowSweepCallback(Callback):
         log.info("MLflow sweep parent run %s in %s", parent, uri)
         self.parent = {**record, "sweep_dir": sweep_dir}
         atexit.register(self._close_unfinished)
-        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-            # SIGTERM's default ends the process without running atexit; exit through Python.
-            signal.signal(signal.SIGTERM, self._terminate)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.parent is not None:
@@ -185,6 +217,8 @@ class MlflowSweepCallback(Callback):
 
     def _terminate(self, signum: int, frame: Any) -> None:
         self.signum = signum
+        if self.local_jobs:
+            stop_local_jobs(self.sweep_dir, signum)
         sys.exit(128 + signum)
 
     def _close_unfinished(self) -> None:

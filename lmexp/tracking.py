@@ -66,6 +66,7 @@ def check_store(uri: str, timeout: float = 5.0) -> None:
                         f"Tracking store {uri}: {db} is not an SQLite database; move it away "
                         "or point logger.tracking_uri elsewhere."
                     )
+            check_sqlite(uri, db, timeout)
     elif scheme in ("http", "https"):
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
@@ -83,6 +84,35 @@ def check_store(uri: str, timeout: float = 5.0) -> None:
             f"Tracking URI {uri!r} is a file store, which MLflow 3 no longer supports; use "
             "logger.tracking_uri=sqlite:///mlflow.db (or an http:// server)."
         )
+
+
+def check_sqlite(uri: str, db: Path, timeout: float) -> None:
+    """Read every page's structure and make (and roll back) one write, as MLflow will: a store
+    that is corrupt or read-only fails here in one sentence, not in SQLAlchemy tracebacks."""
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(db, timeout=max(timeout, 10.0), isolation_level=None)
+        try:
+            problems = [row[0] for row in con.execute("PRAGMA quick_check")]
+            if problems != ["ok"]:
+                raise sqlite3.DatabaseError(f"database disk image is malformed: {problems[0]}")
+            con.execute("BEGIN IMMEDIATE")
+            con.execute("CREATE TABLE lmexp_write_probe (x INTEGER)")  # journaled, rolled back
+            con.execute("ROLLBACK")
+        finally:
+            con.close()
+    except sqlite3.Error as err:
+        reason = str(err).splitlines()[0]
+        fix = (
+            f"make {db} and its folder writable for this user"
+            if "readonly" in reason or "unable to open" in reason
+            else f"restore {db} from a backup or move it away (a new store is then created)"
+        )
+        raise TrackingError(
+            f"Tracking store {uri} is unusable ({reason}); {fix}, or point logger.tracking_uri "
+            "elsewhere."
+        ) from err
 
 
 @contextlib.contextmanager
@@ -126,6 +156,12 @@ def prepare_experiment(uri: str, name: str) -> str:
             return client.create_experiment(name, artifact_location=location)
         except MlflowException as err:
             raise TrackingError(f"Tracking store {uri} could not be opened: {err.message}") from err
+        except Exception as err:  # noqa: BLE001 - SQLAlchemy's and the driver's errors
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise TrackingError(
+                f"Tracking store {uri} could not be opened ({reason}); check that it is a "
+                "working MLflow store, or point logger.tracking_uri elsewhere."
+            ) from err
 
 
 class Tracker:
@@ -172,7 +208,7 @@ class MlflowTracker(Tracker):
                     f"MLflow run {run_id} (named in the checkpoint) is not in {uri}; use the "
                     "same logger.tracking_uri as the interrupted run."
                 ) from err
-            self.client.update_run(run_id, status="RUNNING")
+            reopen_run(self.client, run_id)
             self.run_id = run_id
         else:
             run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags or {})
@@ -287,7 +323,7 @@ def start_parent_run(
         try:
             run = client.get_run(reopen)
             if run.info.experiment_id == experiment_id and run.info.lifecycle_stage == "active":
-                client.update_run(reopen, status="RUNNING")
+                reopen_run(client, reopen)
                 return reopen
         except MlflowException:
             pass  # deleted or from another store: start a new parent
@@ -366,23 +402,28 @@ def _record(client: Any, run: Any, history_keys: tuple[str, ...]) -> RunRecord:
     )
 
 
+def end_run(uri: str, run_id: str, status: str, reason: str) -> None:
+    """Terminate a run with `status`, recording why."""
+    client = _client(uri)
+    client.set_tag(run_id, FAILURE_TAG, reason)
+    client.set_terminated(run_id, status)
+
+
 def set_run_outcome(
-    uri: str,
-    run_id: str,
-    metrics: dict[str, float],
-    tags: dict[str, str],
-    artifacts: list[Path],
-    status: str = "FINISHED",
+    uri: str, run_id: str, tags: dict[str, Any], artifacts: list[Path], status: str = "FINISHED"
 ) -> None:
-    """Log final summaries and artifacts to a run (the sweep parent) and terminate it."""
-    from mlflow.entities import Metric, RunTag
+    """Record a run's summary as tags, attach artifacts, and terminate it (the sweep parent)."""
+    from mlflow.entities import RunTag
 
     client = _client(uri)
-    client.log_batch(
-        run_id,
-        metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()],
-        tags=[RunTag(k, str(v)) for k, v in tags.items()],
-    )
+    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
     for path in artifacts:
         client.log_artifact(run_id, str(path))
     client.set_terminated(run_id, status)
+
+
+def reopen_run(client: Any, run_id: str) -> None:
+    """Set a run RUNNING again, dropping the reason it was stopped last time."""
+    if FAILURE_TAG in client.get_run(run_id).data.tags:
+        client.delete_tag(run_id, FAILURE_TAG)
+    client.update_run(run_id, status="RUNNING")

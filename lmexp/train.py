@@ -1,8 +1,10 @@
 """`python -m lmexp.train [overrides]`: train the PTB LSTM language model, tracked in MLflow.
 
-Wires config -> corpus -> batches -> model -> loop -> metrics -> tracker. Everything a user can
-get wrong (config, data, output folder, checkpoint, tracking store) is checked before training.
-Returns the best validation perplexity, which Hydra's sweepers minimise.
+Reads top to bottom: check the machine and the folder, load and batch the data, build the model
+(and restore a checkpoint), open the MLflow run, train epoch by epoch, test, export. Everything a
+user can get wrong (config, device, data, output folder, checkpoint, tracking store) is refused
+in one sentence before the MLflow run is created. Returns the best validation perplexity, which
+Hydra's sweepers minimise.
 """
 
 from __future__ import annotations
@@ -10,12 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import signal
-import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,39 +21,30 @@ from typing import Any
 import torch
 
 from lmexp import checkpoint
-from lmexp.config import LmexpError, TrainConfig, TrainerConfig, check_device_support, flatten
-from lmexp.data import Corpus, batchify, load_corpus
+from lmexp.config import LmexpError, TrainConfig, flatten
+from lmexp.data import Corpus, batch_splits, load_corpus
 from lmexp.loop import DivergenceError, EpochProgress, TrainStep, evaluate, perplexity, train_epoch
 from lmexp.model import LSTMLanguageModel, State
+from lmexp.resume import find_resume
+from lmexp.runtime import (
+    SWEEP_STOPPING,
+    Preemption,
+    check_device_support,
+    check_writable,
+    configure_threads,
+    device_name,
+    folder_lock,
+    git_commit,
+    seed_everything,
+    select_device,
+)
 from lmexp.schedules import learning_rate
 from lmexp.tracking import PARENT_TAG, Tracker, open_tracker, read_sweep, resolve_tracking_uri
 
 log = logging.getLogger("lmexp.train")
 
 EPOCH_METRICS = ("train_ppl", "valid_ppl", "lr", "train_wps", "epoch_time_s")
-# Keys a checkpoint must agree on with the config it is resumed under.
-# A checkpoint given as trainer.ckpt_path must match these (the weights' and batches' shapes).
-RESUME_KEYS = ("model", "dropout.kind", "data.name", "trainer.batch_size", "trainer.num_steps")
-# Resuming a run in its own folder continues the same experiment: every key must match except
-# these, which change how or where it runs, not what it computes (max_epochs may be extended).
-SAME_RUN_FREE_KEYS = (
-    "trainer.max_epochs",
-    "trainer.device",
-    "trainer.threads",
-    "trainer.progress",
-    "trainer.log_every_n_batches",
-    "trainer.ckpt_every_n_batches",
-    "trainer.resume",
-    "trainer.ckpt_path",
-    "trainer.precision",
-    "trainer.compile",
-    "trainer.cuda_graphs",
-    "data.root",
-    "data.cache_dir",
-    "data.url",
-    "data.verify_md5",
-    "logger",
-)
+EVAL_SCOPE_TAG = "lmexp.eval_scope"
 
 
 @dataclass
@@ -71,84 +60,7 @@ class RunContext:
     tracking_uri: str | None = None
 
 
-def select_device(requested: str, job_num: int | None = None) -> torch.device:
-    """auto: CUDA when present, else CPU. Parallel sweep jobs are spread over the visible GPUs."""
-    if requested == "auto":
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        index = (job_num or 0) % torch.cuda.device_count()
-        return torch.device("cuda", index)
-    device = torch.device(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LmexpError(
-            f"trainer.device={requested} but no CUDA device is visible; use trainer.device=auto or cpu."
-        )
-    return device
-
-
-def configure_threads(threads: int) -> int:
-    """torch intra-op threads: the configured number, else one per physical core."""
-    if threads == 0:
-        try:
-            import psutil
-
-            threads = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-        except (
-            ImportError
-        ):  # psutil comes with lmexp; a bare GPU box running only the bench may lack it
-            threads = os.cpu_count() or 1
-    torch.set_num_threads(threads)
-    return threads
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def check_writable(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise LmexpError(
-            f"Output folder {folder} is not writable ({err.strerror}); set hydra.run.dir (or "
-            "hydra.sweep.dir) to a writable folder."
-        ) from err
-
-
-def git_commit(*folders: Path) -> str:
-    for folder in folders:
-        try:
-            out = subprocess.run(
-                ["git", "-C", str(folder), "rev-parse", "HEAD"],
-                capture_output=True,
-                text=True,
-                timeout=5,
-            )
-        except (OSError, subprocess.SubprocessError):
-            continue
-        if out.returncode == 0:
-            return out.stdout.strip()
-    return "unknown"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import platform
-
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def run_tags(device: torch.device, ctx: RunContext) -> dict[str, str]:
+def run_tags(device: torch.device, ctx: RunContext, cfg: TrainConfig) -> dict[str, str]:
     tags = {
         "mlflow.source.git.commit": git_commit(Path(__file__).resolve().parent, ctx.launch_dir),
         "mlflow.source.name": "lmexp.train",
@@ -158,6 +70,8 @@ def run_tags(device: torch.device, ctx: RunContext) -> dict[str, str]:
         "hydra_overrides": " ".join(ctx.overrides),
         "output_dir": str(ctx.output_dir),
     }
+    if cfg.trainer.limit_eval_batches is not None:
+        tags[EVAL_SCOPE_TAG] = eval_scope(cfg.trainer.limit_eval_batches)
     if ctx.parent_run_id:
         tags[PARENT_TAG] = ctx.parent_run_id
     if ctx.job_num is not None:
@@ -165,80 +79,11 @@ def run_tags(device: torch.device, ctx: RunContext) -> dict[str, str]:
     return tags
 
 
-def find_resume(
-    trainer: TrainerConfig, ckpt_dir: Path, resolved: dict[str, Any]
-) -> dict[str, Any] | None:
-    """The checkpoint to resume from (trainer.ckpt_path, else this run's last.pt), verified."""
-    if trainer.ckpt_path:
-        path, same_run = Path(trainer.ckpt_path).expanduser(), False
-    elif trainer.resume and (ckpt_dir / "last.pt").exists():
-        path, same_run = ckpt_dir / "last.pt", True
-    else:
-        return None
-    state = checkpoint.load(path)
-    saved = flatten(state.get("config", {}))
-    current = flatten(resolved)
-
-    def under(key: str, prefixes: tuple[str, ...]) -> bool:
-        return any(key == p or key.startswith(p + ".") for p in prefixes)
-
-    for key in sorted(current):
-        if key not in saved or saved[key] == current[key]:
-            continue
-        if under(key, RESUME_KEYS):
-            raise checkpoint.CheckpointError(
-                f"{path} was trained with {key}={saved[key]!r} but the config has "
-                f"{current[key]!r}; resume with the same settings or start a new run."
-            )
-        if same_run and not under(key, SAME_RUN_FREE_KEYS):
-            raise checkpoint.CheckpointError(
-                f"{path} belongs to a run with {key}={saved[key]!r}, not {current[key]!r}: this "
-                "folder holds another experiment; give this one its own hydra.run.dir (or "
-                "hydra.sweep.dir), or rerun that one with its own settings."
-            )
-    state["path"] = str(path)
-    return state
-
-
-class Preemption:
-    """Turns SIGTERM/SIGUSR1/SIGUSR2 (what SLURM sends before preemption or a time limit) into a
-    flag the loop polls between batches; the previous handlers (submitit's requeue) run after the
-    checkpoint is written."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self.frame: Any = None
-        self.previous: dict[int, Any] = {}
-
-    def requested(self) -> bool:
-        return self.signum is not None
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signum = signum
-        self.frame = frame
-
-    @contextmanager
-    def installed(self) -> Iterator[Preemption]:
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
-            yield self  # signals reach only the main thread; a threaded launcher handles them
-            return
-        for sig in self.SIGNALS:
-            self.previous[sig] = signal.signal(sig, self._handle)
-        try:
-            yield self
-        finally:
-            for sig, handler in self.previous.items():
-                signal.signal(sig, handler)
-
-    def hand_over(self) -> None:
-        """Run the handler that was installed before ours (submitit requeues the job there)."""
-        handler = self.previous.get(self.signum)
-        if callable(handler):
-            handler(self.signum, self.frame)
+def eval_scope(limit: int) -> str:
+    return (
+        f"valid_ppl and test_ppl cover only the first {limit} windows of each split "
+        f"(trainer.limit_eval_batches={limit}); lmexp.evaluate scores the whole split"
+    )
 
 
 def ppl_record(
@@ -285,73 +130,100 @@ def progress_printer(epoch: int, lr: float) -> Any:
     return on_log
 
 
+def build_model(
+    cfg: TrainConfig, corpus: Corpus, device: torch.device, resume: dict[str, Any] | None
+) -> LSTMLanguageModel:
+    """The model, with a checkpoint's (or an exported model's) weights when starting from one."""
+    seed_everything(cfg.trainer.seed)
+    model = LSTMLanguageModel.from_config(cfg.model, cfg.dropout, corpus.vocab_size)
+    if resume is not None:
+        try:
+            model.load_state_dict(resume["model"])
+        except RuntimeError as err:
+            raise checkpoint.CheckpointError(
+                f"{resume['path']} does not fit model={cfg.model.name} with dropout="
+                f"{cfg.dropout.kind} ({str(err).splitlines()[0]}); start from a model of the "
+                "same size and dropout kind, or leave trainer.ckpt_path unset."
+            ) from err
+    return model.to(device)
+
+
 def run_training(cfg: TrainConfig, ctx: RunContext) -> float:
     """Train, evaluate and track one run; return its best validation perplexity."""
-    t, d = cfg.trainer, cfg.data
+    t = cfg.trainer
     device = select_device(t.device, ctx.job_num)
     check_device_support(t, device.type)
-    threads = configure_threads(t.threads)
-    corpus: Corpus = load_corpus(d)
-    ckpt_dir = ctx.output_dir / "checkpoints"
-    check_writable(ckpt_dir)
-    resume = find_resume(t, ckpt_dir, ctx.resolved)
-    uri = ctx.tracking_uri or resolve_tracking_uri(cfg.logger.tracking_uri, ctx.launch_dir)
+    with folder_lock(ctx.output_dir):  # no other live process writes into this run's folder
+        threads = configure_threads(t.threads)
+        corpus = load_corpus(cfg.data)
+        data = {name: split.to(device) for name, split in batch_splits(corpus, t).items()}
+        ckpt_dir = ctx.output_dir / "checkpoints"
+        check_writable(ckpt_dir)
+        resume = find_resume(t, ckpt_dir, ctx.resolved, corpus.vocab)
+        model = build_model(cfg, corpus, device, resume)
+        tags = run_tags(device, ctx, cfg)
+        if resume is not None and resume.get("init_only"):
+            log.info("Starting a new run from the weights of %s", resume["path"])
+            tags["init_from"], resume = resume["path"], None
+        tracker = start_tracking(cfg, ctx, tags, resume["mlflow_run_id"] if resume else None)
+        try:
+            if resume is None:
+                tracker.log_params(flatten(ctx.resolved))
+            return _train(cfg, ctx, corpus, data, model, threads, tracker, resume, ckpt_dir)
+        except DivergenceError as err:
+            log.error("Run diverged: %s", err)
+            tracker.finish("FAILED", f"diverged: {err}")
+            return float("inf")
+        except KeyboardInterrupt:
+            tracker.finish("KILLED", "interrupted (KeyboardInterrupt)")
+            raise
+        except SystemExit:
+            raise
+        except BaseException as err:
+            tracker.finish("FAILED", f"{type(err).__name__}: {err}")
+            raise
+
+
+def start_tracking(
+    cfg: TrainConfig, ctx: RunContext, tags: dict[str, str], run_id: str | None
+) -> Tracker:
+    """The run's tracker: run_id reopened (resuming), else a new run; the store checked first."""
+    lg = cfg.logger
     tracker, note = open_tracker(
-        cfg.logger.kind,
-        uri,
-        cfg.logger.experiment_name,
-        run_id=resume.get("mlflow_run_id") if resume else None,
-        run_name=cfg.logger.run_name,
-        tags=run_tags(device, ctx),
-        timeout=cfg.logger.connect_timeout_s,
-        fallback_uri=cfg.logger.fallback_uri
-        and resolve_tracking_uri(cfg.logger.fallback_uri, ctx.launch_dir),
+        lg.kind,
+        ctx.tracking_uri or resolve_tracking_uri(lg.tracking_uri, ctx.launch_dir),
+        lg.experiment_name,
+        run_id=run_id,
+        run_name=lg.run_name,
+        tags=tags,
+        timeout=lg.connect_timeout_s,
+        fallback_uri=lg.fallback_uri and resolve_tracking_uri(lg.fallback_uri, ctx.launch_dir),
     )
     if note:
         log.warning(note)
-    try:
-        if resume is None:
-            tracker.log_params(flatten(ctx.resolved))
-        return _train(cfg, ctx, corpus, device, threads, tracker, resume, ckpt_dir)
-    except DivergenceError as err:
-        log.error("Run diverged: %s", err)
-        tracker.finish("FAILED", f"diverged: {err}")
-        return float("inf")
-    except KeyboardInterrupt:
-        tracker.finish("KILLED", "interrupted (KeyboardInterrupt)")
-        raise
-    except SystemExit:
-        raise
-    except BaseException as err:
-        tracker.finish("FAILED", f"{type(err).__name__}: {err}")
-        raise
+    return tracker
 
 
 def _train(
     cfg: TrainConfig,
     ctx: RunContext,
     corpus: Corpus,
-    device: torch.device,
+    data: dict[str, torch.Tensor],
+    model: LSTMLanguageModel,
     threads: int,
     tracker: Tracker,
     resume: dict[str, Any] | None,
     ckpt_dir: Path,
 ) -> float:
     t = cfg.trainer
-    seed_everything(t.seed)
+    device = data["train"].device
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    model = LSTMLanguageModel.from_config(cfg.model, cfg.dropout, corpus.vocab_size).to(device)
-    train_data = batchify(corpus.train, t.batch_size).to(device)
-    valid_data = batchify(corpus.valid, t.eval_batch_size).to(device)
-    test_data = batchify(corpus.test, t.test_batch_size).to(device)
-
     history: list[dict[str, float]] = []
     start_epoch, best_valid = 0, math.inf
     progress: EpochProgress | None = None
     state: State | None = None
     if resume is not None:
-        model.load_state_dict(resume["model"])
         history, best_valid = resume["history"], resume["best_valid_ppl"]
         start_epoch = resume["epoch"]
         if resume.get("progress"):
@@ -387,14 +259,14 @@ def _train(
         tracker.uri,
     )
 
-    def save(name: str, epoch: int, progress: EpochProgress | None, state: State | None) -> None:
+    def save(name: str, at_epoch: int, partial: EpochProgress | None, hidden: State | None) -> None:
         checkpoint.save(
             ckpt_dir / name,
             {
                 "model": model.state_dict(),
-                "epoch": epoch,
-                "progress": progress.to_dict() if progress else None,
-                "state": [s.detach().cpu() for s in state] if state is not None else None,
+                "epoch": at_epoch,
+                "progress": partial.to_dict() if partial else None,
+                "state": [s.detach().cpu() for s in hidden] if hidden is not None else None,
                 "history": history,
                 "best_valid_ppl": best_valid,
                 "rng": checkpoint.rng_state(),
@@ -411,7 +283,7 @@ def _train(
             step.set_lr(lr)
             progress, state, stopped = train_epoch(
                 step,
-                train_data,
+                data["train"],
                 t.num_steps,
                 state if state is not None else model.init_state(t.batch_size),
                 progress,
@@ -438,7 +310,7 @@ def _train(
                 preemption.hand_over()
                 sys.exit(128 + preemption.signum)
             valid_ppl = perplexity(
-                *evaluate(model, valid_data, t.eval_num_steps, t.limit_eval_batches, t.precision)
+                *evaluate(model, data["valid"], t.eval_num_steps, t.limit_eval_batches, t.precision)
             )
             if not math.isfinite(valid_ppl):
                 raise DivergenceError(
@@ -464,10 +336,12 @@ def _train(
             progress, state = None, None
 
     test_ppl = perplexity(
-        *evaluate(model, test_data, t.eval_num_steps, t.limit_eval_batches, t.precision)
+        *evaluate(model, data["test"], t.eval_num_steps, t.limit_eval_batches, t.precision)
     )
     tracker.log_metrics({"test_ppl": test_ppl, "best_valid_ppl": best_valid}, step=t.max_epochs)
     log.info("Test perplexity %.2f (best valid %.2f)", test_ppl, best_valid)
+    if t.limit_eval_batches is not None:
+        log.warning("Not the full test split: %s.", eval_scope(t.limit_eval_batches))
     export_model(model, corpus, ctx, tracker, test_ppl, cfg.logger.log_model)
     tracker.finish("FINISHED")
     return best_valid
@@ -512,6 +386,11 @@ def hydra_context(cfg: Any) -> RunContext:
     )
     if hc.mode == RunMode.MULTIRUN:
         ctx.job_num = hc.job.num
+        if (Path(hc.sweep.dir) / SWEEP_STOPPING).exists():
+            raise LmexpError(
+                f"Sweep {hc.sweep.dir} is stopping, so job {hc.job.num} was not started; rerun "
+                "the sweep into that folder to run it."
+            )
         sweep = read_sweep(Path(hc.sweep.dir))
         if sweep is not None:
             ctx.parent_run_id, ctx.tracking_uri = sweep["parent_run_id"], sweep["tracking_uri"]
@@ -530,37 +409,11 @@ def task(cfg: Any) -> float:
         sys.exit(2)
 
 
-def preflight_output_dir(argv: list[str], launch_dir: Path) -> None:
-    """Fail in one sentence when Hydra could not create its run folder (it would raise a traceback).
-
-    Checks the folder named by hydra.run.dir / hydra.sweep.dir (up to its first interpolation),
-    else the launch folder, where outputs/ and multirun/ go by default.
-    """
-    targets = [
-        a.split("=", 1)[1] for a in argv if a.startswith(("hydra.run.dir=", "hydra.sweep.dir="))
-    ]
-    for target in targets or ["."]:
-        path = Path(target.split("$", 1)[0] or ".")
-        path = path if path.is_absolute() else launch_dir / path
-        try:
-            check_writable(path)  # creates what Hydra would create next anyway
-        except LmexpError as err:
-            log.error("%s", err)
-            sys.exit(2)
-
-
 def main() -> None:
     """Console entry point (`lmexp-train`) and `python -m lmexp.train`."""
-    logging.basicConfig(
-        format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s", level=logging.INFO
-    )
-    preflight_output_dir(sys.argv[1:], Path.cwd())
-    import hydra
+    from lmexp.launch import launch
 
-    from lmexp.config import conf_dir, register_configs
-
-    register_configs()
-    hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")(task)()
+    launch(task, "train", sys.argv[1:])
 
 
 if __name__ == "__main__":

@@ -2,18 +2,33 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from lmexp.config import DropoutConfig
 from lmexp.data import batchify, tiny_corpus, windows
-from lmexp.loop import EpochProgress, TrainStep, evaluate, perplexity, train_epoch
+from lmexp.loop import (
+    DivergenceError,
+    EpochProgress,
+    TrainStep,
+    evaluate,
+    perplexity,
+    train_epoch,
+)
 from lmexp.model import LSTMLanguageModel
+from lmexp.runtime import cpu_bf16_lstm_supported
 
 CORPUS = tiny_corpus(50, 20000, 2000, 1234)
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CPU_BF16 = pytest.mark.skipif(
+    not cpu_bf16_lstm_supported(),
+    reason="this CPU's oneDNN has no bf16 LSTM (needs AVX-512 BF16 or AMX); lmexp refuses "
+    "trainer.precision=bf16 here, which tests/test_train.py checks",
+)
 
 
 def curve(precision: str, epochs: int = 3, device: str = "cpu") -> list[float]:
@@ -33,7 +48,9 @@ def test_fp32_learns_the_tiny_chain():
     assert ppl[0] < 20 and ppl[-1] < 4.0 and ppl[-1] < ppl[0]
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+@pytest.mark.parametrize(
+    "device", [pytest.param("cpu", marks=CPU_BF16), pytest.param("cuda", marks=CUDA)]
+)
 def test_bf16_autocast_tracks_fp32(device):
     """Stated tolerance: within 10% at every epoch (the first, where ppl falls fastest, differs
     most: 7.6% here on the CPU) and within 5% at the last."""
@@ -146,3 +163,28 @@ def test_cuda_graphs_on_cpu_is_refused():
     model = LSTMLanguageModel(CORPUS.vocab_size, 8, 1, 0.1)
     with pytest.raises(ValueError, match="cuda_graphs needs the model on a CUDA device"):
         TrainStep(model, 1.0, 5.0, cuda_graphs=True)
+
+
+def test_a_loss_too_large_for_exp_stops_at_the_next_log_interval():
+    """A mean loss whose perplexity overflows is divergence, even while the loss is finite."""
+    torch.manual_seed(0)
+    model = LSTMLanguageModel(CORPUS.vocab_size, 16, 1, 0.1)
+    with torch.no_grad():
+        model.decoder.bias.copy_(torch.arange(CORPUS.vocab_size) * 1000.0)  # finite, hopeless
+    step = TrainStep(model, 0.0, 5.0)  # lr 0: the loss stays where it is
+    data = batchify(CORPUS.train, 10)
+    with pytest.raises(DivergenceError, match=r"at epoch batch 5: lower lr_policy.lr") as err:
+        train_epoch(step, data, 10, model.init_state(10), log_every=5)
+    assert "perplexity inf" in str(err.value)
+
+
+def test_cpu_bf16_support_follows_the_machine_and_onednn_isa():
+    """The support check asks oneDNN itself: limited to AVX2 (what an AVX2-only CPU has) it says
+    no, whatever this machine's own CPU can do."""
+    import subprocess
+    import sys
+
+    probe = "from lmexp.runtime import cpu_bf16_lstm_supported as s; print(s())"
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr

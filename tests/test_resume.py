@@ -256,3 +256,41 @@ def test_rerunning_a_finished_run_changes_nothing(tmp_path):
     assert run.info.status == "FINISHED"
     assert len(metric_history(db, run.info.run_id, "test_ppl")) == 1
     assert [s for s, _ in metric_history(db, run.info.run_id, "valid_ppl")] == [1, 2]
+
+
+def test_ckpt_path_to_an_exported_model_starts_a_new_run_from_its_weights(tmp_path):
+    """The exported model/model.pt (what a user reaches for to fine-tune) starts a new run from
+    those weights; one that does not fit the config is refused before any run is created."""
+    first = run_module(
+        "lmexp.train", *TINY, "trainer.max_epochs=3", "hydra.run.dir=base", cwd=tmp_path
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    exported = tmp_path / "base" / "model" / "model.pt"
+    db = tmp_path / "mlflow.db"
+    (base,) = mlflow_runs(db)
+
+    misfit = run_module(
+        "lmexp.train", *TINY, "model.hidden_size=64", f"trainer.ckpt_path={exported}",
+        "hydra.run.dir=misfit", cwd=tmp_path,
+    )  # fmt: skip
+    assert misfit.returncode == 2
+    text = misfit.stdout + misfit.stderr
+    assert f"{exported} does not fit model=tiny with dropout=standard" in text, text[-3000:]
+    assert "Traceback" not in text and "KeyError" not in text
+    assert len(mlflow_runs(db)) == 1  # no run created
+
+    tuned = run_module(
+        "lmexp.train", *TINY, "trainer.max_epochs=1", f"trainer.ckpt_path={exported}",
+        "hydra.run.dir=tuned", cwd=tmp_path,
+    )  # fmt: skip
+    assert tuned.returncode == 0, tuned.stderr[-3000:]
+    assert f"Starting a new run from the weights of {exported}" in tuned.stdout + tuned.stderr
+    (run,) = [r for r in mlflow_runs(db) if r.info.run_id != base.info.run_id]
+    assert run.info.status == "FINISHED" and run.data.tags["init_from"] == str(exported)
+    # Its first epoch starts where the exported model ended, not from scratch.
+    tuned_first = metric_history(db, run.info.run_id, "valid_ppl")[0][1]
+    base_curve = [v for _, v in metric_history(db, base.info.run_id, "valid_ppl")]
+    assert tuned_first < base_curve[0] and tuned_first < 1.2 * base_curve[-1], (
+        tuned_first,
+        base_curve,
+    )

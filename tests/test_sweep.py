@@ -61,7 +61,8 @@ def test_dp_keep_prob_sweep_children_parent_and_ordered_report(tmp_path):
     best = min(children, key=lambda r: r.data.metrics["best_valid_ppl"])
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["best_run_id"] == best.info.run_id
-    assert parent.data.metrics["best_valid_ppl"] == best.data.metrics["best_valid_ppl"]
+    assert float(parent.data.tags["best_valid_ppl"]) == best.data.metrics["best_valid_ppl"]
+    assert parent.data.metrics == {}  # summaries are tags: no single-point charts, nothing twice
     assert parent.data.tags["swept_params"] == "dropout.dp_keep_prob"
     artifacts = Path(parent.info.artifact_uri.removeprefix("file://"))
     assert {"runs.csv", "runs.md", "final_ppl.png", "learning_curves.png"} <= {
@@ -155,7 +156,7 @@ def test_optuna_search_trials_are_child_runs_and_best_is_recorded(tmp_path):
     results = yaml.safe_load((sweep_dir(tmp_path) / "optimization_results.yaml").read_text())
     best_child = min(children, key=lambda r: r.data.metrics["best_valid_ppl"])
     assert results["best_value"] == pytest.approx(best_child.data.metrics["best_valid_ppl"])
-    assert parent.data.metrics["best_valid_ppl"] == pytest.approx(results["best_value"])
+    assert float(parent.data.tags["best_valid_ppl"]) == pytest.approx(results["best_value"])
     assert parent.data.tags["best_run_id"] == best_child.info.run_id
     assert set(json.loads((sweep_dir(tmp_path) / "mlflow_sweep.json").read_text())["swept_params"]) == {
         "dropout.dp_keep_prob", "lr_policy.lr",
@@ -173,7 +174,7 @@ def test_a_diverging_job_fails_alone(tmp_path):
     assert status["1000000000.0"].info.status == "FAILED"
     assert "diverged" in status["1000000000.0"].data.tags["lmexp.failure_reason"]
     assert status["0.5"].info.status == status["1.0"].info.status == "FINISHED"
-    assert parent.data.metrics["n_finished"] == 2
+    assert parent.data.tags["n_finished"] == "2"
 
 
 def test_a_bad_value_in_a_later_job_stops_the_sweep_before_any_job_runs(tmp_path):
@@ -237,7 +238,7 @@ def test_sweep_crashing_in_a_later_job_closes_the_parent_as_failed_with_the_repo
     (finished,) = children  # the ptb job failed before opening a run
     assert finished.info.status == "FINISHED"
     assert parent.info.status == "FAILED"  # not left RUNNING
-    assert parent.data.metrics["n_finished"] == 1
+    assert parent.data.tags["n_finished"] == "1"
     assert parent.data.tags["best_run_id"] == finished.info.run_id
     assert (sweep_dir(tmp_path) / "report" / "runs.csv").is_file()
 
@@ -262,7 +263,7 @@ def test_sweep_stopped_by_sigterm_closes_its_parent_and_resumes_in_the_same_fold
     parent, children = split_runs(db)
     by_keep = {r.data.params["dropout.dp_keep_prob"]: r for r in children}
     assert {k: r.info.status for k, r in by_keep.items()} == {"0.5": "FINISHED", "0.7": "KILLED"}
-    assert parent.info.status == "KILLED" and parent.data.metrics["n_finished"] == 1
+    assert parent.info.status == "KILLED" and parent.data.tags["n_finished"] == "1"
     folder = sweep_dir(tmp_path)
     assert (folder / "report" / "runs.csv").is_file()
 
@@ -278,7 +279,8 @@ def test_sweep_stopped_by_sigterm_closes_its_parent_and_resumes_in_the_same_fold
         (run,) = [r for r in children if r.data.params["dropout.dp_keep_prob"] == keep]
         assert run.info.run_id == by_keep[keep].info.run_id
         assert [s for s, _ in metric_history(db, run.info.run_id, "valid_ppl")] == [1, 2, 3]
-    assert again.data.metrics["n_finished"] == 3
+    assert again.data.tags["n_finished"] == "3" and again.data.metrics == {}
+    assert "lmexp.failure_reason" not in again.data.tags  # the KILLED reason went with the rerun
 
 
 def test_slurm_launcher_preset_composes_with_cluster_settings():
@@ -301,3 +303,118 @@ def test_slurm_launcher_preset_composes_with_cluster_settings():
         8,
     )
     assert launcher.signal_delay_s > 0 and launcher.max_num_timeout > 0 and launcher.mem_gb > 0
+
+
+def _sweep_proc(cwd: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "lmexp.train", "-m", *args], cwd=cwd,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
+    )  # fmt: skip
+
+
+def test_two_sweeps_launched_together_keep_their_folders_and_jobs_apart(tmp_path):
+    """Started in the same second from one folder into a fresh store: each sweep gets its own
+    multirun folder, its parent has exactly its own children, and its report only those."""
+    procs = {
+        name: _sweep_proc(tmp_path, *SWEEP, f"trainer.seed={seed}", "dropout.dp_keep_prob=0.5,0.9")
+        for name, seed in (("a", 1), ("b", 2))
+    }
+    outs = {name: p.communicate(timeout=400)[0] for name, p in procs.items()}
+    assert all(p.returncode == 0 for p in procs.values()), outs
+    runs = mlflow_runs(tmp_path / "mlflow.db")
+    parents = [r for r in runs if r.data.tags.get("lmexp.kind") == "sweep"]
+    assert len(parents) == 2 and len({p.data.tags["sweep_dir"] for p in parents}) == 2
+    for parent in parents:
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+        seed = {c.data.params["trainer.seed"] for c in children}
+        assert len(seed) == 1  # one sweep's jobs, not a mix
+        folder = Path(parent.data.tags["sweep_dir"])
+        assert {Path(c.data.tags["output_dir"]).parent for c in children} == {folder}
+        rows = list(csv.DictReader((folder / "report" / "runs.csv").read_text().splitlines()))
+        assert sorted(r["run_id"] for r in rows) == sorted(c.info.run_id[:8] for c in children)
+    assert_store_intact(tmp_path / "mlflow.db")
+
+
+def test_a_sweep_folder_held_by_a_live_sweep_is_refused(tmp_path):
+    slow = ["model.hidden_size=128", "data.tiny_train_tokens=150000", "trainer.max_epochs=3"]
+    first = _sweep_proc(
+        tmp_path, *TINY, *slow, "dropout.dp_keep_prob=0.5,0.9", "hydra.sweep.dir=sw"
+    )
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "sw" / "mlflow_sweep.json").is_file():
+        assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()
+        time.sleep(0.05)
+    record = (tmp_path / "sw" / "mlflow_sweep.json").read_text()
+    second = run_module(
+        "lmexp.train", "-m", *SWEEP, "dropout.dp_keep_prob=0.3", "hydra.sweep.dir=sw", cwd=tmp_path
+    )
+    assert second.returncode == 2
+    text = second.stdout + second.stderr
+    assert f"Folder {tmp_path / 'sw'} is in use by another live lmexp sweep" in text, text[-3000:]
+    assert "Traceback" not in text and "Launching" not in text
+    assert (tmp_path / "sw" / "mlflow_sweep.json").read_text() == record
+    first.send_signal(signal.SIGTERM)
+    first.communicate(timeout=120)
+
+
+def test_sigterm_to_a_joblib_sweep_ends_every_child_and_a_rerun_logs_nothing_twice(tmp_path):
+    slow = ["model.hidden_size=128", "data.tiny_train_tokens=150000", "trainer.max_epochs=3"]
+    args = [
+        "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *TINY, *slow,
+        "dropout.dp_keep_prob=0.5,0.7,0.9",
+    ]  # fmt: skip
+    proc = _sweep_proc(tmp_path, *args)
+    deadline = time.monotonic() + 240
+    logs = lambda: list(tmp_path.glob("multirun/*/*/[01]/train.log"))  # noqa: E731
+    while not (len(logs()) == 2 and all("Epoch 1:" in p.read_text() for p in logs())):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # both workers are mid-run
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    db = tmp_path / "mlflow.db"
+    parent, children = split_runs(db)
+    assert parent.info.status == "KILLED"
+    assert len(children) == 2 and all(r.info.status == "KILLED" for r in children), [
+        (r.info.status, r.data.tags.get("lmexp.failure_reason")) for r in children
+    ]
+    assert all("SIGTERM" in r.data.tags["lmexp.failure_reason"] for r in children)
+
+    folder = sweep_dir(tmp_path)
+    rerun = run_module("lmexp.train", "-m", *args, f"hydra.sweep.dir={folder}", cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    again, children = split_runs(db)
+    assert again.info.run_id == parent.info.run_id and again.info.status == "FINISHED"
+    assert len(children) == 3 and all(r.info.status == "FINISHED" for r in children)
+    assert again.data.metrics == {} and again.data.tags["n_finished"] == "3"
+    for run in children:  # every epoch logged once, the resumed ones included
+        for key in ("valid_ppl", "train_ppl", "test_ppl"):
+            steps = [s for s, _ in metric_history(db, run.info.run_id, key)]
+            assert len(steps) == len(set(steps)), (key, steps)
+
+
+def test_report_closes_a_sweep_whose_sweeper_was_killed(tmp_path):
+    slow = ["model.hidden_size=128", "data.tiny_train_tokens=150000", "trainer.max_epochs=3"]
+    proc = _sweep_proc(tmp_path, *TINY, *slow, "dropout.dp_keep_prob=0.5,0.9")
+    deadline = time.monotonic() + 240
+    while not any("epoch 1 [" in p.read_text() for p in tmp_path.glob("multirun/*/*/0/train.log")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    proc.kill()  # SIGKILL: no handler runs, the parent and the job's run stay RUNNING
+    proc.communicate(timeout=60)
+    db = tmp_path / "mlflow.db"
+    parent, (child,) = split_runs(db)
+    assert parent.info.status == "RUNNING" and child.info.status == "RUNNING"
+
+    folder = sweep_dir(tmp_path)
+    report = run_module("lmexp.report", "--sweep-dir", str(folder), "--out", "rep", cwd=tmp_path)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert f"closed the sweep's parent run {parent.info.run_id} as KILLED" in report.stdout
+    parent, (child,) = split_runs(db)
+    assert parent.info.status == "KILLED" and child.info.status == "KILLED"
+    assert "sweeping process ended" in parent.data.tags["lmexp.failure_reason"]
+    assert "process ended" in child.data.tags["lmexp.failure_reason"]
+    again = run_module("lmexp.report", "--sweep-dir", str(folder), "--out", "rep2", cwd=tmp_path)
+    assert again.returncode == 0 and "closed the sweep" not in again.stdout

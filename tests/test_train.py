@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -142,7 +145,7 @@ def test_bad_data_root_fails_naming_the_file(tmp_path, ptb_dir, damage):
 def test_parallel_jobs_spread_over_visible_gpus(monkeypatch):
     import torch
 
-    from lmexp.train import select_device
+    from lmexp.runtime import select_device
 
     assert select_device("auto", 3).type == "cpu" or torch.cuda.is_available()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -154,3 +157,150 @@ def test_parallel_jobs_spread_over_visible_gpus(monkeypatch):
         "cuda:0",
     ]
     assert str(select_device("cuda:2", 7)) == "cuda:2"  # an explicit device is kept
+
+
+AVX2_ONLY = {"ONEDNN_MAX_CPU_ISA": "AVX2"}  # oneDNN as on a CPU without AVX-512: no bf16 LSTM
+
+
+@pytest.mark.parametrize("module", ["lmexp.train", "lmexp.bench"])
+def test_bf16_on_a_cpu_without_a_bf16_lstm_is_one_sentence_and_no_run(tmp_path, module):
+    proc = run_module(
+        module, *TINY, "trainer.device=cpu", "trainer.precision=bf16", cwd=tmp_path, env=AVX2_ONLY
+    )
+    assert proc.returncode == 2
+    _expect_user_error(
+        proc,
+        "trainer.precision='bf16' needs oneDNN's bf16 LSTM, which this CPU",
+        "use trainer.precision=fp32 here",
+    )
+    assert "primitive descriptor" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # no store, no run
+
+
+def test_a_train_split_shorter_than_one_window_is_refused_before_a_run(tmp_path):
+    proc = run_module(
+        "lmexp.train", *TINY, "data.tiny_train_tokens=400", "trainer.batch_size=20",
+        "trainer.num_steps=20", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    _expect_user_error(
+        proc,
+        "The train split has 400 tokens, too few for one window of trainer.batch_size=20 x "
+        "trainer.num_steps=20 (it needs at least 420)",
+    )
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def _launch(tmp_path: Path, *args: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "lmexp.train", *TINY, *args],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def test_two_runs_launched_together_get_their_own_folders(tmp_path):
+    """Launched in the same second from one folder into a fresh store: Hydra's ${now:} folder
+    would be shared; each run must keep its own folder, checkpoints and weights."""
+    procs = [_launch(tmp_path, "trainer.max_epochs=2", f"trainer.seed={seed}") for seed in (1, 2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    runs = mlflow_runs(tmp_path / "mlflow.db")
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    folders = {r.data.tags["output_dir"] for r in runs}
+    assert len(folders) == 2
+    for run in runs:
+        folder = Path(run.data.tags["output_dir"])
+        saved = checkpoint.load(folder / "checkpoints" / "last.pt")
+        assert saved["mlflow_run_id"] == run.info.run_id
+        assert saved["config"]["trainer"]["seed"] == int(run.data.params["trainer.seed"])
+        assert (
+            f"trainer.seed={run.data.params['trainer.seed']}"
+            in (folder / ".hydra" / "overrides.yaml").read_text()
+        )
+
+
+def test_a_run_folder_held_by_a_live_run_is_refused_before_anything_is_written(tmp_path):
+    first = _launch(
+        tmp_path, "model.hidden_size=128", "data.tiny_train_tokens=150000", "trainer.max_epochs=3",
+        "trainer.progress=true", "trainer.log_every_n_batches=10", "hydra.run.dir=run",
+    )  # fmt: skip
+    log = tmp_path / "run" / "train.log"
+    deadline = time.monotonic() + 120
+    while not (log.is_file() and "epoch 1 [" in log.read_text()):
+        assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()
+        time.sleep(0.05)
+    overrides = (tmp_path / "run" / ".hydra" / "overrides.yaml").read_text()
+    second = run_module(
+        "lmexp.train", *TINY, "trainer.seed=7", "hydra.run.dir=run", cwd=tmp_path, timeout=60
+    )
+    assert second.returncode == 2
+    _expect_user_error(second, f"Folder {tmp_path / 'run'} is in use by another live lmexp run")
+    assert (tmp_path / "run" / ".hydra" / "overrides.yaml").read_text() == overrides
+    out, _ = first.communicate(timeout=300)
+    assert first.returncode == 0, out[-3000:]
+    (run,) = mlflow_runs(tmp_path / "mlflow.db")
+    assert run.info.status == "FINISHED" and run.data.params["trainer.seed"] == "0"
+
+
+def _corrupt_pages(db: Path) -> None:
+    raw = bytearray(db.read_bytes())
+    for offset in range(4096 * 2, len(raw) - 4096, 4096):  # every page after the first two
+        raw[offset : offset + 64] = b"\xa5" * 64
+    db.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("sweep", [False, True])
+def test_a_corrupt_store_stops_a_run_or_sweep_in_one_sentence_and_is_left_as_it_was(
+    tmp_path, sweep
+):
+    assert run_module("lmexp.train", *TINY, "trainer.max_epochs=1", cwd=tmp_path).returncode == 0
+    db = tmp_path / "mlflow.db"
+    _corrupt_pages(db)
+    before = db.read_bytes()
+    args = ["-m", "dropout.dp_keep_prob=0.5,0.9"] if sweep else []
+    proc = run_module("lmexp.train", *TINY, *args, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    _expect_user_error(
+        proc, f"Tracking store sqlite:///{db} is unusable (", f"restore {db} from a backup"
+    )
+    assert "Launching" not in proc.stdout + proc.stderr  # no sweep job started
+    assert db.read_bytes() == before
+
+
+@pytest.mark.skipif(not hasattr(os, "setuid"), reason="needs POSIX users")
+def test_a_read_only_store_stops_a_run_in_one_sentence(tmp_path):
+    """Run as an unprivileged user (root writes to read-only files), as a user on a shared
+    machine whose store belongs to someone else."""
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="lmexp-ro-"))
+    try:
+        work.chmod(0o777)
+        assert run_module("lmexp.train", *TINY, "trainer.max_epochs=1", cwd=work).returncode == 0
+        db = work / "mlflow.db"
+        db.chmod(0o444)
+        user = {} if os.geteuid() != 0 else {"user": 65534, "group": 65534}
+        env = {**os.environ, "HOME": str(work)}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        proc = subprocess.run(
+            [sys.executable, "-m", "lmexp.train", *TINY, "hydra.run.dir=ro-run"],
+            cwd=work, env=env, capture_output=True, text=True, timeout=120, **user,
+        )  # fmt: skip
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        _expect_user_error(proc, f"Tracking store sqlite:///{db} is unusable (", "writable")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_debug_preset_says_its_test_ppl_covers_part_of_the_split(tmp_path):
+    proc = run_module("lmexp.train", *TINY, "trainer=debug", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Not the full test split: valid_ppl and test_ppl cover only the first 10 windows" in (
+        proc.stdout + proc.stderr
+    )
+    (run,) = mlflow_runs(tmp_path / "mlflow.db")
+    assert "trainer.limit_eval_batches=10" in run.data.tags["lmexp.eval_scope"]
+    full = run_module("lmexp.train", *TINY, "trainer.max_epochs=1", cwd=tmp_path)
+    runs = mlflow_runs(tmp_path / "mlflow.db")
+    assert full.returncode == 0 and sum("lmexp.eval_scope" in r.data.tags for r in runs) == 1

@@ -1,0 +1,79 @@
+"""The Hydra side of the entry points: logging, a first check of the output folder, the config
+store and resolvers, then `hydra.main`. Only entry points import this module."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lmexp.config import LmexpError
+from lmexp.runtime import check_writable, lock_folder
+
+log = logging.getLogger("lmexp.launch")
+
+
+def claim_output_dirs(argv: list[str], launch_dir: Path) -> None:
+    """Check, and lock for this process, the run or sweep folder named on the command line,
+    before Hydra writes its .hydra/ and log there; fail in one sentence when it is not writable
+    or another live run or sweep holds it. Without one, check the launch folder (where outputs/
+    and multirun/ go by default; unique_dir keeps those apart)."""
+    targets = [
+        tuple(a.split("=", 1)) for a in argv if a.startswith(("hydra.run.dir=", "hydra.sweep.dir="))
+    ]
+    try:
+        for key, target in targets or [("", ".")]:
+            path = Path(target.split("$", 1)[0] or ".")
+            path = path if path.is_absolute() else launch_dir / path
+            check_writable(path)  # creates what Hydra would create next anyway
+            if key and "$" not in target:
+                lock_folder(path, "sweep" if key == "hydra.sweep.dir" else "run")
+    except LmexpError as err:
+        log.error("%s", err)
+        sys.exit(2)
+
+
+def unique_dir(root: str) -> str:
+    """`root/<date>/<time>`, made here and now, that no other launch can get: the folder is
+    created with an exclusive mkdir, and a launch in the same second takes `<time>_1`, `_2`, ...
+
+    Hydra's `${now:...}` folders collide when two launches start in the same second, and two
+    runs then overwrite each other's checkpoints and logs. Registered with use_cache, so like
+    `now` it is resolved once, in the launching process, and each job of a sweep gets that value.
+    """
+    from datetime import datetime
+
+    stamp = datetime.now()
+    base = Path(root) / stamp.strftime("%Y-%m-%d") / stamp.strftime("%H-%M-%S")
+    for n in range(10_000):
+        candidate = base if n == 0 else base.with_name(f"{base.name}_{n}")
+        try:
+            candidate.mkdir(parents=True, exist_ok=False)
+        except FileExistsError:
+            continue
+        return str(candidate)
+    raise LmexpError(f"No free folder under {base.parent}; set hydra.run.dir or hydra.sweep.dir.")
+
+
+def register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("lmexp.unique_dir"):
+        OmegaConf.register_new_resolver("lmexp.unique_dir", unique_dir, use_cache=True)
+
+
+def launch(task: Callable[[Any], Any], config_name: str, argv: list[str]) -> None:
+    """Run `task` under Hydra with lmexp's configs (`python -m lmexp.<entry> [overrides]`)."""
+    logging.basicConfig(
+        format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s", level=logging.INFO
+    )
+    claim_output_dirs(argv, Path.cwd())
+    import hydra
+
+    from lmexp.config import conf_dir, register_configs
+
+    register_configs()
+    register_resolvers()
+    hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=config_name)(task)()

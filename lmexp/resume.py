@@ -1,0 +1,100 @@
+"""Where a run starts: afresh, from its own last checkpoint, from a checkpoint given as
+trainer.ckpt_path, or from the weights of an exported model.pt; and which settings must agree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lmexp import checkpoint
+from lmexp.config import TrainerConfig, flatten
+
+# Keys a checkpoint must agree on with the config it is resumed under.
+# A checkpoint given as trainer.ckpt_path must match these (the weights' and batches' shapes).
+RESUME_KEYS = ("model", "dropout.kind", "data.name", "trainer.batch_size", "trainer.num_steps")
+# Resuming a run in its own folder continues the same experiment: every key must match except
+# these, which change how or where it runs, not what it computes (max_epochs may be extended).
+SAME_RUN_FREE_KEYS = (
+    "trainer.max_epochs",
+    "trainer.device",
+    "trainer.threads",
+    "trainer.progress",
+    "trainer.log_every_n_batches",
+    "trainer.ckpt_every_n_batches",
+    "trainer.resume",
+    "trainer.ckpt_path",
+    "trainer.precision",
+    "trainer.compile",
+    "trainer.cuda_graphs",
+    "data.root",
+    "data.cache_dir",
+    "data.url",
+    "data.verify_md5",
+    "logger",
+)
+
+
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def is_exported_model(state: dict[str, Any]) -> bool:
+    """An exported model.pt holds weights, config and vocabulary but no training position."""
+    return "history" not in state and "model" in state
+
+
+def find_resume(
+    trainer: TrainerConfig, ckpt_dir: Path, resolved: dict[str, Any], vocab: list[str]
+) -> dict[str, Any] | None:
+    """The verified checkpoint to start from, or None for a fresh start.
+
+    trainer.ckpt_path names a checkpoint to continue (its settings must match) or an exported
+    model.pt whose weights start a new run (`state["init_only"]`); once this run has its own
+    last.pt, a rerun continues from that instead of starting over from the exported weights.
+    """
+    own = ckpt_dir / "last.pt"
+    if trainer.ckpt_path:
+        path, same_run = Path(trainer.ckpt_path).expanduser(), False
+        state = checkpoint.load(path)
+        if is_exported_model(state):
+            if trainer.resume and own.exists():
+                path, same_run, state = own, True, checkpoint.load(own)
+            else:
+                return _initial_weights(path, state, vocab)
+    elif trainer.resume and own.exists():
+        path, same_run = own, True
+        state = checkpoint.load(path)
+    else:
+        return None
+    check_same_experiment(path, flatten(state.get("config", {})), flatten(resolved), same_run)
+    state["path"] = str(path)
+    return state
+
+
+def _initial_weights(path: Path, state: dict[str, Any], vocab: list[str]) -> dict[str, Any]:
+    if state.get("vocab") != vocab:
+        raise checkpoint.CheckpointError(
+            f"{path} was trained on another vocabulary than this run's data; start from a model "
+            "trained on the same corpus (data.name, data.root) or leave trainer.ckpt_path unset."
+        )
+    return {"model": state["model"], "path": str(path), "init_only": True}
+
+
+def check_same_experiment(
+    path: Path, saved: dict[str, Any], current: dict[str, Any], same_run: bool
+) -> None:
+    """Refuse a checkpoint whose settings differ where continuing it would mix two experiments."""
+    for key in sorted(current):
+        if key not in saved or saved[key] == current[key]:
+            continue
+        if _under(key, RESUME_KEYS):
+            raise checkpoint.CheckpointError(
+                f"{path} was trained with {key}={saved[key]!r} but the config has "
+                f"{current[key]!r}; resume with the same settings or start a new run."
+            )
+        if same_run and not _under(key, SAME_RUN_FREE_KEYS):
+            raise checkpoint.CheckpointError(
+                f"{path} belongs to a run with {key}={saved[key]!r}, not {current[key]!r}: this "
+                "folder holds another experiment; give this one its own hydra.run.dir (or "
+                "hydra.sweep.dir), or rerun that one with its own settings."
+            )

@@ -1,0 +1,266 @@
+"""Where and how a run executes: device, precision support, threads, seeds, provenance, signals,
+and the lock that keeps two live processes out of one run folder. No Hydra, no MLflow."""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import os
+import platform
+import random
+import signal
+import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+
+from lmexp.config import ConfigError, LmexpError, TrainerConfig
+
+
+def select_device(requested: str, job_num: int | None = None) -> torch.device:
+    """auto: CUDA when present, else CPU. Parallel sweep jobs are spread over the visible GPUs."""
+    if requested == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        index = (job_num or 0) % torch.cuda.device_count()
+        return torch.device("cuda", index)
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LmexpError(
+            f"trainer.device={requested} but no CUDA device is visible; use trainer.device=auto or cpu."
+        )
+    return device
+
+
+@functools.cache
+def cpu_bf16_lstm_supported() -> bool:
+    """Whether this CPU's oneDNN has a bf16 LSTM (AVX-512 BF16 / AMX CPUs do, AVX2-only ones not).
+
+    Asked of the machine itself: one forward and backward of a 4-unit LSTM under bf16 autocast
+    (about a millisecond). oneDNN honours ONEDNN_MAX_CPU_ISA, so `ONEDNN_MAX_CPU_ISA=AVX2` gives
+    an AVX-512 machine the answer of an AVX2-only one (the tests use it to check both paths).
+    """
+    lstm = torch.nn.LSTM(4, 4)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _ = lstm(torch.randn(2, 1, 4))
+        out.float().sum().backward()
+    except RuntimeError:
+        return False
+    return True
+
+
+def check_device_support(trainer: TrainerConfig, device_type: str) -> None:
+    """Refuse, in one sentence, trainer settings the chosen device cannot run (before any work)."""
+    if trainer.cuda_graphs and device_type != "cuda":
+        raise ConfigError(
+            f"Invalid config: trainer.cuda_graphs=True needs a CUDA device, but this run is on "
+            f"{device_type} (no GPU visible); leave it off."
+        )
+    if trainer.precision == "fp16" and device_type != "cuda":
+        raise ConfigError(
+            f"Invalid config: trainer.precision='fp16' is a CUDA path (fp16 LSTM kernels and a "
+            f"grad scaler), not {device_type}; use bf16 or fp32."
+        )
+    if trainer.precision == "bf16" and device_type == "cpu" and not cpu_bf16_lstm_supported():
+        raise ConfigError(
+            "Invalid config: trainer.precision='bf16' needs oneDNN's bf16 LSTM, which this CPU "
+            f"({cpu_description()}) does not have (it needs AVX-512 BF16 or AMX); use "
+            "trainer.precision=fp32 here, or run bf16 on a GPU."
+        )
+
+
+def cpu_description() -> str:
+    """The CPU's model name and its vector extensions that matter for speed (for speed claims)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and name in ("", platform.machine()):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+    parts = [name, *(f for f in wanted if f in flags)]
+    if os.environ.get("ONEDNN_MAX_CPU_ISA"):
+        parts.append(f"oneDNN limited to ONEDNN_MAX_CPU_ISA={os.environ['ONEDNN_MAX_CPU_ISA']}")
+    return ", ".join(parts)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({cpu_description()}; {torch.get_num_threads()} threads)"
+
+
+def configure_threads(threads: int) -> int:
+    """torch intra-op threads: the configured number, else one per physical core."""
+    if threads == 0:
+        try:
+            import psutil
+
+            threads = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+        except (
+            ImportError
+        ):  # psutil comes with lmexp; a bare GPU box running only the bench may lack it
+            threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    return threads
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def git_commit(*folders: Path) -> str:
+    for folder in folders:
+        try:
+            out = subprocess.run(
+                ["git", "-C", str(folder), "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+            )
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if out.returncode == 0:
+            return out.stdout.strip()
+    return "unknown"
+
+
+def check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise LmexpError(
+            f"Output folder {folder} is not writable ({err.strerror}); set hydra.run.dir (or "
+            "hydra.sweep.dir) to a writable folder."
+        ) from err
+
+
+# --- one live process per folder ---------------------------------------------------------------
+
+LOCK_FILE = ".lmexp.lock"
+# In a sweep folder while its sweeper stops its local jobs: a job that has yet to start skips.
+SWEEP_STOPPING = ".lmexp.stopping"
+_held: dict[Path, IO[str]] = {}  # folders this process holds, kept open for its whole life
+
+
+def lock_folder(folder: Path, what: str = "run") -> None:
+    """Hold an exclusive lock on `folder` until `unlock_folder` or the end of this process, or
+    refuse in one sentence when another live process holds it.
+
+    flock is released by the kernel when the process ends, however it ends (SIGKILL too), so a
+    folder left by a dead run is free again while one used by a live run never is.
+    """
+    folder = folder.resolve()
+    if folder in _held:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / LOCK_FILE, "a+")  # noqa: SIM115 - held until unlocked or exit
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        option = "hydra.sweep.dir" if what == "sweep" else "hydra.run.dir"
+        raise LmexpError(
+            f"Folder {folder} is in use by another live lmexp {what} ({owner}); wait for it to "
+            f"end or give this one its own {option}."
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {platform.node()}\n")
+    handle.flush()
+    _held[folder] = handle
+
+
+def unlock_folder(folder: Path) -> None:
+    handle = _held.pop(folder.resolve(), None)
+    if handle is not None:
+        handle.close()  # closing the file releases the flock
+
+
+@contextmanager
+def folder_lock(folder: Path, what: str = "run") -> Iterator[None]:
+    """lock_folder for the duration of a block (a job: in-process launchers run many)."""
+    lock_folder(folder, what)
+    try:
+        yield
+    finally:
+        unlock_folder(folder)
+
+
+def held_here(folder: Path) -> bool:
+    return folder.resolve() in _held
+
+
+def folder_in_use(folder: Path) -> bool:
+    """Whether a live process holds `folder`'s lock (taken and at once released when free)."""
+    path = folder / LOCK_FILE
+    if held_here(folder):
+        return True
+    if not path.is_file():
+        return False
+    with open(path) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
+
+
+# --- preemption --------------------------------------------------------------------------------
+
+
+class Preemption:
+    """Turns SIGTERM/SIGUSR1/SIGUSR2 (what SLURM sends before preemption or a time limit) into a
+    flag the loop polls between batches; the previous handlers (submitit's requeue) run after the
+    checkpoint is written."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.frame: Any = None
+        self.previous: dict[int, Any] = {}
+
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        self.frame = frame
+
+    @contextmanager
+    def installed(self) -> Iterator[Preemption]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self  # signals reach only the main thread; a threaded launcher handles them
+            return
+        for sig in self.SIGNALS:
+            self.previous[sig] = signal.signal(sig, self._handle)
+        try:
+            yield self
+        finally:
+            for sig, handler in self.previous.items():
+                signal.signal(sig, handler)
+
+    def hand_over(self) -> None:
+        """Run the handler that was installed before ours (submitit requeues the job there)."""
+        handler = self.previous.get(self.signum)
+        if callable(handler):
+            handler(self.signum, self.frame)
