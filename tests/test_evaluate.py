@@ -40,6 +40,17 @@ def test_evaluate_text_file_maps_unknown_words_to_unk(trained):
     assert "over 9 tokens (2 out-of-vocabulary words mapped to <unk>)" in proc.stdout
 
 
+def test_evaluate_text_file_that_is_not_utf8_is_one_sentence(trained):
+    cwd, _, _ = trained
+    (cwd / "latin1.txt").write_bytes("w1 w2\nw3 caf\u00e9 w4\n".encode("latin-1"))
+    proc = run_module("lmexp.evaluate", "run/model/model.pt", "--text", "latin1.txt", cwd=cwd)
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        "lmexp.evaluate: error: latin1.txt is not UTF-8: the byte at offset 12 (0xe9) is "
+        "invalid; re-save it as UTF-8.\n"
+    )
+
+
 def test_evaluate_names_a_bad_model_source(trained, tmp_path):
     cwd, _, _ = trained
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
