@@ -1,9 +1,10 @@
 """`python -m lmexp.report`: compare runs without the UI.
 
-Prints a table of the runs of an experiment (or of one sweep): the parameters that differ, then
-final train/valid/test perplexity, words/s, epochs and status, sorted by validation perplexity.
-Writes it as CSV and Markdown, and draws final perplexity against the swept parameter and the
-learning curves as PNGs. `--record FILE` instead writes one run's results record as JSON.
+Prints a table of the runs of an experiment (or of one sweep, or the one --run): the parameters
+that differ, then final train/valid/test perplexity, words/s, epochs and status, sorted by
+validation perplexity. Writes it as CSV and Markdown, and draws final perplexity against the swept
+parameter and the learning curves as PNGs. `--record FILE` instead writes one run's results record
+as JSON.
 """
 
 from __future__ import annotations
@@ -183,9 +184,14 @@ def report(
     out: Path,
     parent_run_id: str | None = None,
     swept: list[str] | None = None,
+    run_id: str | None = None,
 ) -> tuple[str, list[Path], list[RunRecord]]:
-    """Fetch the runs, write the table and plots into out; return the text table and the files."""
-    records = fetch_runs(uri, experiment, parent_run_id, HISTORY_KEYS)
+    """Fetch the runs (or the one run_id), write the table and plots into out; return the text
+    table and the files."""
+    if run_id:
+        records = [fetch_run(uri, run_id, HISTORY_KEYS)]
+    else:
+        records = fetch_runs(uri, experiment, parent_run_id, HISTORY_KEYS)
     if not records:
         raise LmexpError(f"No runs found in experiment {experiment!r} at {uri}.")
     columns, rows = build_table(records, swept)
@@ -276,7 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--record", type=Path, help="write the results record of --run to this JSON file"
     )
-    parser.add_argument("--run", help="run id for --record")
+    group.add_argument(
+        "--run", metavar="RUN_ID", help="only this run; with --record, the run to record"
+    )
     args = parser.parse_args(argv)
     uri = resolve_tracking_uri(args.tracking_uri, Path.cwd())
     try:
@@ -303,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
                 sweep["tracking_uri"],
             )
             args.experiment = sweep.get("experiment", args.experiment)
-        text, files, _ = report(uri, args.experiment, args.out, parent, swept)
+        text, files, _ = report(uri, args.experiment, args.out, parent, swept, args.run)
     except LmexpError as err:
         print(f"lmexp.report: error: {err}", file=sys.stderr)
         return 2

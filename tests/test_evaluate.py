@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 from conftest import TINY, mlflow_runs, run_module
+from mlflow.tracking import MlflowClient
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +95,23 @@ def test_report_record_of_a_run_matches_its_mlflow_metrics(trained):
     assert record["final"]["test_ppl"] == logged
     assert record["final"]["valid_ppl"] == record["epochs"][-1]["valid_ppl"]
     assert record["config"]["model.name"] == "tiny" and len(record["git_commit"]) == 40
+
+
+def test_report_of_one_run_covers_only_that_run(trained, tmp_path):
+    cwd, run_id, _ = trained
+    # A store with a second run beside the trained one: a report of every run would list both.
+    shutil.copy(cwd / "mlflow.db", tmp_path / "mlflow.db")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    other = client.create_run(client.get_experiment_by_name("lmexp").experiment_id)
+    client.log_metric(other.info.run_id, "valid_ppl", 50.0, step=1)
+    proc = run_module("lmexp.report", "--run", run_id, "--out", "one", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    with open(tmp_path / "one" / "runs.csv") as f:
+        assert [row["run_id"] for row in csv.DictReader(f)] == [run_id[:8]]
+    proc = run_module("lmexp.report", "--run", "deadbeef", "--out", "none", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        f"lmexp.report: error: Run deadbeef is not in sqlite:///{tmp_path / 'mlflow.db'}; "
+        "check the run id and --tracking-uri.\n"
+    )
+    assert not (tmp_path / "none").exists()
