@@ -41,6 +41,17 @@ def resolve_model(
         return checkpoint.load_model(download_model(uri, source, Path(tmp)), device)
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts: 0 would otherwise fall back to the default unnoticed."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}")
+    return value
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="model.pt / checkpoint path, or an MLflow run id")
     parser.add_argument("--tracking-uri", help="store holding the run (default: as lmexp.train)")
@@ -57,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--text", type=Path, help="a text file to score instead of a split")
     parser.add_argument("--data-root", help="PTB folder, if not where the model was trained")
     parser.add_argument(
-        "--batch-size", type=int, help="default: the run's (test: trainer.test_batch_size)"
+        "--batch-size", type=positive_int, help="default: the run's (test: trainer.test_batch_size)"
     )
     args = parser.parse_args(argv)
     try:

@@ -54,6 +54,18 @@ def test_evaluate_text_file_that_is_not_utf8_is_one_sentence(trained):
     )
 
 
+@pytest.mark.parametrize("value", ["0", "-3", "two"])
+def test_evaluate_refuses_a_batch_size_that_is_not_positive(trained, value):
+    cwd, _, _ = trained
+    proc = run_module("lmexp.evaluate", "run/model/model.pt", "--batch-size", value, cwd=cwd)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[-1] == (
+        "python -m lmexp.evaluate: error: argument --batch-size: must be a positive integer, "
+        f"not {value!r}"
+    )
+    assert "Traceback" not in proc.stderr
+
+
 def test_evaluate_names_a_bad_model_source(trained, tmp_path):
     cwd, _, _ = trained
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
