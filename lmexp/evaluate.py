@@ -22,10 +22,30 @@ from lmexp.data import UNK, batchify, encode, load_corpus, read_words
 from lmexp.loop import evaluate, perplexity
 
 
+def check_device(device: str) -> None:
+    """Refuse a --device this machine lacks before loading (torch.load would blame the file)."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise LmexpError(f"--device {device} is not a device; use cpu, cuda or cuda:N.") from None
+    index, count = parsed.index or 0, torch.cuda.device_count()
+    if parsed.type == "cuda" and count == 0:
+        raise LmexpError(
+            f"--device {device} needs a visible CUDA device, but this machine has none; "
+            "use --device cpu."
+        )
+    if parsed.type == "cuda" and index >= count:
+        raise LmexpError(
+            f"--device {device} needs CUDA device {index}, but only cuda:0 to cuda:{count - 1} "
+            "are visible; pick one of those or use --device cpu."
+        )
+
+
 def resolve_model(
     source: str, tracking_uri: str | None, device: str
 ) -> tuple[Any, list[str], dict[str, Any]]:
     """Load MODEL: an existing file, else an MLflow run id in the tracking store."""
+    check_device(device)
     path = Path(source)
     if path.is_file():
         return checkpoint.load_model(path, device)

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import TINY, mlflow_runs, run_module
 from mlflow.tracking import MlflowClient
 
@@ -73,6 +74,37 @@ def test_evaluate_names_a_bad_model_source(trained, tmp_path):
     assert proc.returncode == 2 and "is not an lmexp checkpoint" in proc.stderr
     proc = run_module("lmexp.evaluate", "0123456789abcdef0123456789abcdef", cwd=cwd)
     assert proc.returncode == 2 and "has no model/model.pt artifact" in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+@pytest.mark.parametrize("module", ["lmexp.evaluate", "lmexp.generate"])
+def test_cuda_device_without_a_gpu_is_one_sentence(trained, module):
+    cwd, _, _ = trained
+    proc = run_module(module, "run/model/model.pt", "--device", "cuda", cwd=cwd)
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        f"{module}: error: --device cuda needs a visible CUDA device, but this machine has none; "
+        "use --device cpu.\n"
+    )
+
+
+def test_device_that_is_not_one_or_not_visible_is_one_sentence(trained, monkeypatch, capsys):
+    cwd, _, _ = trained
+    proc = run_module("lmexp.evaluate", "run/model/model.pt", "--device", "gpu", cwd=cwd)
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        "lmexp.evaluate: error: --device gpu is not a device; use cpu, cuda or cuda:N.\n"
+    )
+    # On a machine with two GPUs (faked: nothing reaches CUDA before the check), cuda:3 is refused.
+    from lmexp.evaluate import main
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert main(["run/model/model.pt", "--device", "cuda:3"]) == 2
+    assert capsys.readouterr().err == (
+        "lmexp.evaluate: error: --device cuda:3 needs CUDA device 3, but only cuda:0 to cuda:1 "
+        "are visible; pick one of those or use --device cpu.\n"
+    )
 
 
 def test_generate_is_deterministic_per_seed_and_emits_only_vocabulary(trained):
