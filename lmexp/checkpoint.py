@@ -13,6 +13,7 @@ import hashlib
 import io
 import pickle
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,9 @@ from lmexp.data import atomic_write_bytes
 
 MAGIC = b"LMEXP-CHECKPOINT v1\n"
 FORMAT = "lmexp-checkpoint"
+# How torch's weights-only unpickler names a refused global ("GLOBAL posix.system whose module
+# posix is blocked", "Unsupported global: GLOBAL collections.OrderedDict was not an allowed ...").
+UNSAFE_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 
 class CheckpointError(LmexpError):
@@ -61,9 +65,13 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
     try:
         obj = torch.load(io.BytesIO(body), map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        # torch's text advises retrying with weights_only=False, i.e. running the code just
+        # refused: pass on only the global it names, never the text.
+        found = UNSAFE_GLOBAL.search(str(err))
+        detail = f" (it would import {found.group(1)})" if found else ""
         raise CheckpointError(
-            f"{path} was refused: it holds something other than tensors and plain data ({first})."
+            f"{path} was refused: it holds something other than tensors and plain data{detail}; "
+            "pass a checkpoint or model.pt written by lmexp.train."
         ) from err
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an lmexp checkpoint (unexpected contents).")

@@ -62,8 +62,20 @@ def tokenize(text: str) -> list[str]:
     return text.replace("\n", f" {EOS} ").split()
 
 
+def read_text(path: Path) -> str:
+    """The file decoded as UTF-8; raise DataError naming it and the first invalid byte."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{path} is not UTF-8: the byte at offset {err.start} (0x{raw[err.start]:02x}) is "
+            "invalid; re-save it as UTF-8."
+        ) from err
+
+
 def read_words(path: Path) -> list[str]:
-    return tokenize(Path(path).read_text(encoding="utf-8"))
+    return tokenize(read_text(path))
 
 
 def build_vocab(words: Sequence[str]) -> list[str]:
@@ -104,10 +116,13 @@ def check_ptb_folder(root: Path, verify_md5: bool = True) -> None:
                 f"{path} is missing; data.root must hold ptb.train.txt, ptb.valid.txt and "
                 "ptb.test.txt (or leave data.root unset to download PTB)."
             )
-        if path.stat().st_size == 0 or not path.read_text(encoding="utf-8").split():
+        # Bytes only: a corrupt file must get the MD5 sentence, not fail in a decoder; an
+        # unverified one is decoded (and a bad byte named) when it is read.
+        raw = path.read_bytes()
+        if not raw.split():
             raise DataError(f"{path} is empty; restore it from the PTB archive.")
         if verify_md5:
-            got = md5sum(path)
+            got = hashlib.md5(raw).hexdigest()
             if got != PTB_MD5[split]:
                 raise DataError(
                     f"{path} has MD5 {got}, not PTB's {PTB_MD5[split]}: the file is corrupt or "

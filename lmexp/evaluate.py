@@ -22,10 +22,30 @@ from lmexp.data import UNK, batchify, encode, load_corpus, read_words
 from lmexp.loop import evaluate, perplexity
 
 
+def check_device(device: str) -> None:
+    """Refuse a --device this machine lacks before loading (torch.load would blame the file)."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise LmexpError(f"--device {device} is not a device; use cpu, cuda or cuda:N.") from None
+    index, count = parsed.index or 0, torch.cuda.device_count()
+    if parsed.type == "cuda" and count == 0:
+        raise LmexpError(
+            f"--device {device} needs a visible CUDA device, but this machine has none; "
+            "use --device cpu."
+        )
+    if parsed.type == "cuda" and index >= count:
+        raise LmexpError(
+            f"--device {device} needs CUDA device {index}, but only cuda:0 to cuda:{count - 1} "
+            "are visible; pick one of those or use --device cpu."
+        )
+
+
 def resolve_model(
     source: str, tracking_uri: str | None, device: str
 ) -> tuple[Any, list[str], dict[str, Any]]:
     """Load MODEL: an existing file, else an MLflow run id in the tracking store."""
+    check_device(device)
     path = Path(source)
     if path.is_file():
         return checkpoint.load_model(path, device)
@@ -39,6 +59,17 @@ def resolve_model(
     check_store(uri)
     with tempfile.TemporaryDirectory() as tmp:
         return checkpoint.load_model(download_model(uri, source, Path(tmp)), device)
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts: 0 would otherwise fall back to the default unnoticed."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}")
+    return value
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -57,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--text", type=Path, help="a text file to score instead of a split")
     parser.add_argument("--data-root", help="PTB folder, if not where the model was trained")
     parser.add_argument(
-        "--batch-size", type=int, help="default: the run's (test: trainer.test_batch_size)"
+        "--batch-size", type=positive_int, help="default: the run's (test: trainer.test_batch_size)"
     )
     args = parser.parse_args(argv)
     try:

@@ -1,9 +1,10 @@
 """`python -m lmexp.report`: compare runs without the UI.
 
-Prints a table of the runs of an experiment (or of one sweep): the parameters that differ, then
-final train/valid/test perplexity, words/s, epochs and status, sorted by validation perplexity.
-Writes it as CSV and Markdown, and draws final perplexity against the swept parameter and the
-learning curves as PNGs. `--record FILE` instead writes one run's results record as JSON.
+Prints a table of the runs of an experiment (or of one sweep, or the one --run): the parameters
+that differ, then final train/valid/test perplexity, words/s, epochs and status, sorted by
+validation perplexity. Writes it as CSV and Markdown, and draws final perplexity against the swept
+parameter and the learning curves as PNGs. `--record FILE` instead writes one run's results record
+as JSON.
 """
 
 from __future__ import annotations
@@ -314,7 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--record", type=Path, help="write the results record of --run to this JSON file"
     )
-    parser.add_argument("--run", help="run id for --record")
+    group.add_argument(
+        "--run", metavar="RUN_ID", help="only this run; with --record, the run to record"
+    )
     args = parser.parse_args(argv)
     uri = resolve_tracking_uri(args.tracking_uri, Path.cwd())
     try:
@@ -343,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
             args.experiment = sweep.get("experiment", args.experiment)
             if close_stale_sweep(uri, {"experiment": args.experiment, **sweep}, args.sweep_dir):
                 print(f"closed the sweep's parent run {parent} as KILLED: its process is gone")
-        text, files, _ = report(uri, args.experiment, args.out, parent, swept)
+        one = [fetch_run(uri, args.run, HISTORY_KEYS)] if args.run else None
+        text, files, _ = report(uri, args.experiment, args.out, parent, swept, one)
     except LmexpError as err:
         print(f"lmexp.report: error: {err}", file=sys.stderr)
         return 2

@@ -64,14 +64,24 @@ def test_pickle_that_would_run_code_is_refused_and_nothing_runs(tmp_path):
     foreign.write_bytes(pickle.dumps(Exploit()))
     with pytest.raises(CheckpointError, match="is not an lmexp checkpoint"):
         checkpoint.load(foreign)
-    # Even wrapped in a valid lmexp header with a matching digest, weights_only refuses it.
+    # Even wrapped in a valid lmexp header with a matching digest, weights_only refuses it, and
+    # the refusal names the global (where torch says which) but never torch's advice to retry
+    # with weights_only=False. Protocol 2 is torch.save's; torch names no global for protocol 4.
     import hashlib
 
-    body = pickle.dumps(Exploit())
-    wrapped = tmp_path / "wrapped.pt"
-    wrapped.write_bytes(checkpoint.MAGIC + hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
-    with pytest.raises(CheckpointError, match="was refused"):
-        checkpoint.load(wrapped)
+    for protocol, detail in ((2, f" (it would import {os.system.__module__}.system)"), (4, "")):
+        body = pickle.dumps(Exploit(), protocol=protocol)
+        wrapped = tmp_path / "wrapped.pt"
+        wrapped.write_bytes(
+            checkpoint.MAGIC + hashlib.sha256(body).hexdigest().encode() + b"\n" + body
+        )
+        with pytest.raises(CheckpointError) as refused:
+            checkpoint.load(wrapped)
+        assert str(refused.value) == (
+            f"{wrapped} was refused: it holds something other than tensors and plain data"
+            f"{detail}; pass a checkpoint or model.pt written by lmexp.train."
+        )
+        assert "weights_only" not in str(refused.value)
     assert not os.path.exists(MARKER)
 
 

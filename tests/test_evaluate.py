@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import TINY, mlflow_runs, run_module
+from mlflow.tracking import MlflowClient
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +44,29 @@ def test_evaluate_text_file_maps_unknown_words_to_unk(trained):
     assert "over 9 tokens (2 out-of-vocabulary words mapped to <unk>)" in proc.stdout
 
 
+def test_evaluate_text_file_that_is_not_utf8_is_one_sentence(trained):
+    cwd, _, _ = trained
+    (cwd / "latin1.txt").write_bytes("w1 w2\nw3 caf\u00e9 w4\n".encode("latin-1"))
+    proc = run_module("lmexp.evaluate", "run/model/model.pt", "--text", "latin1.txt", cwd=cwd)
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        "lmexp.evaluate: error: latin1.txt is not UTF-8: the byte at offset 12 (0xe9) is "
+        "invalid; re-save it as UTF-8.\n"
+    )
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "two"])
+def test_evaluate_refuses_a_batch_size_that_is_not_positive(trained, value):
+    cwd, _, _ = trained
+    proc = run_module("lmexp.evaluate", "run/model/model.pt", "--batch-size", value, cwd=cwd)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[-1] == (
+        "python -m lmexp.evaluate: error: argument --batch-size: must be a positive integer, "
+        f"not {value!r}"
+    )
+    assert "Traceback" not in proc.stderr
+
+
 def test_evaluate_names_a_bad_model_source(trained, tmp_path):
     cwd, _, _ = trained
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
@@ -47,6 +74,37 @@ def test_evaluate_names_a_bad_model_source(trained, tmp_path):
     assert proc.returncode == 2 and "is not an lmexp checkpoint" in proc.stderr
     proc = run_module("lmexp.evaluate", "0123456789abcdef0123456789abcdef", cwd=cwd)
     assert proc.returncode == 2 and "has no model/model.pt artifact" in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+@pytest.mark.parametrize("module", ["lmexp.evaluate", "lmexp.generate"])
+def test_cuda_device_without_a_gpu_is_one_sentence(trained, module):
+    cwd, _, _ = trained
+    proc = run_module(module, "run/model/model.pt", "--device", "cuda", cwd=cwd)
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        f"{module}: error: --device cuda needs a visible CUDA device, but this machine has none; "
+        "use --device cpu.\n"
+    )
+
+
+def test_device_that_is_not_one_or_not_visible_is_one_sentence(trained, monkeypatch, capsys):
+    cwd, _, _ = trained
+    proc = run_module("lmexp.evaluate", "run/model/model.pt", "--device", "gpu", cwd=cwd)
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        "lmexp.evaluate: error: --device gpu is not a device; use cpu, cuda or cuda:N.\n"
+    )
+    # On a machine with two GPUs (faked: nothing reaches CUDA before the check), cuda:3 is refused.
+    from lmexp.evaluate import main
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert main(["run/model/model.pt", "--device", "cuda:3"]) == 2
+    assert capsys.readouterr().err == (
+        "lmexp.evaluate: error: --device cuda:3 needs CUDA device 3, but only cuda:0 to cuda:1 "
+        "are visible; pick one of those or use --device cpu.\n"
+    )
 
 
 def test_generate_is_deterministic_per_seed_and_emits_only_vocabulary(trained):
@@ -81,3 +139,23 @@ def test_report_record_of_a_run_matches_its_mlflow_metrics(trained):
     assert record["final"]["test_ppl"] == logged
     assert record["final"]["valid_ppl"] == record["epochs"][-1]["valid_ppl"]
     assert record["config"]["model.name"] == "tiny" and len(record["git_commit"]) == 40
+
+
+def test_report_of_one_run_covers_only_that_run(trained, tmp_path):
+    cwd, run_id, _ = trained
+    # A store with a second run beside the trained one: a report of every run would list both.
+    shutil.copy(cwd / "mlflow.db", tmp_path / "mlflow.db")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    other = client.create_run(client.get_experiment_by_name("lmexp").experiment_id)
+    client.log_metric(other.info.run_id, "valid_ppl", 50.0, step=1)
+    proc = run_module("lmexp.report", "--run", run_id, "--out", "one", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    with open(tmp_path / "one" / "runs.csv") as f:
+        assert [row["run_id"] for row in csv.DictReader(f)] == [run_id[:8]]
+    proc = run_module("lmexp.report", "--run", "deadbeef", "--out", "none", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        f"lmexp.report: error: Run deadbeef is not in sqlite:///{tmp_path / 'mlflow.db'}; "
+        "check the run id and --tracking-uri.\n"
+    )
+    assert not (tmp_path / "none").exists()

@@ -142,6 +142,32 @@ def test_bad_data_root_fails_naming_the_file(tmp_path, ptb_dir, damage):
     assert {p.name: p.read_bytes() for p in root.iterdir()} == before  # the user's files untouched
 
 
+@pytest.mark.parametrize(
+    ("verify_md5", "message"),
+    [
+        ("true", "has MD5"),  # checked on the bytes, before anything decodes them
+        ("false", "is not UTF-8: the byte at offset 1000 (0xff) is invalid; re-save it as UTF-8."),
+    ],
+)
+def test_non_utf8_byte_in_a_split_is_one_sentence(tmp_path, ptb_dir, verify_md5, message):
+    root = _ptb_copy(ptb_dir, tmp_path / "ptb")
+    target = root / "ptb.valid.txt"
+    raw = target.read_bytes()
+    target.write_bytes(raw[:1000] + b"\xff" + raw[1000:])
+    proc = run_module(
+        "lmexp.train",
+        f"data.root={root}",
+        f"data.verify_md5={verify_md5}",
+        "logger=none",
+        "trainer=debug",
+        "trainer.threads=1",
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    _expect_user_error(proc, f"{target} {message}")
+
+
 def test_parallel_jobs_spread_over_visible_gpus(monkeypatch):
     import torch
 
