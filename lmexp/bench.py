@@ -254,11 +254,11 @@ def task(cfg: Any) -> None:
     if typed.bench.log_mlflow:
         from hydra.core.hydra_config import HydraConfig
 
-        from lmexp.tracking import open_tracker, resolve_tracking_uri
+        from lmexp.tracking import KIND_TAG, open_tracker, resolve_tracking_uri
 
         uri = resolve_tracking_uri(typed.logger.tracking_uri, Path(HydraConfig.get().runtime.cwd))
         tracker, _ = open_tracker(
-            "mlflow", uri, typed.logger.experiment_name, None, "bench", {"lmexp.kind": "bench"}
+            "mlflow", uri, typed.logger.experiment_name, None, "bench", {KIND_TAG: "bench"}
         )
         tracker.log_params(result["config"])
         metrics = {
@@ -275,7 +275,7 @@ def main() -> None:
     """Console entry point (`lmexp-bench`) and `python -m lmexp.bench`."""
     from lmexp.launch import launch
 
-    launch(task, "bench", sys.argv[1:])
+    launch(task, "bench", sys.argv[1:], BenchConfig)
 
 
 if __name__ == "__main__":

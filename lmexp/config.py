@@ -8,8 +8,9 @@ files in conf/ mirror these defaults; the recipes (model presets) override them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +25,27 @@ class ConfigError(LmexpError):
     """A config key holds a value lmexp cannot use."""
 
 
+# What each key means for "the same experiment", declared once here, on the schema; resume
+# checks and the report derive their key lists from it (`keys_with_role`).
+#   shape:       the weights' or batches' shapes; any checkpoint must agree on it
+#   recipe:      what is computed (the default); a run continues in its folder only with the same
+#   execution:   how fast or for how long it runs, not what a step computes; free on resume,
+#                shown by the report when runs differ (max_epochs may be extended)
+#   bookkeeping: where it reads and writes and what it prints; free, hidden by the report
+SHAPE, RECIPE, EXECUTION, BOOKKEEPING = "shape", "recipe", "execution", "bookkeeping"
+
+
+def _role(role: str, default: Any) -> Any:
+    return field(default=default, metadata={"role": role})
+
+
 @dataclass
 class ModelConfig:
-    name: str = "small"
-    hidden_size: int = 200
-    num_layers: int = 2
-    init_scale: float = 0.1
-    tie_weights: bool = False
+    name: str = _role(SHAPE, "small")
+    hidden_size: int = _role(SHAPE, 200)
+    num_layers: int = _role(SHAPE, 2)
+    init_scale: float = _role(SHAPE, 0.1)
+    tie_weights: bool = _role(SHAPE, False)
 
 
 @dataclass
@@ -38,7 +53,7 @@ class DropoutConfig:
     # standard: dropout on the non-recurrent connections (Zaremba et al.), fresh mask per step.
     # variational: one mask per sequence, shared across time steps (Gal & Ghahramani).
     # none: no dropout.
-    kind: str = "standard"
+    kind: str = _role(SHAPE, "standard")  # variational runs one nn.LSTM per layer
     dp_keep_prob: float = 1.0
     # variational only; None means "use dp_keep_prob".
     keep_prob_embedding: float | None = None
@@ -66,12 +81,12 @@ class LrPolicyConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "ptb"  # ptb | tiny
+    name: str = _role(SHAPE, "ptb")  # ptb | tiny
     # Folder holding ptb.{train,valid,test}.txt. None: download into cache_dir and verify.
-    root: str | None = None
-    cache_dir: str = "~/.cache/lmexp"
-    url: str = "http://www.fit.vutbr.cz/~imikolov/rnnlm/simple-examples.tgz"
-    verify_md5: bool = True
+    root: str | None = _role(BOOKKEEPING, None)
+    cache_dir: str = _role(BOOKKEEPING, "~/.cache/lmexp")
+    url: str = _role(BOOKKEEPING, "http://www.fit.vutbr.cz/~imikolov/rnnlm/simple-examples.tgz")
+    verify_md5: bool = _role(BOOKKEEPING, True)
     # The tiny corpus: a seeded Markov chain, generated in code (no files, no network).
     tiny_vocab_size: int = 50
     tiny_train_tokens: int = 20000
@@ -81,9 +96,9 @@ class DataConfig:
 
 @dataclass
 class TrainerConfig:
-    max_epochs: int = 13
-    batch_size: int = 20
-    num_steps: int = 20
+    max_epochs: int = _role(EXECUTION, 13)
+    batch_size: int = _role(SHAPE, 20)
+    num_steps: int = _role(SHAPE, 20)
     max_grad_norm: float = 5.0
     # sum_steps: loss summed over time steps, averaged over the batch (TF; lr 1.0, clip 5).
     # mean: per-token mean cross-entropy (the 2017 port and pytorch/examples; lr 20, clip 0.25).
@@ -91,32 +106,35 @@ class TrainerConfig:
     eval_batch_size: int = 20
     test_batch_size: int = 1
     eval_num_steps: int = 35
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = _role(EXECUTION, "auto")  # auto | cpu | cuda | cuda:N
     seed: int = 0
-    threads: int = 0  # CPU threads for torch; 0 = one per physical core
+    threads: int = _role(EXECUTION, 0)  # CPU threads for torch; 0 = one per physical core
     limit_train_batches: int | None = None
     limit_eval_batches: int | None = None
-    log_every_n_batches: int = 50
-    progress: bool = True
-    precision: str = "fp32"  # fp32 | bf16 | fp16
-    compile: bool = False
-    cuda_graphs: bool = False  # capture the step in CUDA graphs (torch.compile "reduce-overhead")
-    ckpt_every_n_batches: int = 0  # 0: checkpoint at epoch ends only
-    resume: bool = True  # continue from <run dir>/checkpoints/last.pt when it exists
-    ckpt_path: str | None = None  # resume from this checkpoint instead
+    log_every_n_batches: int = _role(BOOKKEEPING, 50)
+    progress: bool = _role(BOOKKEEPING, True)
+    precision: str = _role(EXECUTION, "fp32")  # fp32 | bf16 | fp16
+    compile: bool = _role(EXECUTION, False)
+    # capture the step in CUDA graphs (torch.compile "reduce-overhead")
+    cuda_graphs: bool = _role(EXECUTION, False)
+    ckpt_every_n_batches: int = _role(BOOKKEEPING, 0)  # 0: checkpoint at epoch ends only
+    # continue from <run dir>/checkpoints/last.pt when it exists
+    resume: bool = _role(BOOKKEEPING, True)
+    # a checkpoint to resume from instead, or an exported model.pt to start from
+    ckpt_path: str | None = _role(BOOKKEEPING, None)
 
 
 @dataclass
 class LoggerConfig:
-    kind: str = "mlflow"  # mlflow | none
+    kind: str = _role(BOOKKEEPING, "mlflow")  # mlflow | none
     # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the folder the command ran from.
-    tracking_uri: str | None = None
+    tracking_uri: str | None = _role(BOOKKEEPING, None)
     # Used (with a warning) when tracking_uri cannot be reached; None: fail at start-up.
-    fallback_uri: str | None = None
-    experiment_name: str = "lmexp"
-    run_name: str | None = None
-    log_model: bool = True
-    connect_timeout_s: float = 5.0
+    fallback_uri: str | None = _role(BOOKKEEPING, None)
+    experiment_name: str = _role(BOOKKEEPING, "lmexp")
+    run_name: str | None = _role(BOOKKEEPING, None)
+    log_model: bool = _role(BOOKKEEPING, True)
+    connect_timeout_s: float = _role(BOOKKEEPING, 5.0)
 
 
 @dataclass
@@ -143,6 +161,45 @@ class BenchSettings:
 @dataclass
 class BenchConfig(TrainConfig):
     bench: BenchSettings = field(default_factory=BenchSettings)
+
+
+def schema_roles(schema: type = TrainConfig, prefix: str = "") -> dict[str, str]:
+    """Every dotted key of `schema` with its role (field metadata; RECIPE when unset)."""
+    roles = {}
+    for f in dataclasses.fields(schema):
+        default = f.default_factory() if f.default_factory is not MISSING else None
+        if dataclasses.is_dataclass(default) and not isinstance(default, type):
+            roles.update(schema_roles(type(default), f"{prefix}{f.name}."))
+        else:
+            roles[f"{prefix}{f.name}"] = f.metadata.get("role", RECIPE)
+    return roles
+
+
+def keys_with_role(role: str, schema: type = TrainConfig) -> set[str]:
+    """The dotted keys of `schema` whose role is `role`."""
+    return {key for key, r in schema_roles(schema).items() if r == role}
+
+
+def check_override_keys(overrides: list[str], schema: type, groups: set[str]) -> None:
+    """Refuse a command-line key the schema does not have, with the nearest ones it does
+    (Hydra's own error names the key but not what was meant: trainer.max_epoch -> max_epochs)."""
+    import difflib
+
+    keys = set(schema_roles(schema))
+    known = keys | groups | {k.rsplit(".", 1)[0] for k in keys}
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("~")
+        if "=" not in override or key.startswith(("+", "hydra.", "hydra/")) or key in known:
+            continue
+        if override.startswith("-"):
+            continue
+        close = difflib.get_close_matches(key, sorted(keys | groups), n=3, cutoff=0.75)
+        hint = (
+            f"; did you mean {' or '.join(close)}?"
+            if close
+            else ("; see the configuration reference in the README for the keys.")
+        )
+        raise ConfigError(f"Unknown config key {key!r}{hint}")
 
 
 def register_configs() -> None:
@@ -251,12 +308,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         "trainer.ckpt_every_n_batches",
         t.ckpt_every_n_batches,
         "must be >= 0",
-    )
-    _check(
-        not t.cuda_graphs or t.device != "cpu",
-        "trainer.cuda_graphs",
-        t.cuda_graphs,
-        "needs a CUDA device, but trainer.device=cpu",
     )
     _choice("logger.kind", lg.kind, ("mlflow", "none"))
     _check(

@@ -17,9 +17,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lmexp.config import LmexpError
+from lmexp.config import BOOKKEEPING, LmexpError, keys_with_role
 from lmexp.runtime import folder_in_use
 from lmexp.tracking import (
+    EPOCH_METRICS,
     FAILURE_TAG,
     SWEEP_FILE,
     RunRecord,
@@ -31,10 +32,10 @@ from lmexp.tracking import (
     set_run_outcome,
 )
 
-HISTORY_KEYS = ("train_ppl", "valid_ppl", "train_wps", "epoch_time_s", "lr")
+HISTORY_KEYS = EPOCH_METRICS
 RESULT_COLUMNS = ("train_ppl", "valid_ppl", "test_ppl", "train_wps", "epochs", "status")
-# Params that differ between runs but say nothing about the experiment.
-IGNORED_PARAMS = ("logger.", "trainer.progress", "trainer.ckpt_path", "trainer.resume")
+# Params that differ between runs but say nothing about the experiment (config.py's roles).
+IGNORED_PARAMS = frozenset(keys_with_role(BOOKKEEPING))
 
 
 def short(value: str | None) -> str:
@@ -69,7 +70,7 @@ def summarize(record: RunRecord) -> dict[str, Any]:
 
 
 def differing_params(records: list[RunRecord]) -> list[str]:
-    keys = sorted({k for r in records for k in r.params if not k.startswith(IGNORED_PARAMS)})
+    keys = sorted({k for r in records for k in r.params if k not in IGNORED_PARAMS})
     return [k for k in keys if len({r.params.get(k) for r in records}) > 1]
 
 

@@ -7,35 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from lmexp import checkpoint
-from lmexp.config import TrainerConfig, flatten
+from lmexp.config import BOOKKEEPING, EXECUTION, SHAPE, TrainerConfig, flatten, keys_with_role
 
-# Keys a checkpoint must agree on with the config it is resumed under.
-# A checkpoint given as trainer.ckpt_path must match these (the weights' and batches' shapes).
-RESUME_KEYS = ("model", "dropout.kind", "data.name", "trainer.batch_size", "trainer.num_steps")
-# Resuming a run in its own folder continues the same experiment: every key must match except
-# these, which change how or where it runs, not what it computes (max_epochs may be extended).
-SAME_RUN_FREE_KEYS = (
-    "trainer.max_epochs",
-    "trainer.device",
-    "trainer.threads",
-    "trainer.progress",
-    "trainer.log_every_n_batches",
-    "trainer.ckpt_every_n_batches",
-    "trainer.resume",
-    "trainer.ckpt_path",
-    "trainer.precision",
-    "trainer.compile",
-    "trainer.cuda_graphs",
-    "data.root",
-    "data.cache_dir",
-    "data.url",
-    "data.verify_md5",
-    "logger",
-)
-
-
-def _under(key: str, prefixes: tuple[str, ...]) -> bool:
-    return any(key == p or key.startswith(p + ".") for p in prefixes)
+# Derived from the schema's roles (config.py): the keys any checkpoint must agree on, and those
+# a run may change when it continues in its own folder.
+SHAPE_KEYS = frozenset(keys_with_role(SHAPE))
+FREE_ON_RESUME = frozenset(keys_with_role(EXECUTION) | keys_with_role(BOOKKEEPING))
 
 
 def is_exported_model(state: dict[str, Any]) -> bool:
@@ -87,12 +64,12 @@ def check_same_experiment(
     for key in sorted(current):
         if key not in saved or saved[key] == current[key]:
             continue
-        if _under(key, RESUME_KEYS):
+        if key in SHAPE_KEYS:
             raise checkpoint.CheckpointError(
                 f"{path} was trained with {key}={saved[key]!r} but the config has "
                 f"{current[key]!r}; resume with the same settings or start a new run."
             )
-        if same_run and not _under(key, SAME_RUN_FREE_KEYS):
+        if same_run and key not in FREE_ON_RESUME:
             raise checkpoint.CheckpointError(
                 f"{path} belongs to a run with {key}={saved[key]!r}, not {current[key]!r}: this "
                 "folder holds another experiment; give this one its own hydra.run.dir (or "

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmexp.config import LmexpError
 from lmexp.runtime import SWEEP_STOPPING, folder_in_use, held_here, lock_folder
-from lmexp.tracking import SWEEP_FILE, read_sweep
+from lmexp.tracking import KIND_TAG, SWEEP_FILE, read_sweep
 
 log = logging.getLogger("lmexp.sweep")
 
@@ -89,15 +89,25 @@ def sweep_jobs(params: list[Any], task: list[Any]) -> list[list[str]]:
     ]
 
 
+def runs_here(config: DictConfig) -> bool:
+    """Whether the sweep's jobs run on this machine (not on a cluster's nodes)."""
+    return "Slurm" not in str(OmegaConf.select(config, "hydra.launcher._target_"))
+
+
 def check_sweep(config: DictConfig, jobs: list[list[str]]) -> None:
-    """Compose and validate every job's config; exit 2 naming the first bad job before any runs."""
+    """Compose and validate every job's config, and for jobs that run on this machine check
+    that it can run them (bf16 on a CPU without a bf16 LSTM, say); exit 2 naming the first bad
+    job before any runs."""
     from hydra import compose
 
     from lmexp.config import to_typed
+    from lmexp.runtime import check_device_support, select_device
 
     for job in jobs:
         try:
-            to_typed(compose(config_name=config.hydra.job.config_name, overrides=job))
+            typed = to_typed(compose(config_name=config.hydra.job.config_name, overrides=job))
+            if runs_here(config):
+                check_device_support(typed.trainer, select_device(typed.trainer.device).type)
         except Exception as err:  # noqa: BLE001 - any job that cannot be composed is the user's
             swept = " ".join(o for o in job if o not in config.hydra.overrides.task)
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -150,7 +160,7 @@ class MlflowSweepCallback(Callback):
         lock_folder(self.sweep_dir, "sweep")
         (self.sweep_dir / SWEEP_STOPPING).unlink(missing_ok=True)  # left by a stopped run of it
         # Jobs on a cluster are not this process's to stop: they finish, or a rerun takes over.
-        self.local_jobs = "Slurm" not in str(OmegaConf.select(config, "hydra.launcher._target_"))
+        self.local_jobs = runs_here(config)
         if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
             # SIGTERM's default ends the process without running atexit; exit through Python.
             signal.signal(signal.SIGTERM, self._terminate)
@@ -175,7 +185,7 @@ class MlflowSweepCallback(Callback):
             config.logger.experiment_name,
             run_name=f"sweep {sweep_dir.name}",
             tags={
-                "lmexp.kind": "sweep",
+                KIND_TAG: "sweep",
                 "sweep_dir": str(sweep_dir.resolve()),
                 "swept_params": ",".join(swept),
                 "hydra_overrides": " ".join(config.hydra.overrides.task),

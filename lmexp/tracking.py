@@ -23,6 +23,9 @@ from lmexp.config import LmexpError
 
 PARENT_TAG = "mlflow.parentRunId"
 FAILURE_TAG = "lmexp.failure_reason"
+KIND_TAG = "lmexp.kind"  # "sweep" on a sweep's parent run, "bench" on lmexp.bench's runs
+# The metrics every training run logs once per epoch (step = epoch), in this order.
+EPOCH_METRICS = ("train_ppl", "valid_ppl", "lr", "train_wps", "epoch_time_s")
 
 
 class TrackingError(LmexpError):
@@ -368,7 +371,7 @@ def fetch_runs(
         _record(client, run, history_keys)
         for run in runs
         # sweep parents hold summaries, not a training run
-        if parent_run_id or run.data.tags.get("lmexp.kind") != "sweep"
+        if parent_run_id or run.data.tags.get(KIND_TAG) != "sweep"
     ]
 
 
