@@ -64,15 +64,21 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("lmexp.unique_dir", unique_dir, use_cache=True)
 
 
-def launch(task: Callable[[Any], Any], config_name: str, argv: list[str]) -> None:
+def launch(task: Callable[[Any], Any], config_name: str, argv: list[str], schema: type) -> None:
     """Run `task` under Hydra with lmexp's configs (`python -m lmexp.<entry> [overrides]`)."""
     logging.basicConfig(
         format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s", level=logging.INFO
     )
+    from lmexp.config import check_override_keys, conf_dir, register_configs
+
+    groups = {p.name for p in conf_dir().iterdir() if p.is_dir()}
+    try:
+        check_override_keys(argv, schema, groups)
+    except LmexpError as err:
+        log.error("%s", err)
+        sys.exit(2)
     claim_output_dirs(argv, Path.cwd())
     import hydra
-
-    from lmexp.config import conf_dir, register_configs
 
     register_configs()
     register_resolvers()

@@ -39,11 +39,17 @@ from lmexp.runtime import (
     select_device,
 )
 from lmexp.schedules import learning_rate
-from lmexp.tracking import PARENT_TAG, Tracker, open_tracker, read_sweep, resolve_tracking_uri
+from lmexp.tracking import (
+    EPOCH_METRICS,
+    PARENT_TAG,
+    Tracker,
+    open_tracker,
+    read_sweep,
+    resolve_tracking_uri,
+)
 
 log = logging.getLogger("lmexp.train")
 
-EPOCH_METRICS = ("train_ppl", "valid_ppl", "lr", "train_wps", "epoch_time_s")
 EVAL_SCOPE_TAG = "lmexp.eval_scope"
 
 
@@ -97,15 +103,6 @@ def ppl_record(
         "train_wps": progress.wps,
         "epoch_time_s": elapsed,
     }
-
-
-def backfill_metrics(tracker: Tracker, history: list[dict[str, float]]) -> None:
-    """Log the epochs a checkpoint knows but MLflow does not (a kill between the two writes)."""
-    for key in EPOCH_METRICS:
-        logged = tracker.logged_steps(key)
-        for record in history:
-            if int(record["epoch"]) not in logged:
-                tracker.log_metrics({key: record[key]}, step=int(record["epoch"]))
 
 
 def progress_printer(epoch: int, lr: float) -> Any:
@@ -166,10 +163,28 @@ def run_training(cfg: TrainConfig, ctx: RunContext) -> float:
             log.info("Starting a new run from the weights of %s", resume["path"])
             tags["init_from"], resume = resume["path"], None
         tracker = start_tracking(cfg, ctx, tags, resume["mlflow_run_id"] if resume else None)
+        run = Run(cfg, ctx, corpus, data, model, tracker, ckpt_dir)
         try:
             if resume is None:
                 tracker.log_params(flatten(ctx.resolved))
-            return _train(cfg, ctx, corpus, data, model, threads, tracker, resume, ckpt_dir)
+            position = restore(run, resume) if resume else Position()
+            log.info(
+                "model=%s: %.2fM parameters, vocab %d, device %s, %d threads; MLflow run %s at %s",
+                cfg.model.name,
+                sum(p.numel() for p in model.parameters()) / 1e6,
+                corpus.vocab_size,
+                device,
+                threads,
+                tracker.run_id,
+                tracker.uri,
+            )
+            if position.epoch < t.max_epochs or not tracker.logged_steps("test_ppl"):
+                train_epochs(run, position)
+                finish(run, position)
+            else:
+                log.info("Run %s already finished all %d epochs.", tracker.run_id, t.max_epochs)
+            tracker.finish("FINISHED")
+            return position.best_valid
         except DivergenceError as err:
             log.error("Run diverged: %s", err)
             tracker.finish("FAILED", f"diverged: {err}")
@@ -204,147 +219,165 @@ def start_tracking(
     return tracker
 
 
-def _train(
-    cfg: TrainConfig,
-    ctx: RunContext,
-    corpus: Corpus,
-    data: dict[str, torch.Tensor],
-    model: LSTMLanguageModel,
-    threads: int,
-    tracker: Tracker,
-    resume: dict[str, Any] | None,
-    ckpt_dir: Path,
-) -> float:
-    t = cfg.trainer
-    device = data["train"].device
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    history: list[dict[str, float]] = []
-    start_epoch, best_valid = 0, math.inf
-    progress: EpochProgress | None = None
-    state: State | None = None
-    if resume is not None:
-        history, best_valid = resume["history"], resume["best_valid_ppl"]
-        start_epoch = resume["epoch"]
-        if resume.get("progress"):
-            progress = EpochProgress(**resume["progress"])
-            state = (resume["state"][0].to(device), resume["state"][1].to(device))
-        checkpoint.set_rng_state(resume["rng"])
-        backfill_metrics(tracker, history)
-        if start_epoch >= t.max_epochs and tracker.logged_steps("test_ppl"):
-            log.info(
-                "Run %s already finished all %d epochs; nothing to do.",
-                tracker.run_id,
-                t.max_epochs,
-            )
-            tracker.finish("FINISHED")
-            return best_valid
-        log.info(
-            "Resumed from %s at epoch %d, batch %d",
-            resume["path"],
-            start_epoch + 1,
-            progress.batch if progress else 0,
-        )
-    model.flatten_parameters()
-    step = TrainStep.from_config(model, t, cfg.lr_policy.lr)
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info(
-        "model=%s: %.2fM parameters, vocab %d, device %s, %d threads; MLflow run %s at %s",
-        cfg.model.name,
-        n_params / 1e6,
-        corpus.vocab_size,
-        device,
-        threads,
-        tracker.run_id,
-        tracker.uri,
+@dataclass
+class Run:
+    """What the epochs of one run work with, built by run_training."""
+
+    cfg: TrainConfig
+    ctx: RunContext
+    corpus: Corpus
+    data: dict[str, torch.Tensor]
+    model: LSTMLanguageModel
+    tracker: Tracker
+    ckpt_dir: Path
+
+
+@dataclass
+class Position:
+    """Where training stands: what a checkpoint saves and a resumed run restores."""
+
+    epoch: int = 0  # epochs completed
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_valid: float = math.inf
+    partial: EpochProgress | None = None  # set while stopped inside an epoch
+    state: State | None = None  # the LSTM state at that point
+
+
+def restore(run: Run, resume: dict[str, Any]) -> Position:
+    """The position a checkpoint holds (its weights are loaded by build_model), with the RNG
+    state; epochs the checkpoint knows but MLflow missed (a kill between the two) are logged."""
+    device = run.data["train"].device
+    position = Position(resume["epoch"], resume["history"], resume["best_valid_ppl"])
+    if resume.get("progress"):
+        position.partial = EpochProgress(**resume["progress"])
+        position.state = (resume["state"][0].to(device), resume["state"][1].to(device))
+    checkpoint.set_rng_state(resume["rng"])
+    for key in EPOCH_METRICS:
+        logged = run.tracker.logged_steps(key)
+        for record in position.history:
+            if int(record["epoch"]) not in logged:
+                run.tracker.log_metrics({key: record[key]}, step=int(record["epoch"]))
+    batch = position.partial.batch if position.partial else 0
+    log.info("Resumed from %s at epoch %d, batch %d", resume["path"], position.epoch + 1, batch)
+    return position
+
+
+def save_checkpoint(run: Run, name: str, position: Position) -> None:
+    state = position.state
+    checkpoint.save(
+        run.ckpt_dir / name,
+        {
+            "model": run.model.state_dict(),
+            "epoch": position.epoch,
+            "progress": position.partial.to_dict() if position.partial else None,
+            "state": [s.detach().cpu() for s in state] if state is not None else None,
+            "history": position.history,
+            "best_valid_ppl": position.best_valid,
+            "rng": checkpoint.rng_state(),
+            "mlflow_run_id": run.tracker.run_id,
+            "config": run.ctx.resolved,
+            "vocab": run.corpus.vocab,
+        },
     )
 
-    def save(name: str, at_epoch: int, partial: EpochProgress | None, hidden: State | None) -> None:
-        checkpoint.save(
-            ckpt_dir / name,
-            {
-                "model": model.state_dict(),
-                "epoch": at_epoch,
-                "progress": partial.to_dict() if partial else None,
-                "state": [s.detach().cpu() for s in hidden] if hidden is not None else None,
-                "history": history,
-                "best_valid_ppl": best_valid,
-                "rng": checkpoint.rng_state(),
-                "mlflow_run_id": tracker.run_id,
-                "config": ctx.resolved,
-                "vocab": corpus.vocab,
-            },
-        )
 
+def train_epochs(run: Run, position: Position) -> None:
+    """Epochs from `position` to trainer.max_epochs: train, validate, checkpoint, log. A
+    preemption signal checkpoints at the next batch and ends the process (see stop)."""
+    t, model = run.cfg.trainer, run.model
+    if run.data["train"].device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    model.flatten_parameters()
+    step = TrainStep.from_config(model, t, run.cfg.lr_policy.lr)
     preemption = Preemption()
     with preemption.installed():
-        for epoch in range(start_epoch, t.max_epochs):
-            lr = learning_rate(cfg.lr_policy, epoch, [h["valid_ppl"] for h in history])
+        for epoch in range(position.epoch, t.max_epochs):
+            lr = learning_rate(run.cfg.lr_policy, epoch, [h["valid_ppl"] for h in position.history])
             step.set_lr(lr)
+
+            def mid_epoch(partial: EpochProgress, state: State) -> None:
+                position.partial, position.state = partial, state
+                save_checkpoint(run, "last.pt", position)
+
             progress, state, stopped = train_epoch(
                 step,
-                data["train"],
+                run.data["train"],
                 t.num_steps,
-                state if state is not None else model.init_state(t.batch_size),
-                progress,
+                position.state if position.state is not None else model.init_state(t.batch_size),
+                position.partial,
                 limit_batches=t.limit_train_batches,
                 log_every=t.log_every_n_batches,
                 on_log=progress_printer(epoch + 1, lr) if t.progress else None,
                 checkpoint_every=t.ckpt_every_n_batches,
-                on_checkpoint=lambda p, s, e=epoch: save("last.pt", e, p, s),
+                on_checkpoint=mid_epoch,
                 should_stop=preemption.requested,
             )
             if stopped:
-                save("last.pt", epoch, progress, state)
-                name = signal.Signals(preemption.signum).name
-                log.warning(
-                    "%s received: checkpoint saved at epoch %d batch %d in %s; rerun the same "
-                    "command (or trainer.ckpt_path=%s) to resume.",
-                    name,
-                    epoch + 1,
-                    progress.batch,
-                    ckpt_dir,
-                    ckpt_dir / "last.pt",
-                )
-                tracker.finish("KILLED", f"stopped by {name} at epoch {epoch + 1}; resumable")
-                preemption.hand_over()
-                sys.exit(128 + preemption.signum)
+                mid_epoch(progress, state)
+                stop(run, preemption, epoch, progress.batch)
             valid_ppl = perplexity(
-                *evaluate(model, data["valid"], t.eval_num_steps, t.limit_eval_batches, t.precision)
+                *evaluate(
+                    model, run.data["valid"], t.eval_num_steps, t.limit_eval_batches, t.precision
+                )
             )
             if not math.isfinite(valid_ppl):
                 raise DivergenceError(
                     f"validation perplexity is {valid_ppl} after epoch {epoch + 1}"
                 )
-            record = ppl_record(epoch + 1, lr, progress, valid_ppl, progress.seconds)
-            history.append(record)
-            improved = valid_ppl < best_valid
-            best_valid = min(best_valid, valid_ppl)
-            save("last.pt", epoch + 1, None, None)  # checkpoint first: MLflow is backfilled from it
-            if improved:
-                save("best.pt", epoch + 1, None, None)
-            tracker.log_metrics({k: record[k] for k in EPOCH_METRICS}, step=epoch + 1)
-            log.info(
-                "Epoch %d: lr %.4g train ppl %.2f valid ppl %.2f, %.0f words/s, %.1f s",
-                epoch + 1,
-                lr,
-                record["train_ppl"],
-                valid_ppl,
-                record["train_wps"],
-                record["epoch_time_s"],
+            end_epoch(
+                run, position, ppl_record(epoch + 1, lr, progress, valid_ppl, progress.seconds)
             )
-            progress, state = None, None
 
-    test_ppl = perplexity(
-        *evaluate(model, data["test"], t.eval_num_steps, t.limit_eval_batches, t.precision)
+
+def end_epoch(run: Run, position: Position, record: dict[str, float]) -> None:
+    """Checkpoint first (MLflow is backfilled from it after a kill), then log the epoch."""
+    improved = record["valid_ppl"] < position.best_valid
+    position.history.append(record)
+    position.epoch, position.partial, position.state = int(record["epoch"]), None, None
+    position.best_valid = min(position.best_valid, record["valid_ppl"])
+    save_checkpoint(run, "last.pt", position)
+    if improved:
+        save_checkpoint(run, "best.pt", position)
+    run.tracker.log_metrics({k: record[k] for k in EPOCH_METRICS}, step=position.epoch)
+    log.info(
+        "Epoch %d: lr %.4g train ppl %.2f valid ppl %.2f, %.0f words/s, %.1f s",
+        *(record[k] for k in ("epoch", "lr", "train_ppl", "valid_ppl", "train_wps")),
+        record["epoch_time_s"],
     )
-    tracker.log_metrics({"test_ppl": test_ppl, "best_valid_ppl": best_valid}, step=t.max_epochs)
-    log.info("Test perplexity %.2f (best valid %.2f)", test_ppl, best_valid)
+
+
+def stop(run: Run, preemption: Preemption, epoch: int, batch: int) -> None:
+    """After a preemption signal's checkpoint: close the run as KILLED (resumable), let the
+    handler installed before ours run (submitit requeues the job there), and exit."""
+    assert preemption.signum is not None
+    name = signal.Signals(preemption.signum).name
+    log.warning(
+        "%s received: checkpoint saved at epoch %d batch %d in %s; rerun the same command (or "
+        "trainer.ckpt_path=%s) to resume.",
+        name,
+        epoch + 1,
+        batch,
+        run.ckpt_dir,
+        run.ckpt_dir / "last.pt",
+    )
+    run.tracker.finish("KILLED", f"stopped by {name} at epoch {epoch + 1}; resumable")
+    preemption.hand_over()
+    sys.exit(128 + preemption.signum)
+
+
+def finish(run: Run, position: Position) -> None:
+    """Test perplexity, the final metrics, and the exported model."""
+    t = run.cfg.trainer
+    test_ppl = perplexity(
+        *evaluate(run.model, run.data["test"], t.eval_num_steps, t.limit_eval_batches, t.precision)
+    )
+    run.tracker.log_metrics(
+        {"test_ppl": test_ppl, "best_valid_ppl": position.best_valid}, step=t.max_epochs
+    )
+    log.info("Test perplexity %.2f (best valid %.2f)", test_ppl, position.best_valid)
     if t.limit_eval_batches is not None:
         log.warning("Not the full test split: %s.", eval_scope(t.limit_eval_batches))
-    export_model(model, corpus, ctx, tracker, test_ppl, cfg.logger.log_model)
-    tracker.finish("FINISHED")
-    return best_valid
+    export_model(run.model, run.corpus, run.ctx, run.tracker, test_ppl, run.cfg.logger.log_model)
 
 
 def export_model(
@@ -413,7 +446,7 @@ def main() -> None:
     """Console entry point (`lmexp-train`) and `python -m lmexp.train`."""
     from lmexp.launch import launch
 
-    launch(task, "train", sys.argv[1:])
+    launch(task, "train", sys.argv[1:], TrainConfig)
 
 
 if __name__ == "__main__":
