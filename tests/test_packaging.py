@@ -60,3 +60,17 @@ def test_installed_wheel_finds_its_configs_from_another_folder(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Test perplexity" in proc.stdout + proc.stderr
+
+
+def test_every_entry_point_has_a_console_script():
+    """Each module a user runs (`python -m lmexp.X`) is also an `lmexp-X` command."""
+    import tomllib
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    runnable = {
+        p.stem
+        for p in (REPO / "lmexp").glob("*.py")
+        if 'if __name__ == "__main__":' in p.read_text()
+    }
+    assert runnable == {"train", "bench", "report", "evaluate", "generate"}
+    assert scripts == {f"lmexp-{name}": f"lmexp.{name}:main" for name in runnable}

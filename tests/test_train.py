@@ -87,7 +87,14 @@ def _expect_user_error(proc, *fragments: str) -> None:
 @pytest.mark.parametrize(
     ("override", "fragments"),
     [
-        ("model.hiden_size=3", ("Could not override 'model.hiden_size'", "not in 'ModelConfig'")),
+        (
+            "model.hiden_size=3",
+            ("Unknown config key 'model.hiden_size'; did you mean model.hidden_size?",),
+        ),
+        (
+            "trainer.max_epoch=1",
+            ("Unknown config key 'trainer.max_epoch'; did you mean trainer.max_epochs?",),
+        ),
         ("dropout.dp_keep_prob=1.5", ("dropout.dp_keep_prob=1.5 must be in (0, 1]",)),
         ("model.hidden_size=-3", ("model.hidden_size=-3 must be a positive integer",)),
         ("trainer.max_epochs=two", ("trainer.max_epochs", "two")),
