@@ -396,7 +396,10 @@ def test_sigterm_to_a_joblib_sweep_ends_every_child_and_a_rerun_logs_nothing_twi
 
 
 def test_report_closes_a_sweep_whose_sweeper_was_killed(tmp_path):
-    slow = ["model.hidden_size=128", "data.tiny_train_tokens=150000", "trainer.max_epochs=3"]
+    slow = [
+        "model.hidden_size=128", "data.tiny_train_tokens=150000", "trainer.max_epochs=3",
+        "trainer.progress=true", "trainer.log_every_n_batches=20",
+    ]  # fmt: skip
     proc = _sweep_proc(tmp_path, *TINY, *slow, "dropout.dp_keep_prob=0.5,0.9")
     deadline = time.monotonic() + 240
     while not any("epoch 1 [" in p.read_text() for p in tmp_path.glob("multirun/*/*/0/train.log")):
