@@ -2,6 +2,8 @@
 
 Variants, all on the same model size, data and device, in one process:
   lmexp      the harness's own step (`lmexp.loop.TrainStep`), exactly as `lmexp.train` runs it;
+  stock      the same model and loss with only public torch APIs: dense gradients, cross_entropy,
+             clip_grad_norm_(foreach=True), torch.optim.SGD(foreach=True);
   port       the 2017 PyTorch port's loop: fused nn.LSTM, model.zero_grad(), loss.item() every
              batch, a separate clip_grad_norm_, and a manual p.data.add_(-lr * grad) per parameter;
   cell_loop  the same model as a Python loop over time of nn.LSTMCell per layer (TF RNNCell style).
@@ -32,6 +34,7 @@ from lmexp.model import LSTMLanguageModel, State
 from lmexp.runtime import check_device_support, configure_threads, device_name, select_device
 
 log = logging.getLogger("lmexp.bench")
+VARIANTS = ("lmexp", "stock", "port", "cell_loop")
 Step = Callable[[torch.Tensor, torch.Tensor, State], State]
 
 
@@ -94,6 +97,25 @@ def port_step(model: nn.Module, lr: float, max_grad_norm: float) -> Step:
     return step
 
 
+def stock_step(model: nn.Module, lr: float, max_grad_norm: float, sum_steps: bool) -> Step:
+    """Today's textbook step with only public torch APIs: dense gradients, cross_entropy,
+    clip_grad_norm_(foreach=True) and torch.optim.SGD(foreach=True), the loss left on the
+    device. What lmexp's hand-written step has to beat to earn its place."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=lr, foreach=True)
+
+    def step(inputs: torch.Tensor, targets: torch.Tensor, hidden: State) -> State:
+        logits, hidden = model(inputs, detach(hidden))
+        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+        (loss * inputs.size(0) if sum_steps else loss).backward()
+        nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return hidden
+
+    return step
+
+
 def lmexp_step(step: TrainStep) -> Step:
     def run(inputs: torch.Tensor, targets: torch.Tensor, state: State) -> State:
         return step(inputs, targets, state)[1]
@@ -134,10 +156,10 @@ def stats(samples: list[float]) -> dict[str, float]:
 
 def run_bench(cfg: BenchConfig, device: torch.device) -> dict[str, Any]:
     b, t = cfg.bench, cfg.trainer
-    unknown = set(b.variants) - {"lmexp", "port", "cell_loop"}
+    unknown = set(b.variants) - set(VARIANTS)
     if unknown:
         raise LmexpError(
-            f"bench.variants has unknown {sorted(unknown)}; choose from lmexp, port, cell_loop."
+            f"bench.variants has unknown {sorted(unknown)}; choose from {', '.join(VARIANTS)}."
         )
     check_device_support(t, device.type)
     threads = configure_threads(t.threads)
@@ -164,6 +186,10 @@ def run_bench(cfg: BenchConfig, device: torch.device) -> dict[str, Any]:
         if name == "lmexp":
             model.flatten_parameters()
             step = lmexp_step(TrainStep.from_config(model, t, cfg.lr_policy.lr))
+        elif name == "stock":
+            model.flatten_parameters()
+            sum_steps = t.loss_reduction == "sum_steps"
+            step = stock_step(model, cfg.lr_policy.lr, t.max_grad_norm, sum_steps)
         else:
             step = port_step(model, cfg.lr_policy.lr, t.max_grad_norm)
         steps[name] = (step, model)

@@ -70,7 +70,7 @@ class LrPolicyConfig:
     # port:    lr *= lr_decay ** max(epoch - max_epoch, 0) each epoch (2017 PyTorch port)
     # plateau: lr /= plateau_factor when valid ppl stops improving for > plateau_patience epochs
     # constant: lr
-    name: str = "zaremba"
+    kind: str = "zaremba"
     lr: float = 1.0
     lr_decay: float = 0.5
     max_epoch: int = 4
@@ -149,7 +149,7 @@ class TrainConfig:
 
 @dataclass
 class BenchSettings:
-    variants: list[str] = field(default_factory=lambda: ["lmexp", "port", "cell_loop"])
+    variants: list[str] = field(default_factory=lambda: ["lmexp", "stock", "port", "cell_loop"])
     repeats: int = 3
     warmup_batches: int = 3
     batches: int = 20
@@ -260,7 +260,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         d.weight_drop,
         "needs dropout=standard, variational or weight_drop, not dropout.kind=none",
     )
-    _choice("lr_policy.name", lr.name, ("zaremba", "port", "plateau", "constant"))
+    _choice("lr_policy.kind", lr.kind, ("zaremba", "port", "plateau", "constant"))
     _check(math.isfinite(lr.lr) and lr.lr > 0, "lr_policy.lr", lr.lr, "must be a positive number")
     _check(0 < lr.lr_decay <= 1, "lr_policy.lr_decay", lr.lr_decay, "must be in (0, 1]")
     _check(lr.max_epoch >= 0, "lr_policy.max_epoch", lr.max_epoch, "must be >= 0")

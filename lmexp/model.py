@@ -121,8 +121,8 @@ class LSTMLanguageModel(nn.Module):
         if not (self.training and self.p_weight):
             return lstm(x, state)
         dropped = {
-            name: F.dropout(getattr(lstm, name), self.p_weight)
-            for name in lstm._flat_weights_names
+            name: F.dropout(weight, self.p_weight)
+            for name, weight in lstm.named_parameters()
             if name.startswith("weight_hh")
         }
         with warnings.catch_warnings():

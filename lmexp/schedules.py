@@ -43,11 +43,11 @@ def plateau_lr(
 
 def learning_rate(policy: LrPolicyConfig, epoch: int, valid_history: Sequence[float] = ()) -> float:
     """The lr for 0-based `epoch`, given the validation ppl of the epochs before it."""
-    if policy.name == "zaremba":
+    if policy.kind == "zaremba":
         return max(zaremba_lr(epoch, policy.lr, policy.lr_decay, policy.max_epoch), policy.min_lr)
-    if policy.name == "port":
+    if policy.kind == "port":
         return max(port_lr(epoch, policy.lr, policy.lr_decay, policy.max_epoch), policy.min_lr)
-    if policy.name == "plateau":
+    if policy.kind == "plateau":
         return plateau_lr(
             valid_history[:epoch],
             policy.lr,
@@ -55,6 +55,6 @@ def learning_rate(policy: LrPolicyConfig, epoch: int, valid_history: Sequence[fl
             policy.plateau_patience,
             policy.min_lr,
         )
-    if policy.name == "constant":
+    if policy.kind == "constant":
         return policy.lr
-    raise ValueError(f"unknown lr policy {policy.name!r}")
+    raise ValueError(f"unknown lr policy {policy.kind!r}")

@@ -27,7 +27,7 @@ def test_bench_writes_json_with_every_field(tmp_path):
     result = json.loads((tmp_path / "bench.json").read_text())
     assert result["device"].startswith("cpu") and result["torch_version"] == torch.__version__
     assert result["config"]["model.hidden_size"] == 32 and result["config"]["bench.repeats"] == 3
-    assert set(result["variants"]) == {"lmexp", "port", "cell_loop"}
+    assert set(result["variants"]) == {"lmexp", "stock", "port", "cell_loop"}
     for variant in result["variants"].values():
         assert set(variant) == {"wps_median", "wps_min", "wps_max", "ratio_vs_port"}
         assert 0 < variant["wps_min"] <= variant["wps_median"] <= variant["wps_max"]
@@ -61,6 +61,7 @@ def test_cell_loop_computes_the_same_function_as_the_fused_lstm():
     torch.testing.assert_close(ca, cb)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "extra_env",
     [
@@ -106,7 +107,7 @@ def test_gpu_script_runs_every_step_at_toy_sizes_without_mlflow(tmp_path, extra_
     assert set(runs) == grid | {"medium_weight_drop"}
     for name in grid:
         assert runs[name]["config"]["trainer.precision"] == name.rsplit("_", 1)[1]
-        assert set(runs[name]["variants"]) == {"lmexp", "port", "cell_loop"}
+        assert set(runs[name]["variants"]) == {"lmexp", "stock", "port", "cell_loop"}
         assert runs[name]["variants"]["port"]["ratio_vs_port"] == 1.0
     assert set(runs["medium_weight_drop"]["variants"]) == {"lmexp", "port"}
     assert runs["medium_weight_drop"]["config"]["dropout.weight_drop"] == 0.5

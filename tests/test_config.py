@@ -34,7 +34,7 @@ def recipe(cfg: TrainConfig) -> tuple:
 def test_model_preset_alone_is_the_full_tf_recipe(name):
     cfg = compose_typed(f"model={name}")
     assert recipe(cfg) == pytest.approx(TF_RECIPES[name])
-    assert (cfg.lr_policy.name, cfg.dropout.kind, cfg.trainer.loss_reduction) == (
+    assert (cfg.lr_policy.kind, cfg.dropout.kind, cfg.trainer.loss_reduction) == (
         "zaremba", "standard", "sum_steps",
     )  # fmt: skip
 
@@ -52,7 +52,7 @@ def test_pytorch_port_experiment():
         0.35,
         40,
     )
-    assert (cfg.lr_policy.name, cfg.lr_policy.lr, cfg.trainer.max_grad_norm) == ("port", 20.0, 0.25)
+    assert (cfg.lr_policy.kind, cfg.lr_policy.lr, cfg.trainer.max_grad_norm) == ("port", 20.0, 0.25)
     assert cfg.lr_policy.lr_decay == pytest.approx(1 / 1.15) and cfg.lr_policy.max_epoch == 14
     assert (cfg.model.init_scale, cfg.trainer.loss_reduction) == (0.1, "mean")
 
@@ -62,7 +62,7 @@ def test_groups_override_only_what_they_name():
     assert cfg.dropout.kind == "none" and cfg.dropout.dp_keep_prob == 1.0
     assert cfg.model.hidden_size == 650 and cfg.trainer.max_epochs == 39
     cfg = compose_typed("model=medium", "dropout.dp_keep_prob=0.65", "lr_policy=plateau")
-    assert cfg.dropout.dp_keep_prob == 0.65 and cfg.lr_policy.name == "plateau"
+    assert cfg.dropout.dp_keep_prob == 0.65 and cfg.lr_policy.kind == "plateau"
     assert cfg.lr_policy.lr == 1.0  # still the recipe's lr
     debug = compose_typed("model=medium", "trainer=debug")
     assert debug.trainer.max_epochs == 2 and debug.trainer.limit_train_batches == 20
@@ -87,7 +87,7 @@ def test_unknown_key_and_wrong_type_name_the_key():
         ("lr_policy.lr=-1", r"lr_policy\.lr=-1\.0 must be a positive number"),
         ("trainer.precision=fp8", r"trainer\.precision='fp8' is not one of fp32, bf16, fp16"),
         ("trainer.device=tpu", r"trainer\.device='tpu' is not one of auto, cpu, cuda, cuda:N"),
-        ("lr_policy.name=cosine", r"lr_policy\.name=.cosine. is not one of"),
+        ("lr_policy.kind=cosine", r"lr_policy\.kind=.cosine. is not one of"),
         ("dropout.weight_drop=1.0", r"dropout\.weight_drop=1\.0 must be in \[0, 1\)"),
         ("dropout=none dropout.weight_drop=0.5", r"dropout\.weight_drop=0\.5 needs dropout="),
     ],
@@ -106,7 +106,7 @@ def test_tied_presets_use_pytorch_examples_settings(name, hidden, keep):
         hidden,
         keep,
     )
-    assert (cfg.lr_policy.name, cfg.lr_policy.lr, cfg.lr_policy.plateau_factor) == (
+    assert (cfg.lr_policy.kind, cfg.lr_policy.lr, cfg.lr_policy.plateau_factor) == (
         "plateau",
         20.0,
         4.0,

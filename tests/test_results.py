@@ -62,7 +62,8 @@ def test_record_is_internally_consistent(record):
     assert r["train_time_s"] == pytest.approx(sum(e["epoch_time_s"] for e in r["epochs"]))
     c = r["config"]
     policy = LrPolicyConfig(
-        name=c["lr_policy.name"], lr=float(c["lr_policy.lr"]), lr_decay=float(c["lr_policy.lr_decay"]),
+        kind=c.get("lr_policy.kind", c.get("lr_policy.name")),  # older records: lr_policy.name
+        lr=float(c["lr_policy.lr"]), lr_decay=float(c["lr_policy.lr_decay"]),
         max_epoch=int(c["lr_policy.max_epoch"]),
     )  # fmt: skip
     assert [e["lr"] for e in r["epochs"]] == pytest.approx(

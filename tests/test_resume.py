@@ -15,6 +15,8 @@ from conftest import TINY, metric_history, mlflow_runs, run_module
 
 from lmexp import checkpoint
 
+pytestmark = pytest.mark.slow  # real processes, real signals: seconds to a minute each
+
 # Epochs of a couple of seconds, so a signal can land where the test wants it.
 SLOW_TINY = [*TINY, "model.hidden_size=128", "data.tiny_train_tokens=60000", "trainer.max_epochs=4"]
 COMPARED = ("train_ppl", "valid_ppl", "lr")

@@ -11,18 +11,18 @@ def lrs(policy: LrPolicyConfig, epochs: int, history=()) -> list[float]:
 
 
 def test_zaremba_small_recipe():
-    got = lrs(LrPolicyConfig(name="zaremba", lr=1.0, lr_decay=0.5, max_epoch=4), 7)
+    got = lrs(LrPolicyConfig(kind="zaremba", lr=1.0, lr_decay=0.5, max_epoch=4), 7)
     assert got == [1.0, 1.0, 1.0, 1.0, 0.5, 0.25, 0.125]  # max_epoch=4 epochs at the full lr
 
 
 def test_zaremba_matches_tf_formula_for_large():
-    policy = LrPolicyConfig(name="zaremba", lr=1.0, lr_decay=1 / 1.15, max_epoch=14)
+    policy = LrPolicyConfig(kind="zaremba", lr=1.0, lr_decay=1 / 1.15, max_epoch=14)
     for epoch, lr in enumerate(lrs(policy, 55)):
         assert lr == pytest.approx(1.0 * (1 / 1.15) ** max(epoch + 1 - 14, 0))
 
 
 def test_port_decay_compounds_every_epoch():
-    policy = LrPolicyConfig(name="port", lr=20.0, lr_decay=1 / 1.15, max_epoch=14)
+    policy = LrPolicyConfig(kind="port", lr=20.0, lr_decay=1 / 1.15, max_epoch=14)
     expected, lr = [], 20.0
     for epoch in range(40):  # the port's own loop, verbatim
         lr = lr * (1 / 1.15) ** max(epoch - 14, 0)
@@ -32,12 +32,12 @@ def test_port_decay_compounds_every_epoch():
 
 
 def test_plateau_divides_when_validation_stops_improving():
-    policy = LrPolicyConfig(name="plateau", lr=20.0, plateau_factor=4.0, plateau_patience=0)
+    policy = LrPolicyConfig(kind="plateau", lr=20.0, plateau_factor=4.0, plateau_patience=0)
     history = [300.0, 200.0, 210.0, 190.0, 195.0, 196.0]
     assert lrs(policy, 7, history) == [20.0, 20.0, 20.0, 5.0, 5.0, 1.25, 0.3125]
-    patient = LrPolicyConfig(name="plateau", lr=1.0, plateau_factor=2.0, plateau_patience=1)
+    patient = LrPolicyConfig(kind="plateau", lr=1.0, plateau_factor=2.0, plateau_patience=1)
     assert lrs(patient, 5, [10.0, 11.0, 12.0, 9.0]) == [1.0, 1.0, 1.0, 0.5, 0.5]
 
 
 def test_constant():
-    assert lrs(LrPolicyConfig(name="constant", lr=0.3), 3) == [0.3, 0.3, 0.3]
+    assert lrs(LrPolicyConfig(kind="constant", lr=0.3), 3) == [0.3, 0.3, 0.3]

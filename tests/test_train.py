@@ -52,6 +52,7 @@ def test_tiny_run_logs_every_metric_every_epoch_and_learns(tmp_path):
     assert (tmp_path / "out" / "run" / "checkpoints" / "best.pt").is_file()
 
 
+@pytest.mark.slow
 def test_debug_run_on_real_ptb(tmp_path, ptb_dir):
     proc = run_module(
         "lmexp.train",
@@ -233,6 +234,7 @@ def _launch(tmp_path: Path, *args: str) -> subprocess.Popen:
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_two_runs_launched_together_get_their_own_folders(tmp_path):
     """Launched in the same second from one folder into a fresh store: Hydra's ${now:} folder
     would be shared; each run must keep its own folder, checkpoints and weights."""
@@ -254,6 +256,7 @@ def test_two_runs_launched_together_get_their_own_folders(tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_a_run_folder_held_by_a_live_run_is_refused_before_anything_is_written(tmp_path):
     first = _launch(
         tmp_path, "model.hidden_size=128", "data.tiny_train_tokens=150000", "trainer.max_epochs=3",
@@ -334,6 +337,7 @@ def test_a_read_only_store_stops_a_run_in_one_sentence(tmp_path):
     assert db.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_debug_preset_says_its_test_ppl_covers_part_of_the_split(tmp_path):
     proc = run_module("lmexp.train", *TINY, "trainer=debug", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
