@@ -135,6 +135,10 @@ class LoggerConfig:
     run_name: str | None = _role(BOOKKEEPING, None)
     log_model: bool = _role(BOOKKEEPING, True)
     connect_timeout_s: float = _role(BOOKKEEPING, 5.0)
+    # MLflow system metrics (CPU, memory; GPU with nvidia-ml-py): null = on for PTB runs (which
+    # take minutes or more) and off for the tiny corpus; sampled every system_metrics_every_s.
+    system_metrics: bool | None = _role(BOOKKEEPING, None)
+    system_metrics_every_s: float = _role(BOOKKEEPING, 10.0)
 
 
 @dataclass
@@ -318,6 +322,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     )
     _check(
         bool(lg.experiment_name), "logger.experiment_name", lg.experiment_name, "must not be empty"
+    )
+    _check(
+        lg.system_metrics_every_s > 0,
+        "logger.system_metrics_every_s",
+        lg.system_metrics_every_s,
+        "must be positive",
     )
     return cfg
 

@@ -14,28 +14,36 @@ import csv
 import json
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from lmexp.config import BOOKKEEPING, LmexpError, keys_with_role
+from lmexp.names import short_keys
 from lmexp.runtime import folder_in_use
 from lmexp.tracking import (
     EPOCH_METRICS,
     FAILURE_TAG,
+    NOTE_TAG,
     SWEEP_FILE,
     RunRecord,
     end_run,
+    experiment_names,
     fetch_run,
     fetch_runs,
     read_sweep,
     resolve_tracking_uri,
     set_run_outcome,
+    ui_url,
 )
 
 HISTORY_KEYS = EPOCH_METRICS
-RESULT_COLUMNS = ("train_ppl", "valid_ppl", "test_ppl", "train_wps", "epochs", "status")
+# The run's mean training speed is train_wps_mean (logged at the end; the mean of its epochs'
+# train_wps), never train_wps, which is one epoch's.
+RESULT_COLUMNS = ("train_ppl", "valid_ppl", "test_ppl", "train_wps_mean", "epochs", "status")
 # Params that differ between runs but say nothing about the experiment (config.py's roles).
 IGNORED_PARAMS = frozenset(keys_with_role(BOOKKEEPING))
+FIGSIZE, DPI = (8, 5), 120  # 960 x 600 pixels
 
 
 def short(value: str | None) -> str:
@@ -58,12 +66,14 @@ def summarize(record: RunRecord) -> dict[str, Any]:
     wps = [v for _, v in record.history.get("train_wps", [])]
     return {
         "run_id": record.run_id,
-        "run_name": record.run_name,
+        "run": record.run_name,
         "train_ppl": _last(record, "train_ppl"),
         "valid_ppl": _last(record, "valid_ppl"),
         "best_valid_ppl": record.metrics.get("best_valid_ppl", math.nan),
         "test_ppl": record.metrics.get("test_ppl", math.nan),
-        "train_wps": sum(wps) / len(wps) if wps else math.nan,
+        "train_wps_mean": record.metrics.get(
+            "train_wps_mean", sum(wps) / len(wps) if wps else math.nan
+        ),
         "epochs": len(record.history.get("valid_ppl", [])),
         "status": record.status,
     }
@@ -81,8 +91,10 @@ def build_table(
     params = list(swept or []) + [k for k in differing_params(records) if k not in (swept or [])]
     rows = []
     for record in records:
-        row = {"run_id": record.run_id[:8], **{k: short(record.params.get(k, "")) for k in params}}
-        row.update({k: v for k, v in summarize(record).items() if k in RESULT_COLUMNS})
+        summary = summarize(record)
+        row = {"run": summary["run"], "run_id": record.run_id}
+        row.update({k: short(record.params.get(k, "")) for k in params})
+        row.update({k: v for k, v in summary.items() if k in RESULT_COLUMNS})
         rows.append(row)
 
     def key(row: dict[str, Any]) -> tuple[int, float]:
@@ -90,7 +102,7 @@ def build_table(
         return (row["status"] != "FINISHED", v if math.isfinite(v) else math.inf)
 
     rows.sort(key=key)
-    return ["run_id", *params, *RESULT_COLUMNS], rows
+    return ["run", "run_id", *params, *RESULT_COLUMNS], rows
 
 
 def _fmt(value: Any) -> str:
@@ -101,14 +113,26 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def format_markdown(columns: list[str], rows: list[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(_fmt(row[c]) for c in columns) + " |" for row in rows]
+def format_markdown(
+    columns: list[str], rows: list[dict[str, Any]], run_url: Callable[[str], str] | None = None
+) -> str:
+    """A Markdown table; headers by the keys' last parts, run ids in full (links to the runs'
+    pages in the MLflow UI when run_url is given)."""
+    headers = list(short_keys(columns).values())
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        cells = [_fmt(row[c]) for c in columns]
+        if run_url is not None:
+            cells[columns.index("run_id")] = f"[{row['run_id']}]({run_url(row['run_id'])})"
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def format_text(columns: list[str], rows: list[dict[str, Any]]) -> str:
-    cells = [columns] + [[_fmt(row[c]) for c in columns] for row in rows]
+    """A console table; run ids cut to 8 characters to keep it narrow."""
+    cells = [columns] + [
+        [_fmt(row[c])[:8] if c == "run_id" else _fmt(row[c]) for c in columns] for row in rows
+    ]
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     return (
         "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells)
@@ -116,18 +140,45 @@ def format_text(columns: list[str], rows: list[dict[str, Any]]) -> str:
     )
 
 
-def write_table(columns: list[str], rows: list[dict[str, Any]], out: Path) -> list[Path]:
+def write_table(
+    columns: list[str],
+    rows: list[dict[str, Any]],
+    out: Path,
+    run_url: Callable[[str], str] | None = None,
+) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "runs.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    (out / "runs.md").write_text(format_markdown(columns, rows))
+    (out / "runs.md").write_text(format_markdown(columns, rows, run_url))
     return [out / "runs.csv", out / "runs.md"]
 
 
+def _number(value: str | None) -> float | None:
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def _plain_axes(ax: Any, log_y: bool) -> None:
+    """Whole-number epoch ticks and plain tick labels (matplotlib's log axis writes 1.9x10^3)."""
+    from matplotlib.ticker import MaxNLocator, ScalarFormatter
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if log_y:
+        ax.set_yscale("log")
+        for axis_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            formatter = ScalarFormatter()
+            formatter.set_scientific(False)
+            axis_formatter(formatter)
+    ax.grid(alpha=0.3, which="both")
+
+
 def plot(records: list[RunRecord], params: list[str], out: Path) -> list[Path]:
-    """final_ppl.png (final ppl against `param`) and learning_curves.png (valid ppl per epoch)."""
+    """final_ppl.png (final ppl against the first param) and learning_curves.png (valid ppl per
+    epoch), each run coloured and listed by its value of that param (a sequential colormap)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,47 +187,47 @@ def plot(records: list[RunRecord], params: list[str], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     param = params[0] if params else None
-    if param is not None:
-        points = []
-        for r in records:
-            try:
-                points.append((float(r.params[param]), summarize(r)))
-            except (KeyError, ValueError):
-                continue
-        points.sort(key=lambda p: p[0])
-        fig, ax = plt.subplots(figsize=(6, 4))
+    values = {r.run_id: _number(r.params.get(param)) if param else None for r in records}
+    numeric = param is not None and all(v is not None for v in values.values())
+    ordered = (
+        sorted(records, key=lambda r: (values[r.run_id] or 0.0, r.run_name)) if numeric else records
+    )
+    if numeric:
+        points = [(values[r.run_id], summarize(r)) for r in ordered]
+        fig, ax = plt.subplots(figsize=FIGSIZE)
         for key, style in (("train_ppl", "o--"), ("valid_ppl", "s-"), ("test_ppl", "^:")):
             xs = [x for x, s in points if math.isfinite(s[key])]
-            ys = [s[key] for _, s in points if math.isfinite(s[key])]
-            ax.plot(xs, ys, style, label=key)
+            ax.plot(xs, [s[key] for _, s in points if math.isfinite(s[key])], style, label=key)
         ax.set_xlabel(param)
         ax.set_ylabel("perplexity (final)")
         ax.set_title(f"Final perplexity against {param}")
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(out / "final_ppl.png", dpi=100)
+        fig.savefig(out / "final_ppl.png", dpi=DPI)
         plt.close(fig)
         paths.append(out / "final_ppl.png")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in records:
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    colours = plt.get_cmap("viridis")
+    for i, r in enumerate(ordered):
         history = [(s, v) for s, v in r.history.get("valid_ppl", []) if math.isfinite(v)]
-        if history:
-            label = (
-                ", ".join(f"{p}={short(r.params.get(p))}" for p in params)
-                or r.run_name
-                or r.run_id[:8]
-            )
-            ax.plot([s for s, _ in history], [v for _, v in history], marker="o", label=label)
+        if not history:
+            continue
+        if len(params) == 1:  # the legend's title names it
+            label = short(r.params.get(params[0]))
+        else:
+            label = ", ".join(f"{p}={short(r.params.get(p))}" for p in params) or r.run_name
+        colour = colours(0.9 * i / max(len(ordered) - 1, 1)) if numeric else None
+        steps, ppls = zip(*history, strict=True)
+        ax.plot(steps, ppls, marker="o", label=label or r.run_id[:8], color=colour)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation perplexity")
-    ax.set_yscale("log")
     ax.set_title("Learning curves")
+    _plain_axes(ax, log_y=True)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+        ax.legend(fontsize=9, title=param if numeric else None)
     fig.tight_layout()
-    fig.savefig(out / "learning_curves.png", dpi=100)
+    fig.savefig(out / "learning_curves.png", dpi=DPI)
     plt.close(fig)
     paths.append(out / "learning_curves.png")
     return paths
@@ -197,9 +248,64 @@ def report(
     if not records:
         raise LmexpError(f"No runs found in experiment {experiment!r} at {uri}.")
     columns, rows = build_table(records, swept)
-    files = write_table(columns, rows, out)
+    files = write_table(columns, rows, out, server_links(uri, records))
     files += plot(records, swept or differing_params(records)[:1], out)
     return format_text(columns, rows), files, records
+
+
+def server_links(uri: str, records: list[RunRecord]) -> Callable[[str], str] | None:
+    """Links to the runs' pages when the store is a tracking server (a file store has no UI
+    address until someone starts `mlflow ui` on it)."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    experiment = {r.run_id: r.experiment_id for r in records}
+    return lambda run_id: ui_url(uri, experiment[run_id], run_id=run_id)
+
+
+def sweep_note(
+    records: list[RunRecord], swept: list[str], best: dict[str, Any] | None, status: str
+) -> str:
+    """The parent run's description (its Overview page): the outcome, the best child, the table
+    with links to each child's page."""
+    keys = ", ".join(f"`{k}`" for k in swept) or "nothing"
+    finished = sum(r.status == "FINISHED" for r in records)
+    lines = [f"**Sweep over {keys}**: {len(records)} runs, {finished} finished; {status}.", ""]
+    if best is not None:
+        lines += [
+            f"Best: **{best['run']}** (`{best['run_id']}`): best valid ppl "
+            f"{best['best_valid_ppl']:.2f}, test ppl {_fmt(best['test_ppl'])}.",
+            "",
+        ]
+    columns, rows = build_table(records, swept)
+    experiment = {r.run_id: r.experiment_id for r in records}
+    link = lambda run_id: f"#/experiments/{experiment[run_id]}/runs/{run_id}"  # noqa: E731
+    lines.append(format_markdown(columns, rows, link))
+    lines.append("The table and plots are this run's artifacts (runs.md, *.png).")
+    return "\n".join(lines)
+
+
+def report_all(uri: str, out: Path) -> tuple[str, list[Path]]:
+    """Every experiment in the store, its runs grouped by corpus and model (a tiny test run and
+    a PTB run in one table compare nothing): a table and plots per group, in
+    out/<experiment>/<data>-<model>/."""
+    text, files = [], []
+    for experiment in experiment_names(uri):
+        records = fetch_runs(uri, experiment, None, HISTORY_KEYS)
+        groups: dict[str, list[RunRecord]] = {}
+        for r in records:
+            group = f"{r.params.get('data.name', '?')}-{r.params.get('model.name', '?')}"
+            groups.setdefault(group, []).append(r)
+        for group, members in sorted(groups.items()):
+            folder = out / experiment / group
+            table, written, _ = report(uri, experiment, folder, records=members)
+            text.append(f"== {experiment}: {group} ({len(members)} runs)\n{table}")
+            files += written
+    if not text:
+        raise LmexpError(
+            f"{uri} holds no lmexp runs; train one (python -m lmexp.train) or pass "
+            "--tracking-uri for the store that has them."
+        )
+    return "\n".join(text), files
 
 
 def close_dead_runs(uri: str, records: list[RunRecord], reason: str) -> None:
@@ -248,6 +354,7 @@ def summarize_sweep(
         tags["best_run_id"] = best["run_id"]
         by_id = {r.run_id: r for r in records}
         tags.update({f"best.{k}": by_id[best["run_id"]].params.get(k, "") for k in swept})
+    tags[NOTE_TAG] = sweep_note(records, swept, best, status)
     set_run_outcome(uri, parent_run_id, tags, files, status=status)
     print(text, end="")
 
@@ -288,7 +395,7 @@ def results_record(uri: str, run_id: str) -> dict[str, Any]:
             "best_valid_ppl": record.metrics.get("best_valid_ppl"),
             "test_ppl": record.metrics.get("test_ppl"),
         },
-        "train_wps_mean": summarize(record)["train_wps"],
+        "train_wps_mean": summarize(record)["train_wps_mean"],
         "train_time_s": sum(e["epoch_time_s"] or 0 for e in epochs),
         "device": record.tags.get("device"),
         "torch_version": record.tags.get("torch_version"),
@@ -304,7 +411,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here"
     )
-    parser.add_argument("--experiment", default="lmexp", help="(a --sweep-dir names its own)")
+    parser.add_argument(
+        "--experiment",
+        help="only this experiment (default: every one, grouped; a --sweep-dir names its own)",
+    )
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--sweep", metavar="PARENT_RUN_ID", help="only the runs of this sweep")
     group.add_argument(
@@ -313,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, default=Path("report"), help="folder for CSV, Markdown, PNGs"
     )
+    parser.add_argument("--force", action="store_true", help="replace a report already in --out")
     parser.add_argument(
         "--record", type=Path, help="write the results record of --run to this JSON file"
     )
@@ -344,11 +455,20 @@ def main(argv: list[str] | None = None) -> int:
                 sweep["swept_params"],
                 sweep["tracking_uri"],
             )
-            args.experiment = sweep.get("experiment", args.experiment)
+            args.experiment = sweep.get("experiment", args.experiment or "lmexp")
             if close_stale_sweep(uri, {"experiment": args.experiment, **sweep}, args.sweep_dir):
                 print(f"closed the sweep's parent run {parent} as KILLED: its process is gone")
-        one = [fetch_run(uri, args.run, HISTORY_KEYS)] if args.run else None
-        text, files, _ = report(uri, args.experiment, args.out, parent, swept, one)
+        if args.out.exists() and any(args.out.iterdir()) and not args.force:
+            raise LmexpError(
+                f"{args.out} already holds files (an earlier report?); pass --out for another "
+                "folder, or --force to replace them."
+            )
+        if not (parent or args.run or args.experiment):
+            text, files = report_all(uri, args.out)
+        else:
+            one = [fetch_run(uri, args.run, HISTORY_KEYS)] if args.run else None
+            experiment = args.experiment or "lmexp"
+            text, files, _ = report(uri, experiment, args.out, parent, swept, one)
     except LmexpError as err:
         print(f"lmexp.report: error: {err}", file=sys.stderr)
         return 2

@@ -166,7 +166,8 @@ class MlflowSweepCallback(Callback):
             signal.signal(signal.SIGTERM, self._terminate)
 
     def _open_parent(self, config: DictConfig, swept: list[str]) -> None:
-        from lmexp.tracking import resolve_tracking_uri, start_parent_run, usable_store
+        from lmexp.names import parent_name
+        from lmexp.tracking import resolve_tracking_uri, start_parent_run, ui_url, usable_store
 
         here = Path(os.getcwd())
         fallback = config.logger.fallback_uri
@@ -180,10 +181,11 @@ class MlflowSweepCallback(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         # The same sweep folder again (hydra.sweep.dir=...): resuming an interrupted sweep.
         earlier = read_sweep(sweep_dir) or {}
-        parent = start_parent_run(
+        parent, experiment_id = start_parent_run(
             uri,
             config.logger.experiment_name,
-            run_name=f"sweep {sweep_dir.name}",
+            run_name=parent_name(swept, sweep_dir.name),
+            swept=swept,
             tags={
                 KIND_TAG: "sweep",
                 "sweep_dir": str(sweep_dir.resolve()),
@@ -204,6 +206,7 @@ class MlflowSweepCallback(Callback):
         }
         (sweep_dir / SWEEP_FILE).write_text(json.dumps(record))
         log.info("MLflow sweep parent run %s in %s", parent, uri)
+        log.info("Compare its runs in the MLflow UI: %s", ui_url(uri, experiment_id, view=parent))
         self.parent = {**record, "sweep_dir": sweep_dir}
         atexit.register(self._close_unfinished)
 

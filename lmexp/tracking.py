@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import json
 import os
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -23,6 +24,7 @@ from lmexp.config import LmexpError
 
 PARENT_TAG = "mlflow.parentRunId"
 FAILURE_TAG = "lmexp.failure_reason"
+NOTE_TAG = "mlflow.note.content"  # a run's description, Markdown on its Overview page
 KIND_TAG = "lmexp.kind"  # "sweep" on a sweep's parent run, "bench" on lmexp.bench's runs
 # The metrics every training run logs once per epoch (step = epoch), in this order.
 EPOCH_METRICS = ("train_ppl", "valid_ppl", "lr", "train_wps", "epoch_time_s")
@@ -156,7 +158,10 @@ def prepare_experiment(uri: str, name: str) -> str:
             db = sqlite_path(uri)
             # Artifacts beside the database, so `mlflow ui` run from that folder serves them.
             location = (db.parent / "mlartifacts").as_uri() if db is not None else None
-            return client.create_experiment(name, artifact_location=location)
+            experiment_id = client.create_experiment(name, artifact_location=location)
+            for key, value in experiment_view_tags().items():
+                client.set_experiment_tag(experiment_id, key, value)
+            return experiment_id
         except MlflowException as err:
             raise TrackingError(f"Tracking store {uri} could not be opened: {err.message}") from err
         except Exception as err:  # noqa: BLE001 - SQLAlchemy's and the driver's errors
@@ -167,11 +172,68 @@ def prepare_experiment(uri: str, name: str) -> str:
             ) from err
 
 
+# --- what the MLflow UI shows first ----------------------------------------------------------
+# MLflow 3.17's UI opens experiments in its GenAI view unless the URL says workflowType; the
+# experimentKind tag is what older 3.x UIs read. Columns cannot be picked by a URL, but a saved
+# view (an experiment tag the UI lists under "Views", opened by viewStateShareKey) carries them.
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+EXPERIMENT_VIEW = "perplexity"  # the experiment-wide view's id
+KEY_METRICS = ("valid_ppl", "test_ppl", "train_ppl", "best_valid_ppl", "train_wps_mean")
+
+
+def _view_tag(name: str, search: str, params: list[str]) -> str:
+    columns = [f"params.`{p}`" for p in params] + [f"metrics.`{m}`" for m in KEY_METRICS]
+    state = {
+        "searchFilter": search,
+        "orderByKey": "metrics.`best_valid_ppl`",
+        "orderByAsc": True,
+        "selectedColumns": columns,
+        "runsHiddenMode": "SHOW_ALL",  # the UI's default charts only the first 10 runs
+    }
+    now = int(time.time() * 1000)
+    return json.dumps(
+        {"name": name, "createdAt": now, "updatedAt": now, "state": json.dumps(state)}
+    )
+
+
+def experiment_view_tags() -> dict[str, str]:
+    """Tags for a new experiment: a model-training experiment, with a view of perplexities."""
+    params = ["model.name", "data.name", "dropout.dp_keep_prob", "lr_policy.lr"]
+    return {
+        "mlflow.experimentKind": "custom_model_development",
+        VIEW_TAG_PREFIX + EXPERIMENT_VIEW: _view_tag("lmexp: perplexity", "", params),
+    }
+
+
+def save_sweep_view(uri: str, experiment_id: str, parent_run_id: str, swept: list[str]) -> None:
+    """A view of one sweep's children, its swept params and key metrics as columns."""
+    search = f"tags.`{PARENT_TAG}` = '{parent_run_id}'"
+    tag = _view_tag(f"sweep {parent_run_id[:8]}", search, swept)
+    _client(uri).set_experiment_tag(experiment_id, VIEW_TAG_PREFIX + parent_run_id, tag)
+
+
+def ui_base(uri: str) -> str:
+    """Where the MLflow UI for `uri` is: the server itself, or `mlflow ui`'s default address."""
+    scheme = urllib.parse.urlparse(uri).scheme
+    return uri.rstrip("/") if scheme in ("http", "https") else "http://127.0.0.1:5000"
+
+
+def ui_url(uri: str, experiment_id: str, view: str | None = None, run_id: str | None = None) -> str:
+    """The UI page of a run, or of an experiment's runs in the model-training view (chart mode,
+    with a saved view's columns when `view` is given)."""
+    base = f"{ui_base(uri)}/#/experiments/{experiment_id}"
+    if run_id:
+        return f"{base}/runs/{run_id}"
+    query = "workflowType=machine_learning&compareRunsMode=CHART"
+    return f"{base}/runs?{query}" + (f"&viewStateShareKey={view}" if view else "")
+
+
 class Tracker:
     """No-op tracker (logger=none); the interface MlflowTracker implements."""
 
     run_id: str | None = None
     uri: str | None = None
+    page: str | None = None  # the run's page in the MLflow UI
 
     def log_params(self, params: dict[str, Any]) -> None: ...
 
@@ -197,10 +259,12 @@ class MlflowTracker(Tracker):
         run_id: str | None = None,
         run_name: str | None = None,
         tags: dict[str, str] | None = None,
+        system_metrics_s: float | None = None,
     ) -> None:
         from mlflow.exceptions import MlflowException
 
         self.uri = uri
+        self.monitor: Any = None
         self.experiment_id = prepare_experiment(uri, experiment_name)
         self.client = _client(uri)
         if run_id is not None:
@@ -216,6 +280,11 @@ class MlflowTracker(Tracker):
         else:
             run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags or {})
             self.run_id = run.info.run_id
+        self.page = ui_url(uri, self.experiment_id, run_id=self.run_id)
+        if system_metrics_s:
+            self.monitor = start_system_metrics(
+                uri, self.run_id, system_metrics_s, run_id is not None
+            )
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -225,8 +294,6 @@ class MlflowTracker(Tracker):
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -245,9 +312,24 @@ class MlflowTracker(Tracker):
         return {m.step for m in self.client.get_metric_history(self.run_id, key)}
 
     def finish(self, status: str = "FINISHED", reason: str | None = None) -> None:
+        if self.monitor is not None:  # its last samples, while the run is still RUNNING
+            self.monitor.finish()
+            self.monitor = None
         if reason:
             self.set_tags({FAILURE_TAG: reason[:5000]})
         self.client.set_terminated(self.run_id, status)
+
+
+def start_system_metrics(uri: str, run_id: str, interval_s: float, resumed: bool) -> Any:
+    """MLflow's system metrics (CPU, memory, disk, network; GPU through nvidia-ml-py where there
+    is one) for a run made with MlflowClient, sampled every interval_s seconds."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(
+        run_id, sampling_interval=interval_s, resume_logging=resumed, tracking_uri=uri
+    )
+    monitor.start()
+    return monitor
 
 
 def open_tracker(
@@ -259,12 +341,14 @@ def open_tracker(
     tags: dict[str, str],
     timeout: float = 5.0,
     fallback_uri: str | None = None,
+    system_metrics_s: float | None = None,
 ) -> tuple[Tracker, str | None]:
     """The tracker for logger.kind, after checking its store; returns it and a fallback note."""
     if kind == "none":
         return Tracker(), None
     uri, note = usable_store(uri, timeout, fallback_uri)
-    return MlflowTracker(uri, experiment_name, run_id, run_name, tags), note
+    tracker = MlflowTracker(uri, experiment_name, run_id, run_name, tags, system_metrics_s)
+    return tracker, note
 
 
 def usable_store(
@@ -314,10 +398,12 @@ def start_parent_run(
     experiment_name: str,
     run_name: str,
     tags: dict[str, str],
+    swept: list[str],
     reopen: str | None = None,
-) -> str:
+) -> tuple[str, str]:
     """Open a sweep's parent run: `reopen` (an earlier parent of the same sweep folder), set
-    RUNNING again, when it still exists in that experiment; else a new run."""
+    RUNNING again, when it still exists in that experiment; else a new run, with a saved UI
+    view of its children. Returns the run's and the experiment's ids."""
     from mlflow.exceptions import MlflowException
 
     experiment_id = prepare_experiment(uri, experiment_name)
@@ -327,10 +413,12 @@ def start_parent_run(
             run = client.get_run(reopen)
             if run.info.experiment_id == experiment_id and run.info.lifecycle_stage == "active":
                 reopen_run(client, reopen)
-                return reopen
+                return reopen, experiment_id
         except MlflowException:
             pass  # deleted or from another store: start a new parent
-    return client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+    run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+    save_sweep_view(uri, experiment_id, run_id, swept)
+    return run_id, experiment_id
 
 
 @dataclass
@@ -344,6 +432,7 @@ class RunRecord:
     metrics: dict[str, float]
     tags: dict[str, str]
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    experiment_id: str = ""
 
 
 def fetch_runs(
@@ -375,6 +464,16 @@ def fetch_runs(
     ]
 
 
+def experiment_names(uri: str) -> list[str]:
+    """The names of the store's experiments that hold runs, oldest first."""
+    client = _client(uri)
+    names = []
+    for experiment in sorted(client.search_experiments(), key=lambda e: int(e.experiment_id)):
+        if client.search_runs([experiment.experiment_id], "", max_results=1):
+            names.append(experiment.name)
+    return names
+
+
 def fetch_run(uri: str, run_id: str, history_keys: tuple[str, ...] = ()) -> RunRecord:
     """One run by id, with the metric histories asked for."""
     from mlflow.exceptions import MlflowException
@@ -402,6 +501,7 @@ def _record(client: Any, run: Any, history_keys: tuple[str, ...]) -> RunRecord:
         dict(run.data.metrics),
         dict(run.data.tags),
         history,
+        run.info.experiment_id,
     )
 
 

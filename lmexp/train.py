@@ -25,6 +25,7 @@ from lmexp.config import LmexpError, TrainConfig, flatten
 from lmexp.data import Corpus, batch_splits, load_corpus
 from lmexp.loop import DivergenceError, EpochProgress, TrainStep, evaluate, perplexity, train_epoch
 from lmexp.model import LSTMLanguageModel, State
+from lmexp.names import child_name, single_name
 from lmexp.resume import find_resume
 from lmexp.runtime import (
     SWEEP_STOPPING,
@@ -64,6 +65,7 @@ class RunContext:
     job_num: int | None = None
     parent_run_id: str | None = None
     tracking_uri: str | None = None
+    swept: list[str] = field(default_factory=list)  # the keys the sweep varies
 
 
 def run_tags(device: torch.device, ctx: RunContext, cfg: TrainConfig) -> dict[str, str]:
@@ -178,6 +180,8 @@ def run_training(cfg: TrainConfig, ctx: RunContext) -> float:
                 tracker.run_id,
                 tracker.uri,
             )
+            if tracker.page:
+                log.info("In the MLflow UI: %s", tracker.page)
             if position.epoch < t.max_epochs or not tracker.logged_steps("test_ppl"):
                 train_epochs(run, position)
                 finish(run, position)
@@ -204,15 +208,23 @@ def start_tracking(
 ) -> Tracker:
     """The run's tracker: run_id reopened (resuming), else a new run; the store checked first."""
     lg = cfg.logger
+    if lg.run_name:
+        name = lg.run_name
+    elif ctx.parent_run_id:
+        name = child_name(ctx.swept, ctx.overrides, ctx.job_num)
+    else:
+        name = single_name(cfg.model.name, ctx.overrides)
+    system_metrics = lg.system_metrics if lg.system_metrics is not None else cfg.data.name != "tiny"
     tracker, note = open_tracker(
         lg.kind,
         ctx.tracking_uri or resolve_tracking_uri(lg.tracking_uri, ctx.launch_dir),
         lg.experiment_name,
         run_id=run_id,
-        run_name=lg.run_name,
+        run_name=name,
         tags=tags,
         timeout=lg.connect_timeout_s,
         fallback_uri=lg.fallback_uri and resolve_tracking_uri(lg.fallback_uri, ctx.launch_dir),
+        system_metrics_s=lg.system_metrics_every_s if system_metrics else None,
     )
     if note:
         log.warning(note)
@@ -371,8 +383,14 @@ def finish(run: Run, position: Position) -> None:
     test_ppl = perplexity(
         *evaluate(run.model, run.data["test"], t.eval_num_steps, t.limit_eval_batches, t.precision)
     )
+    wps = [h["train_wps"] for h in position.history]
     run.tracker.log_metrics(
-        {"test_ppl": test_ppl, "best_valid_ppl": position.best_valid}, step=t.max_epochs
+        {
+            "test_ppl": test_ppl,
+            "best_valid_ppl": position.best_valid,
+            "train_wps_mean": sum(wps) / max(len(wps), 1),
+        },
+        step=t.max_epochs,
     )
     log.info("Test perplexity %.2f (best valid %.2f)", test_ppl, position.best_valid)
     if t.limit_eval_batches is not None:
@@ -427,6 +445,7 @@ def hydra_context(cfg: Any) -> RunContext:
         sweep = read_sweep(Path(hc.sweep.dir))
         if sweep is not None:
             ctx.parent_run_id, ctx.tracking_uri = sweep["parent_run_id"], sweep["tracking_uri"]
+            ctx.swept = list(sweep["swept_params"])
     return ctx
 
 
