@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from lmexp.config import DropoutConfig
 from lmexp.model import LSTMLanguageModel, locked_dropout
@@ -19,13 +20,24 @@ def test_shapes_and_state_carry():
     assert logits.shape == (7, 3, 50) and h.shape == c.shape == (2, 3, 16)
 
 
-def test_uniform_init_within_scale_and_lstm_biases_zero():
-    model = make()
+@pytest.mark.parametrize("kind", ["standard", "variational"])
+def test_uniform_init_within_scale_and_lstm_biases_zero(kind):
+    """TF's init: every LSTM bias zero (found by module type, so no name scheme hides one),
+    everything else uniform in [-init_scale, init_scale]; for both LSTM layouts."""
+    model = make(kind)
+    biases = {
+        id(p)
+        for lstm in model.modules()
+        if isinstance(lstm, nn.LSTM)
+        for name, p in lstm.named_parameters()
+        if name.startswith("bias")
+    }
+    assert len(biases) == 2 * 2  # bias_ih and bias_hh of each of the two layers
     for name, p in model.named_parameters():
-        if "lstm.bias" in name:
-            assert torch.count_nonzero(p) == 0
+        if id(p) in biases:
+            assert torch.count_nonzero(p) == 0, f"{kind}: LSTM bias {name} is not zero at init"
         else:
-            assert p.abs().max() <= 0.1 and p.std() > 0.03
+            assert p.abs().max() <= 0.1 and p.std() > 0.03, f"{kind}: {name} is not uniform"
 
 
 def test_tied_weights_share_storage_and_drop_vocab_times_hidden_parameters():
