@@ -2,9 +2,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from lmexp.config import DropoutConfig
-from lmexp.model import LSTMLanguageModel, locked_dropout
+from lmexp.model import LSTMLanguageModel
 
 
 def make(kind: str = "standard", keep: float = 0.5, tie: bool = False, **kw) -> LSTMLanguageModel:
@@ -19,13 +20,24 @@ def test_shapes_and_state_carry():
     assert logits.shape == (7, 3, 50) and h.shape == c.shape == (2, 3, 16)
 
 
-def test_uniform_init_within_scale_and_lstm_biases_zero():
-    model = make()
+@pytest.mark.parametrize("kind", ["standard", "variational"])
+def test_uniform_init_within_scale_and_lstm_biases_zero(kind):
+    """TF's init: every LSTM bias zero (found by module type, so no name scheme hides one),
+    everything else uniform in [-init_scale, init_scale]; for both LSTM layouts."""
+    model = make(kind)
+    biases = {
+        id(p)
+        for lstm in model.modules()
+        if isinstance(lstm, nn.LSTM)
+        for name, p in lstm.named_parameters()
+        if name.startswith("bias")
+    }
+    assert len(biases) == 2 * 2  # bias_ih and bias_hh of each of the two layers
     for name, p in model.named_parameters():
-        if "lstm.bias" in name:
-            assert torch.count_nonzero(p) == 0
+        if id(p) in biases:
+            assert torch.count_nonzero(p) == 0, f"{kind}: LSTM bias {name} is not zero at init"
         else:
-            assert p.abs().max() <= 0.1 and p.std() > 0.03
+            assert p.abs().max() <= 0.1 and p.std() > 0.03, f"{kind}: {name} is not uniform"
 
 
 def test_tied_weights_share_storage_and_drop_vocab_times_hidden_parameters():
@@ -35,22 +47,60 @@ def test_tied_weights_share_storage_and_drop_vocab_times_hidden_parameters():
     assert count(untied) - count(tied) == 50 * 16
 
 
-def test_variational_masks_shared_across_time_and_differ_across_sequences():
-    model = make("variational", keep=0.5)
-    model.train()
-    x = torch.ones(6, 4, 16)
+def lstm_layer_io(model: LSTMLanguageModel, tokens: torch.Tensor) -> dict:
+    """One forward of a variational model; what each layer received ("in", i) and returned
+    ("out", i), as seen by hooks on model.layers."""
+    seen = {}
+
+    def record(key):
+        def hook(_module, args, output=None):
+            # A pre-hook gets the call's args, a forward hook also its output, (x, (h, c)).
+            seen[key] = (args if output is None else output)[0].detach()
+
+        return hook
+
+    handles = []
+    for i, layer in enumerate(model.layers):
+        handles.append(layer.register_forward_pre_hook(record(("in", i))))
+        handles.append(layer.register_forward_hook(record(("out", i))))
+    try:
+        model(tokens, model.init_state(tokens.size(1)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def test_variational_embedding_dropout_in_forward_is_one_mask_per_sequence():
+    """Through the model's forward: sequence b repeats word b, so whatever varies over time in
+    what reaches the first LSTM layer is the dropout mask, which must not vary."""
+    model = make("variational", keep=1.0, keep_prob_embedding=0.5).train()
+    tokens = torch.arange(8).repeat(12, 1)  # (12 steps, 8 sequences)
     torch.manual_seed(1)
-    out = locked_dropout(x, 0.5, True)
-    assert torch.equal(out[0], out[5])  # one mask per sequence, every time step
-    assert not torch.equal(out[:, 0], out[:, 1])  # sequences get different masks
-    assert set(out.unique().tolist()) <= {0.0, 2.0}
-    # Embedding dropout in a real forward: zero features are zero at every time step.
-    tokens = torch.randint(0, 50, (5, 4))
-    emb = model.embedding(tokens)
-    torch.manual_seed(3)
-    dropped = locked_dropout(emb, model.p_embedding, True)
-    zero = (dropped == 0) & (emb != 0)
-    assert torch.equal(zero[0], zero[4])
+    x = lstm_layer_io(model, tokens)["in", 0]
+    emb = model.embedding(tokens).detach()
+    kept = x != 0
+    assert 0.3 < (~kept).float().mean() < 0.7, "no embedding dropout while training"
+    torch.testing.assert_close(x[kept], emb[kept] / 0.5)  # kept features scaled by 1/keep
+    for t in range(1, x.size(0)):
+        assert torch.equal(kept[t], kept[0]), f"embedding dropout mask at step {t} != step 0"
+    assert not torch.equal(kept[0, 0], kept[0, 1]), "two sequences got the same mask"
+
+
+def test_variational_dropout_between_layers_in_forward():
+    """Training: layer 1 sees layer 0's output with a per-sequence mask (zeros, the rest scaled
+    by 1/keep); eval: it sees layer 0's output unchanged."""
+    model = make("variational", keep=1.0, keep_prob_between=0.5).train()
+    tokens = torch.randint(0, 50, (10, 6))
+    torch.manual_seed(2)
+    seen = lstm_layer_io(model, tokens)
+    below, above = seen["out", 0], seen["in", 1]
+    kept = above != 0
+    assert 0.3 < (~kept).float().mean() < 0.7, "no dropout between layers 0 and 1 in training"
+    torch.testing.assert_close(above[kept], below[kept] / 0.5)
+    assert torch.equal(kept, kept[:1].expand_as(kept)), "between-layer mask varies over time"
+    seen = lstm_layer_io(model.eval(), tokens)
+    assert torch.equal(seen["in", 1], seen["out", 0]), "dropout between layers in eval mode"
 
 
 def test_no_dropout_in_eval_mode():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -48,7 +50,34 @@ def test_record_is_a_finished_full_small_run_on_ptb(record):
     assert c["trainer.limit_train_batches"] == c["trainer.limit_eval_batches"] == "None"
     assert int(c["trainer.max_epochs"]) == 13 == len(r["epochs"])
     assert [e["epoch"] for e in r["epochs"]] == list(range(1, 14))
-    assert re.fullmatch(r"[0-9a-f]{40}", r["git_commit"]) and r["device"] and r["torch_version"]
+    assert r["device"] and r["torch_version"]
+
+
+def git(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def git_history() -> None:
+    """Skip where the repository's history is not at hand (CI runs in a full clone)."""
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    if git("rev-parse", "--show-toplevel").stdout.strip() != str(REPO):
+        pytest.skip(f"{REPO} is not a git checkout (an unpacked sdist?)")
+    if git("rev-parse", "--is-shallow-repository").stdout.strip() == "true":
+        pytest.skip("shallow clone: run `git fetch --unshallow` to check the records' commits")
+
+
+def test_record_was_made_from_a_commit_in_this_history(record, git_history):
+    """The code that made a record is a commit of this repository that HEAD builds on."""
+    name, r = record
+    sha = r["git_commit"]
+    assert re.fullmatch(r"[0-9a-f]{40}", sha), f"{name}: git_commit {sha!r} is not a full sha"
+    proc = git("merge-base", "--is-ancestor", sha, "HEAD")
+    assert proc.returncode == 0, (
+        f"{name}: git_commit {sha} is not in the history of HEAD: "
+        f"{proc.stderr.strip() or 'a commit here, but not an ancestor of HEAD'}"
+    )
 
 
 def test_record_is_internally_consistent(record):
