@@ -54,6 +54,30 @@ def test_dp_keep_prob_sweep_children_parent_and_ordered_report(tmp_path):
     for run in children:
         for key in ("train_ppl", "valid_ppl", "lr", "train_wps", "epoch_time_s"):
             assert [s for s, _ in metric_history(db, run.info.run_id, key)] == [1, 2]
+    # Each child named by its value (not MLflow's random names), the parent by what it sweeps.
+    assert sorted(r.info.run_name for r in children) == [
+        "dp_keep_prob=0.35",
+        "dp_keep_prob=0.5",
+        "dp_keep_prob=0.65",
+    ]
+    assert parent.info.run_name.startswith("sweep dp_keep_prob (")
+    note = parent.data.tags["mlflow.note.content"]  # the description on its Overview page
+    assert f"Best: **{best_name(children)}**" in note
+    assert all(f"/runs/{r.info.run_id})" in note for r in children)
+    # The experiment opens as a model-training one, with a saved view of this sweep's runs.
+    from mlflow.tracking import MlflowClient
+
+    experiment = MlflowClient(f"sqlite:///{db}").get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(experiment.tags[f"mlflow.sharedViewState.{parent.info.run_id}"])
+    state = json.loads(view["state"])
+    assert state["searchFilter"] == f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    assert "params.`dropout.dp_keep_prob`" in state["selectedColumns"]
+    assert "metrics.`valid_ppl`" in state["selectedColumns"]
+    url = f"#/experiments/{parent.info.experiment_id}/runs?workflowType=machine_learning"
+    assert f"{url}&compareRunsMode=CHART&viewStateShareKey={parent.info.run_id}" in (
+        proc.stdout + proc.stderr
+    )
     # Jobs ran in multirun/<date>/<time>/<n>/.
     folder = sweep_dir(tmp_path)
     assert sorted(p.name for p in folder.iterdir() if p.name.isdigit()) == ["0", "1", "2"]
@@ -76,6 +100,10 @@ def test_dp_keep_prob_sweep_children_parent_and_ordered_report(tmp_path):
     assert [r["dropout.dp_keep_prob"] for r in rows][0] == best.data.params["dropout.dp_keep_prob"]
     assert "dropout.dp_keep_prob" in report.stdout.splitlines()[0]
     assert_pngs_have_content(tmp_path / "rep")
+
+
+def best_name(children: list) -> str:
+    return min(children, key=lambda r: r.data.metrics["best_valid_ppl"]).info.run_name
 
 
 def assert_pngs_have_content(folder: Path) -> None:
@@ -333,7 +361,7 @@ def test_two_sweeps_launched_together_keep_their_folders_and_jobs_apart(tmp_path
         folder = Path(parent.data.tags["sweep_dir"])
         assert {Path(c.data.tags["output_dir"]).parent for c in children} == {folder}
         rows = list(csv.DictReader((folder / "report" / "runs.csv").read_text().splitlines()))
-        assert sorted(r["run_id"] for r in rows) == sorted(c.info.run_id[:8] for c in children)
+        assert sorted(r["run_id"] for r in rows) == sorted(c.info.run_id for c in children)
     assert_store_intact(tmp_path / "mlflow.db")
 
 

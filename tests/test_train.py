@@ -50,6 +50,11 @@ def test_tiny_run_logs_every_metric_every_epoch_and_learns(tmp_path):
     assert saved["vocab"] == vocab and saved["config"]["model"]["hidden_size"] == 32
     assert (tmp_path / "out" / "run" / "checkpoints" / "last.pt").is_file()
     assert (tmp_path / "out" / "run" / "checkpoints" / "best.pt").is_file()
+    # Named by its recipe and what the command changed; its mean speed under its own name.
+    assert run.info.run_name == "tiny data=tiny max_epochs=4"
+    wps = [v for _, v in metric_history(db, run.info.run_id, "train_wps")]
+    assert run.data.metrics["train_wps_mean"] == pytest.approx(sum(wps) / len(wps))
+    assert not any(k.startswith("system/") for k in run.data.metrics)  # tiny: off by default
 
 
 @pytest.mark.slow
@@ -349,3 +354,20 @@ def test_debug_preset_says_its_test_ppl_covers_part_of_the_split(tmp_path):
     full = run_module("lmexp.train", *TINY, "trainer.max_epochs=1", cwd=tmp_path)
     runs = mlflow_runs(tmp_path / "mlflow.db")
     assert full.returncode == 0 and sum("lmexp.eval_scope" in r.data.tags for r in runs) == 1
+
+
+def test_system_metrics_are_logged_when_asked_and_the_run_name_can_be_set(tmp_path):
+    proc = run_module(
+        "lmexp.train", *TINY, "model.hidden_size=128", "data.tiny_train_tokens=60000",
+        "trainer.max_epochs=2", "logger.system_metrics=true", "logger.system_metrics_every_s=0.2",
+        "logger.run_name=my run", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = mlflow_runs(tmp_path / "mlflow.db")
+    assert run.info.run_name == "my run"
+    for key in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"):
+        assert key in run.data.metrics, sorted(run.data.metrics)
+    cpu = metric_history(
+        tmp_path / "mlflow.db", run.info.run_id, "system/cpu_utilization_percentage"
+    )
+    assert len(cpu) >= 2 and all(0 <= v <= 100 * os.cpu_count() for _, v in cpu)

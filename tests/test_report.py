@@ -1,0 +1,39 @@
+"""lmexp.report on real runs in a real sqlite store: grouping, no silent overwrite, clear errors."""
+
+from __future__ import annotations
+
+import csv
+
+from conftest import TINY, mlflow_runs, run_module
+
+
+def test_report_without_arguments_groups_by_experiment_and_recipe_and_keeps_old_reports(tmp_path):
+    for extra in (["trainer.max_epochs=1"], ["trainer.max_epochs=2", "logger.experiment_name=b"]):
+        assert run_module("lmexp.train", *TINY, *extra, cwd=tmp_path).returncode == 0
+    proc = run_module("lmexp.report", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        "== lmexp: tiny-tiny (1 runs)" in proc.stdout and "== b: tiny-tiny (1 runs)" in proc.stdout
+    )
+    runs = {r.info.run_id for r in mlflow_runs(tmp_path / "mlflow.db")}
+    table = (tmp_path / "report" / "lmexp" / "tiny-tiny" / "runs.csv").read_text()
+    rows = list(csv.DictReader(table.splitlines()))
+    assert len(rows) == 1 and rows[0]["run_id"] in runs  # the full id, not 8 characters
+    md = (tmp_path / "report" / "lmexp" / "tiny-tiny" / "runs.md").read_text()
+    assert rows[0]["run_id"] in md and "| run | run_id |" in md
+    before = (tmp_path / "report" / "lmexp" / "tiny-tiny" / "runs.csv").read_bytes()
+    again = run_module("lmexp.report", cwd=tmp_path)
+    assert again.returncode == 2
+    assert "report already holds files (an earlier report?); pass --out" in again.stderr
+    assert (tmp_path / "report" / "lmexp" / "tiny-tiny" / "runs.csv").read_bytes() == before
+    assert run_module("lmexp.report", "--force", cwd=tmp_path).returncode == 0
+
+
+def test_report_of_a_store_without_runs_is_one_sentence(tmp_path):
+    proc = run_module("lmexp.report", "--out", "rep", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().endswith(
+        "holds no lmexp runs; train one (python -m lmexp.train) or pass --tracking-uri for the "
+        "store that has them."
+    ), proc.stderr
+    assert "Traceback" not in proc.stderr
