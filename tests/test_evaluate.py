@@ -151,7 +151,7 @@ def test_report_of_one_run_covers_only_that_run(trained, tmp_path):
     proc = run_module("lmexp.report", "--run", run_id, "--out", "one", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     with open(tmp_path / "one" / "runs.csv") as f:
-        assert [row["run_id"] for row in csv.DictReader(f)] == [run_id[:8]]
+        assert [row["run_id"] for row in csv.DictReader(f)] == [run_id]
     proc = run_module("lmexp.report", "--run", "deadbeef", "--out", "none", cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr == (

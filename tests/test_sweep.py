@@ -235,7 +235,7 @@ def test_an_optuna_interval_end_out_of_range_is_refused_up_front(tmp_path):
         ),
         (
             ["hparams_search=ptb_optuna", "dropout.keep=interval(0.1,0.9)"],
-            "Could not override 'dropout.keep'",
+            "Unknown config key 'dropout.keep'; did you mean dropout.kind or dropout.dp_keep_prob?",
         ),
         (
             ["-m", "logger.tracking_uri=http://127.0.0.1:9", "dropout.dp_keep_prob=0.5,0.6"],
