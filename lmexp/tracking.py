@@ -26,6 +26,9 @@ FAILURE_TAG = "lmexp.failure_reason"
 KIND_TAG = "lmexp.kind"  # "sweep" on a sweep's parent run, "bench" on lmexp.bench's runs
 # The metrics every training run logs once per epoch (step = epoch), in this order.
 EPOCH_METRICS = ("train_ppl", "valid_ppl", "lr", "train_wps", "epoch_time_s")
+# A run's model: its exported files, as artifacts under model/.
+MODEL_NAME = "model"
+MODEL_FILES = ("model.pt", "config.json", "vocab.json")
 
 
 class TrackingError(LmexpError):
@@ -181,6 +184,8 @@ class Tracker:
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
 
+    def log_model(self, folder: Path) -> None: ...
+
     def logged_steps(self, key: str) -> set[int]:
         return set()
 
@@ -241,6 +246,11 @@ class MlflowTracker(Tracker):
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_model(self, folder: Path) -> None:
+        """An exported model folder's files, as artifacts under model/."""
+        for name in MODEL_FILES:
+            self.log_artifact(folder / name, MODEL_NAME)
+
     def logged_steps(self, key: str) -> set[int]:
         return {m.step for m in self.client.get_metric_history(self.run_id, key)}
 
@@ -282,18 +292,23 @@ def usable_store(
 
 
 def download_model(uri: str, run_id: str, dest: Path) -> Path:
-    """Fetch a run's model/model.pt artifact (written by lmexp.train) into dest."""
+    """Fetch a run's exported model (model/model.pt, config.json, vocab.json) into dest; return
+    the path of model.pt."""
     from mlflow.exceptions import MlflowException
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    try:
-        local = _client(uri).download_artifacts(run_id, "model/model.pt", str(dest))
-    except (MlflowException, OSError) as err:
-        raise TrackingError(
-            f"Run {run_id} in {uri} has no model/model.pt artifact ({str(err).splitlines()[0]}); "
-            "check the run id and logger.tracking_uri (--tracking-uri), or pass a model.pt path."
-        ) from err
-    return Path(local)
+    client = _client(uri)
+    local = []
+    for name in MODEL_FILES:  # each lands in dest itself
+        try:
+            local.append(client.download_artifacts(run_id, f"{MODEL_NAME}/{name}", str(dest)))
+        except (MlflowException, OSError) as err:
+            raise TrackingError(
+                f"Run {run_id} in {uri} has no {MODEL_NAME}/{name} artifact "
+                f"({str(err).splitlines()[0]}); check the run id and logger.tracking_uri "
+                "(--tracking-uri), or pass a model.pt path."
+            ) from err
+    return Path(local[0])
 
 
 # --- sweeps: a parent run per multirun, read back by the report ----------------------------

@@ -76,6 +76,19 @@ def test_evaluate_names_a_bad_model_source(trained, tmp_path):
     assert proc.returncode == 2 and "has no model/model.pt artifact" in proc.stderr
 
 
+@pytest.mark.parametrize("missing", ["config.json", "vocab.json"])
+def test_an_exported_model_without_its_json_files_is_one_sentence(trained, tmp_path, missing):
+    cwd, _, _ = trained
+    shutil.copytree(cwd / "run" / "model", tmp_path / "model")
+    (tmp_path / "model" / missing).unlink()
+    proc = run_module("lmexp.evaluate", str(tmp_path / "model" / "model.pt"), cwd=cwd)
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        f"lmexp.evaluate: error: {tmp_path / 'model' / missing} is missing: an exported model.pt "
+        f"needs the {missing} lmexp.train wrote beside it; copy the whole model/ folder.\n"
+    )
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
 @pytest.mark.parametrize("module", ["lmexp.evaluate", "lmexp.generate"])
 def test_cuda_device_without_a_gpu_is_one_sentence(trained, module):
