@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, mlflow_runs, run_module
+from conftest import REPO, TINY, mlflow_runs, run_module, run_without_lmexp
 from mlflow.tracking import MlflowClient
 
 
@@ -25,6 +25,37 @@ def trained(tmp_path_factory) -> tuple[Path, str, float]:
 
 def ppl(stdout: str) -> float:
     return float(re.search(r"perplexity ([0-9.]+)", stdout).group(1))
+
+
+def split_text(cwd: Path, split: str) -> str:
+    """A split of the trained run's corpus, written as the text file it would be read from."""
+    from lmexp.config import DataConfig
+    from lmexp.data import load_corpus
+
+    config = json.loads((cwd / "run" / "model" / "config.json").read_text())
+    corpus = load_corpus(DataConfig(**config["data"]))
+    return " ".join(corpus.vocab[i] for i in corpus.split(split).tolist()).replace("<eos>", "\n")
+
+
+def readme_snippet(heading: str) -> str:
+    """The first Python block after a README heading, verbatim."""
+    section = (REPO / "README.md").read_text().split(f"\n### {heading}\n", 1)[1]
+    return section.split("```python\n", 1)[1].split("\n```", 1)[0]
+
+
+def test_readme_snippet_scores_the_exported_model_without_lmexp_as_lmexp_does(trained, tmp_path):
+    cwd, _, _ = trained
+    run = cwd / "run"
+    blocked = run_without_lmexp("import lmexp\n", cwd=run, scratch=tmp_path)
+    assert blocked.returncode == 1 and "ImportError: lmexp is not here" in blocked.stderr
+    (run / "sample.txt").write_text(split_text(cwd, "valid") + "\nw1 zebra w2\n")
+    snippet = run_without_lmexp(readme_snippet("Without lmexp"), cwd=run, scratch=tmp_path)
+    assert snippet.returncode == 0, snippet.stderr
+    own = run_module("lmexp.evaluate", "model/model.pt", "--text", "sample.txt", cwd=run)
+    assert own.returncode == 0, own.stderr
+    tokens = re.search(r"over (\d+) tokens", own.stdout).group(1)
+    assert snippet.stdout == f"perplexity {ppl(snippet.stdout):.4f} over {tokens} tokens\n"
+    assert ppl(snippet.stdout) == pytest.approx(ppl(own.stdout), rel=1e-5)  # 4 decimals printed
 
 
 def test_evaluate_reproduces_logged_test_ppl_from_run_id_and_from_path(trained):
