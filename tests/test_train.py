@@ -64,6 +64,23 @@ def test_tiny_run_logs_every_metric_every_epoch_and_learns(tmp_path):
     assert (tmp_path / "out" / "run" / "checkpoints" / "best.pt").is_file()
 
 
+def test_log_model_false_keeps_the_model_out_of_mlflow_but_exports_it(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    proc = run_module(
+        "lmexp.train", *TINY, "trainer.max_epochs=1", "logger.log_model=false",
+        "hydra.run.dir=run", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = mlflow_runs(tmp_path / "mlflow.db")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.search_logged_models([run.info.experiment_id]) == []
+    assert not (Path(run.info.artifact_uri.removeprefix("file://")) / "model").exists()
+    assert sorted(p.name for p in (tmp_path / "run" / "model").iterdir()) == [
+        "config.json", "metrics.json", "model.pt", "vocab.json",
+    ]  # fmt: skip
+
+
 def test_debug_run_on_real_ptb(tmp_path, ptb_dir):
     proc = run_module(
         "lmexp.train",
