@@ -1,19 +1,25 @@
-"""Atomic checkpoint writes and safe loads.
+"""Atomic checkpoint writes and safe loads; the exported model's standard format.
 
 A checkpoint file is a short header (magic line, SHA-256 of the payload) followed by the payload
 `torch.save` wrote. Loading checks the header and the digest before unpickling, so a truncated,
 altered or foreign file is refused with one line naming it, and unpickles with
 `weights_only=True`, so a file crafted to run code is refused too. Only tensors and plain data
 (dicts, lists, numbers, strings) are stored; the vocabulary is a list of strings.
+
+An exported model is a folder anyone can read without lmexp: model.pt is a plain state_dict
+(`torch.load(path, weights_only=True)`), config.json the resolved config, vocab.json the words
+(index = token id).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import pickle
 import random
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +68,16 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
             f"{path} is corrupt (its checksum does not match: truncated or altered); resume from "
             "another checkpoint, e.g. checkpoints/best.pt, or start afresh."
         )
+    obj = _torch_load(io.BytesIO(body), path, map_location)
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an lmexp checkpoint (unexpected contents).")
+    return obj
+
+
+def _torch_load(source: Any, path: Path, map_location: str | torch.device) -> Any:
+    """torch.load with weights_only=True; a refusal becomes one sentence naming path."""
     try:
-        obj = torch.load(io.BytesIO(body), map_location=map_location, weights_only=True)
+        return torch.load(source, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
         # torch's text advises retrying with weights_only=False, i.e. running the code just
         # refused: pass on only the global it names, never the text.
@@ -73,9 +87,51 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
             f"{path} was refused: it holds something other than tensors and plain data{detail}; "
             "pass a checkpoint or model.pt written by lmexp.train."
         ) from err
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not an lmexp checkpoint (unexpected contents).")
-    return obj
+
+
+def export(
+    folder: Path, state_dict: dict[str, torch.Tensor], config: dict, vocab: list[str]
+) -> None:
+    """Write the standard format: model.pt (a plain state_dict on the CPU), config.json, vocab.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, buffer)
+    atomic_write_bytes(folder / "model.pt", buffer.getvalue())
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+
+
+def load_any(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint, or an exported model.pt with the config.json and vocab.json beside it: either
+    way a dict holding "model" (the state_dict), "config" and "vocab"."""
+    path = Path(path)
+    if path.is_file():
+        with open(path, "rb") as f:
+            headered = f.read(len(MAGIC)) == MAGIC
+        if not headered:
+            return _load_exported(path, map_location)
+    return load(path, map_location)  # a missing file gets load's sentence
+
+
+def _load_exported(path: Path, map_location: str | torch.device) -> dict[str, Any]:
+    weights = _torch_load(path, path, map_location) if zipfile.is_zipfile(path) else None
+    if not isinstance(weights, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()
+    ):
+        raise CheckpointError(
+            f"{path} is not an lmexp checkpoint or an exported model.pt (a state_dict of "
+            "tensors); pass a checkpoint or model/model.pt written by lmexp.train."
+        )
+    state: dict[str, Any] = {"model": weights}
+    for key in ("config", "vocab"):
+        beside = path.with_name(f"{key}.json")
+        if not beside.is_file():
+            raise CheckpointError(
+                f"{beside} is missing: an exported model.pt needs the {key}.json lmexp.train "
+                "wrote beside it; copy the whole model/ folder."
+            )
+        state[key] = json.loads(beside.read_text())
+    return state
 
 
 def rng_state() -> dict[str, Any]:
@@ -104,14 +160,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def load_model(
     path: Path, device: str | torch.device = "cpu"
 ) -> tuple[Any, list[str], dict[str, Any]]:
-    """Rebuild a trained model from any lmexp checkpoint or exported model.pt (safely loaded).
+    """Rebuild a trained model from an lmexp checkpoint or an exported model.pt (safely loaded).
 
     Returns the model in eval mode, its vocabulary and the resolved config it was trained with.
     """
     from lmexp.config import DropoutConfig, ModelConfig
     from lmexp.model import LSTMLanguageModel
 
-    state = load(path, map_location=device)
+    state = load_any(path, map_location=device)
     missing = [k for k in ("model", "vocab", "config") if k not in state]
     if missing:
         raise CheckpointError(

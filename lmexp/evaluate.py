@@ -1,9 +1,9 @@
 """`python -m lmexp.evaluate MODEL [--split test | --text FILE]`: perplexity of a trained model.
 
-MODEL is a checkpoint or model.pt path, or an MLflow run id (its model/model.pt artifact). The
-split is read and batched as training did (same vocabulary, batch size and window), so the test
-split reproduces the test_ppl the run logged. A text file is tokenised like PTB; words outside the
-vocabulary become <unk>, and how many did is reported.
+MODEL is a checkpoint, an exported model.pt (config.json and vocab.json beside it), or an MLflow
+run id (its model/ artifacts). The split is read and batched as training did (same vocabulary,
+batch size and window), so the test split reproduces the test_ppl the run logged. A text file is
+tokenised like PTB; words outside the vocabulary become <unk>, and how many did is reported.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ FREE_ON_RESUME = frozenset(keys_with_role(EXECUTION) | keys_with_role(BOOKKEEPIN
 
 
 def is_exported_model(state: dict[str, Any]) -> bool:
-    """An exported model.pt holds weights, config and vocabulary but no training position."""
+    """An exported model (model.pt with config.json and vocab.json beside it) holds weights,
+    config and vocabulary but no training position."""
     return "history" not in state and "model" in state
 
 
@@ -32,7 +33,7 @@ def find_resume(
     own = ckpt_dir / "last.pt"
     if trainer.ckpt_path:
         path, same_run = Path(trainer.ckpt_path).expanduser(), False
-        state = checkpoint.load(path)
+        state = checkpoint.load_any(path)
         if is_exported_model(state):
             if trainer.resume and own.exists():
                 path, same_run, state = own, True, checkpoint.load(own)

@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,10 @@ NOTE_TAG = "mlflow.note.content"  # a run's description, Markdown on its Overvie
 KIND_TAG = "lmexp.kind"  # "sweep" on a sweep's parent run, "bench" on lmexp.bench's runs
 # The metrics every training run logs once per epoch (step = epoch), in this order.
 EPOCH_METRICS = ("train_ppl", "valid_ppl", "lr", "train_wps", "epoch_time_s")
+# A run's model: its exported files as artifacts under model/, and the pyfunc model of that name,
+# so that mlflow.pyfunc.load_model(f"runs:/{run_id}/model") loads it.
+MODEL_NAME = "model"
+MODEL_FILES = ("model.pt", "config.json", "vocab.json")
 
 
 class TrackingError(LmexpError):
@@ -243,6 +248,8 @@ class Tracker:
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
 
+    def log_model(self, folder: Path) -> None: ...
+
     def logged_steps(self, key: str) -> set[int]:
         return set()
 
@@ -308,6 +315,44 @@ class MlflowTracker(Tracker):
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_model(self, folder: Path) -> None:
+        """An exported model folder: its files as artifacts under model/, and a pyfunc model
+        ("models from code": lmexp/pyfunc_model.py, nothing pickled) linked to this run."""
+        import mlflow
+        import pandas
+        import torch
+        from mlflow.entities import LoggedModelOutput
+
+        from lmexp import pyfunc_model
+
+        for name in MODEL_FILES:
+            self.log_artifact(folder / name, MODEL_NAME)
+        # pyfunc.log_model links a model to the fluent API's active run only, which it would
+        # end on exit; creating the model here links it to this run and leaves the run open.
+        model = self.client.create_logged_model(
+            self.experiment_id, name=MODEL_NAME, source_run_id=self.run_id
+        )
+        mlflow.set_tracking_uri(self.uri)  # log_model writes to the global tracking URI
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        with warnings.catch_warnings():
+            # It advises an input example, which it would validate by running the model; the
+            # signature already says what predict takes.
+            warnings.filterwarnings("ignore", ".*An input example was not provided")
+            mlflow.pyfunc.log_model(
+                name=MODEL_NAME,
+                python_model=pyfunc_model.__file__,
+                artifacts={Path(name).stem: str(folder / name) for name in MODEL_FILES},
+                signature=pyfunc_model.signature(),
+                # Given, so MLflow does not load the model again to infer them.
+                pip_requirements=[
+                    f"mlflow=={mlflow.__version__}",
+                    f"torch=={torch.__version__.split('+')[0]}",
+                    f"pandas=={pandas.__version__}",
+                ],
+                model_id=model.model_id,
+            )
+        self.client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, step=0)])
+
     def logged_steps(self, key: str) -> set[int]:
         return {m.step for m in self.client.get_metric_history(self.run_id, key)}
 
@@ -366,18 +411,31 @@ def usable_store(
 
 
 def download_model(uri: str, run_id: str, dest: Path) -> Path:
-    """Fetch a run's model/model.pt artifact (written by lmexp.train) into dest."""
+    """Fetch a run's exported model (model/model.pt, config.json, vocab.json) into dest; return
+    the path of model.pt."""
+    from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    try:
-        local = _client(uri).download_artifacts(run_id, "model/model.pt", str(dest))
-    except (MlflowException, OSError) as err:
-        raise TrackingError(
-            f"Run {run_id} in {uri} has no model/model.pt artifact ({str(err).splitlines()[0]}); "
-            "check the run id and logger.tracking_uri (--tracking-uri), or pass a model.pt path."
-        ) from err
-    return Path(local)
+    client = _client(uri)
+    local, base = [], None
+    for name in MODEL_FILES:  # each lands in dest itself
+        try:
+            # From the run's own artifact store: through a runs:/ URI MLflow would also look up
+            # the run's logged model, in the default store (creating ./mlflow.db) not in uri.
+            base = base or client.get_run(run_id).info.artifact_uri
+            local.append(
+                download_artifacts(
+                    artifact_uri=f"{base}/{MODEL_NAME}/{name}", dst_path=str(dest), tracking_uri=uri
+                )
+            )
+        except (MlflowException, OSError) as err:
+            raise TrackingError(
+                f"Run {run_id} in {uri} has no {MODEL_NAME}/{name} artifact "
+                f"({str(err).splitlines()[0]}); check the run id and logger.tracking_uri "
+                "(--tracking-uri), or pass a model.pt path."
+            ) from err
+    return Path(local[0])
 
 
 # --- sweeps: a parent run per multirun, read back by the report ----------------------------

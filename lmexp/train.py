@@ -406,19 +406,13 @@ def export_model(
     test_ppl: float,
     log_model: bool,
 ) -> Path:
-    """Final weights + vocabulary (JSON) + config into <run dir>/model, and to MLflow as artifacts."""
+    """The final model in the standard format (model.pt, config.json, vocab.json) into
+    <run dir>/model, and to MLflow (those files, and a pyfunc model) when log_model is set."""
     out = ctx.output_dir / "model"
-    out.mkdir(parents=True, exist_ok=True)
-    checkpoint.save(
-        out / "model.pt",
-        {"model": model.state_dict(), "config": ctx.resolved, "vocab": corpus.vocab},
-    )
-    (out / "vocab.json").write_text(json.dumps(corpus.vocab))
-    (out / "config.json").write_text(json.dumps(ctx.resolved, indent=2))
+    checkpoint.export(out, model.state_dict(), ctx.resolved, corpus.vocab)
     (out / "metrics.json").write_text(json.dumps({"test_ppl": test_ppl}))
     if log_model:
-        for name in ("model.pt", "vocab.json", "config.json"):
-            tracker.log_artifact(out / name, "model")
+        tracker.log_model(out)
     return out
 
 

@@ -32,6 +32,26 @@ def run_module(
     )
 
 
+def run_without_lmexp(
+    script: str, *args: str, cwd: Path, scratch: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run a Python script where `import lmexp` fails, as on a machine without lmexp: a folder
+    first on PYTHONPATH (in scratch) holds an lmexp package that raises ImportError."""
+    blocker = scratch / "no_lmexp"
+    (blocker / "lmexp").mkdir(parents=True, exist_ok=True)
+    (blocker / "lmexp" / "__init__.py").write_text('raise ImportError("lmexp is not here")\n')
+    (scratch / "script.py").write_text(script)
+    full_env = {**os.environ, "PYTHONPATH": str(blocker), **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(scratch / "script.py"), *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 def mlflow_runs(db: Path, experiment: str = "lmexp") -> list:
     from mlflow.tracking import MlflowClient
 

@@ -88,3 +88,21 @@ def test_pickle_that_would_run_code_is_refused_and_nothing_runs(tmp_path):
 def test_missing_file_names_the_key(tmp_path):
     with pytest.raises(CheckpointError, match=r"does not exist; check trainer\.ckpt_path"):
         checkpoint.load(tmp_path / "nope.pt")
+
+
+def test_exported_model_pt_that_would_run_code_is_refused_and_nothing_runs(tmp_path):
+    """An exported model.pt has no header, so torch.load(weights_only=True) is its only guard."""
+    if os.path.exists(MARKER):
+        os.remove(MARKER)
+    folder = tmp_path / "model"
+    checkpoint.export(folder, {"w": torch.arange(6.0)}, {"model": {}}, ["a", "<unk>"])
+    assert checkpoint.load_any(folder / "model.pt")["vocab"] == ["a", "<unk>"]
+    torch.save({"w": Exploit()}, folder / "model.pt")  # a zip file, as torch.save writes
+    with pytest.raises(CheckpointError) as refused:
+        checkpoint.load_model(folder / "model.pt")
+    assert str(refused.value) == (
+        f"{folder / 'model.pt'} was refused: it holds something other than tensors and plain "
+        f"data (it would import {os.system.__module__}.system); pass a checkpoint or model.pt "
+        "written by lmexp.train."
+    )
+    assert not os.path.exists(MARKER)

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, mlflow_runs, run_module
+from conftest import REPO, TINY, mlflow_runs, run_module, run_without_lmexp
 from mlflow.tracking import MlflowClient
+
+from lmexp.data import tokenize
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +29,37 @@ def ppl(stdout: str) -> float:
     return float(re.search(r"perplexity ([0-9.]+)", stdout).group(1))
 
 
+def split_text(cwd: Path, split: str) -> str:
+    """A split of the trained run's corpus, written as the text file it would be read from."""
+    from lmexp.config import DataConfig
+    from lmexp.data import load_corpus
+
+    config = json.loads((cwd / "run" / "model" / "config.json").read_text())
+    corpus = load_corpus(DataConfig(**config["data"]))
+    return " ".join(corpus.vocab[i] for i in corpus.split(split).tolist()).replace("<eos>", "\n")
+
+
+def readme_snippet(heading: str) -> str:
+    """The first Python block after a README heading, verbatim."""
+    section = (REPO / "README.md").read_text().split(f"\n### {heading}\n", 1)[1]
+    return section.split("```python\n", 1)[1].split("\n```", 1)[0]
+
+
+def test_readme_snippet_scores_the_exported_model_without_lmexp_as_lmexp_does(trained, tmp_path):
+    cwd, _, _ = trained
+    run = cwd / "run"
+    blocked = run_without_lmexp("import lmexp\n", cwd=run, scratch=tmp_path)
+    assert blocked.returncode == 1 and "ImportError: lmexp is not here" in blocked.stderr
+    (run / "sample.txt").write_text(split_text(cwd, "valid") + "\nw1 zebra w2\n")
+    snippet = run_without_lmexp(readme_snippet("Without lmexp"), cwd=run, scratch=tmp_path)
+    assert snippet.returncode == 0, snippet.stderr
+    own = run_module("lmexp.evaluate", "model/model.pt", "--text", "sample.txt", cwd=run)
+    assert own.returncode == 0, own.stderr
+    tokens = re.search(r"over (\d+) tokens", own.stdout).group(1)
+    assert snippet.stdout == f"perplexity {ppl(snippet.stdout):.4f} over {tokens} tokens\n"
+    assert ppl(snippet.stdout) == pytest.approx(ppl(own.stdout), rel=1e-5)  # 4 decimals printed
+
+
 def test_evaluate_reproduces_logged_test_ppl_from_run_id_and_from_path(trained):
     cwd, run_id, logged = trained
     by_id = run_module("lmexp.evaluate", run_id, cwd=cwd)
@@ -34,6 +67,16 @@ def test_evaluate_reproduces_logged_test_ppl_from_run_id_and_from_path(trained):
     assert ppl(by_id.stdout) == pytest.approx(logged, rel=1e-4)
     by_path = run_module("lmexp.evaluate", "run/model/model.pt", cwd=cwd)
     assert ppl(by_path.stdout) == pytest.approx(logged, rel=1e-4)
+
+
+def test_evaluate_by_run_id_from_another_folder_writes_nothing_there(trained, tmp_path):
+    """MLflow resolves a run's logged model in its default store (./mlflow.db), not the one given."""
+    cwd, run_id, logged = trained
+    store = f"sqlite:///{cwd / 'mlflow.db'}"
+    proc = run_module("lmexp.evaluate", run_id, "--tracking-uri", store, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert ppl(proc.stdout) == pytest.approx(logged, rel=1e-4)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_evaluate_text_file_maps_unknown_words_to_unk(trained):
@@ -74,6 +117,64 @@ def test_evaluate_names_a_bad_model_source(trained, tmp_path):
     assert proc.returncode == 2 and "is not an lmexp checkpoint" in proc.stderr
     proc = run_module("lmexp.evaluate", "0123456789abcdef0123456789abcdef", cwd=cwd)
     assert proc.returncode == 2 and "has no model/model.pt artifact" in proc.stderr
+
+
+PYFUNC_SCRIPT = """
+import json, sys
+
+import mlflow
+
+model = mlflow.pyfunc.load_model(sys.argv[1])
+scores = model.predict([open("test.txt").read(), open("rows.txt").read()])
+generated = model.predict(["w1 w2 zebra"], params={"mode": "generate", "words": 40, "seed": 7})
+print(json.dumps({**scores.to_dict(orient="list"), "text": generated["text"][0]}))
+"""
+
+
+def test_mlflow_pyfunc_model_loads_without_lmexp_and_agrees_with_lmexp(trained, tmp_path):
+    """runs:/<run id>/model: a pyfunc model from code, so neither lmexp nor a pickle is needed."""
+    cwd, run_id, logged = trained
+    test_text = split_text(cwd, "test")
+    (cwd / "test.txt").write_text(test_text)
+    (cwd / "rows.txt").write_text("w1 w2 w3 zebra\nw4 w5 quux w6\n")
+    store = {"MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
+    proc = run_without_lmexp(
+        PYFUNC_SCRIPT, f"runs:/{run_id}/model", cwd=cwd, scratch=tmp_path, env=store
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.splitlines()[-1])
+    # The test split as one row is the stream the run's test_ppl was measured on (tiny:
+    # trainer.test_batch_size=1), read in other windows: equal up to float rounding.
+    assert out["tokens"][0] == len(tokenize(test_text)) - 1 and out["unknown"][0] == 0
+    assert out["perplexity"][0] == pytest.approx(logged, rel=1e-4)
+    # A row is scored as `lmexp.evaluate --text` scores a file holding it.
+    own = run_module("lmexp.evaluate", "run/model/model.pt", "--text", "rows.txt", cwd=cwd)
+    assert (out["tokens"][1], out["unknown"][1]) == (9, 2)
+    assert out["perplexity"][1] == pytest.approx(ppl(own.stdout), rel=1e-5)  # 4 decimals printed
+    # Generation samples as lmexp.generate does.
+    args = ["--prompt", "w1 w2 zebra", "--words", "40", "--seed", "7"]
+    generate = run_module("lmexp.generate", "run/model/model.pt", *args, cwd=cwd)
+    assert generate.stdout == out["text"] + "\n"
+    # From code: the logged model holds lmexp/pyfunc_model.py and no pickle.
+    (folder,) = (cwd / "mlartifacts" / "models").glob("m-*/artifacts")
+    assert "model_code_path" in (folder / "MLmodel").read_text()
+    assert (folder / "pyfunc_model.py").read_text() == (
+        REPO / "lmexp" / "pyfunc_model.py"
+    ).read_text()
+    assert not [p for p in folder.rglob("*") if p.suffix in (".pkl", ".pickle")]
+
+
+@pytest.mark.parametrize("missing", ["config.json", "vocab.json"])
+def test_an_exported_model_without_its_json_files_is_one_sentence(trained, tmp_path, missing):
+    cwd, _, _ = trained
+    shutil.copytree(cwd / "run" / "model", tmp_path / "model")
+    (tmp_path / "model" / missing).unlink()
+    proc = run_module("lmexp.evaluate", str(tmp_path / "model" / "model.pt"), cwd=cwd)
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        f"lmexp.evaluate: error: {tmp_path / 'model' / missing} is missing: an exported model.pt "
+        f"needs the {missing} lmexp.train wrote beside it; copy the whole model/ folder.\n"
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")

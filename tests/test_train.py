@@ -42,12 +42,24 @@ def test_tiny_run_logs_every_metric_every_epoch_and_learns(tmp_path):
     tags = run.data.tags
     assert tags["mlflow.source.git.commit"] and tags["torch_version"]
     assert tags["device"].startswith("cpu") and "data=tiny" in tags["hydra_overrides"]
-    # Artifacts: the resolved config, and final weights with the vocabulary as JSON.
+    # Artifacts: the final model in the standard format, which needs no lmexp to read: a plain
+    # state_dict of CPU tensors, the resolved config and the vocabulary as JSON.
     artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
     vocab = json.loads((artifacts / "model" / "vocab.json").read_text())
     assert "<unk>" in vocab and len(vocab) == 46
-    saved = checkpoint.load(artifacts / "model" / "model.pt")
-    assert saved["vocab"] == vocab and saved["config"]["model"]["hidden_size"] == 32
+    config = json.loads((artifacts / "model" / "config.json").read_text())
+    assert config["model"]["hidden_size"] == 32 and config["data"]["name"] == "tiny"
+    weights = torch.load(artifacts / "model" / "model.pt", weights_only=True)
+    lstm = [
+        f"lstm.{kind}_l{i}"
+        for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+        for i in (0, 1)
+    ]
+    assert sorted(weights) == sorted(["embedding.weight", "decoder.weight", "decoder.bias", *lstm])
+    assert all(type(t) is torch.Tensor and t.device.type == "cpu" for t in weights.values())
+    assert weights["embedding.weight"].shape == (46, 32)
+    exported = tmp_path / "out" / "run" / "model" / "model.pt"
+    assert exported.read_bytes() == (artifacts / "model" / "model.pt").read_bytes()
     assert (tmp_path / "out" / "run" / "checkpoints" / "last.pt").is_file()
     assert (tmp_path / "out" / "run" / "checkpoints" / "best.pt").is_file()
     # Named by its recipe and what the command changed; its mean speed under its own name.
@@ -55,6 +67,23 @@ def test_tiny_run_logs_every_metric_every_epoch_and_learns(tmp_path):
     wps = [v for _, v in metric_history(db, run.info.run_id, "train_wps")]
     assert run.data.metrics["train_wps_mean"] == pytest.approx(sum(wps) / len(wps))
     assert not any(k.startswith("system/") for k in run.data.metrics)  # tiny: off by default
+
+
+def test_log_model_false_keeps_the_model_out_of_mlflow_but_exports_it(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    proc = run_module(
+        "lmexp.train", *TINY, "trainer.max_epochs=1", "logger.log_model=false",
+        "hydra.run.dir=run", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = mlflow_runs(tmp_path / "mlflow.db")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.search_logged_models([run.info.experiment_id]) == []
+    assert not (Path(run.info.artifact_uri.removeprefix("file://")) / "model").exists()
+    assert sorted(p.name for p in (tmp_path / "run" / "model").iterdir()) == [
+        "config.json", "metrics.json", "model.pt", "vocab.json",
+    ]  # fmt: skip
 
 
 @pytest.mark.slow

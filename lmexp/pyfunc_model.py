@@ -1,0 +1,165 @@
+"""The MLflow pyfunc model lmexp.train logs: "models from code", so nothing is pickled.
+
+MLflow copies this file into the logged model and runs it to load the model. It stands alone on
+purpose (torch, pandas and mlflow; no lmexp import), so anyone with MLflow can use a logged model:
+
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    model.predict(["w1 w2 w3\\n", "the company said\\n"])  # DataFrame: perplexity, tokens, unknown
+    model.predict(["the company"], params={"mode": "generate", "words": 30, "seed": 1})
+
+Perplexity: each row is scored as `lmexp.evaluate MODEL --text FILE` scores a file holding it:
+words split on white space, each line break read as <eos>, words outside the vocabulary read as
+<unk>, every token after the first predicted from all those before it. Generation samples as
+`lmexp.generate` does, and gives the same text for the same prompt, words, temperature, top_k
+and seed. The artifacts are the exported folder's files (model.pt, config.json, vocab.json).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+EOS, UNK = "<eos>", "<unk>"
+WINDOW = 256  # tokens per forward pass; a longer row is read in windows, the state carried on
+# predict's params and their defaults (lmexp.generate's); the logged signature declares them.
+PARAMS: dict[str, Any] = {
+    "mode": "perplexity",
+    "words": 50,
+    "temperature": 1.0,
+    "top_k": 0,
+    "seed": 0,
+}
+
+
+class WordLSTM(nn.Module):
+    """lmexp's LSTM language model at inference (no dropout), rebuilt from its state_dict."""
+
+    def __init__(self, weights: dict[str, torch.Tensor], num_layers: int) -> None:
+        super().__init__()
+        vocab_size, hidden_size = weights["embedding.weight"].shape
+        self.embedding = nn.Embedding(vocab_size, hidden_size)
+        self.lstm = nn.LSTM(hidden_size, hidden_size, num_layers)
+        self.decoder = nn.Linear(hidden_size, vocab_size)
+        # A variational model keeps one single-layer LSTM per layer (layers.<i>.<name>_l0);
+        # without dropout that is exactly one multi-layer LSTM's layer i.
+        renamed = {}
+        for key, value in weights.items():
+            if key.startswith("layers."):
+                _, layer, name = key.split(".")
+                key = f"lstm.{name.removesuffix('_l0')}_l{layer}"
+            renamed[key] = value
+        self.load_state_dict(renamed)
+        self.eval()
+
+    def forward(self, tokens: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
+        """tokens (steps, batch) -> logits (steps, batch, vocab), and the new LSTM state."""
+        hidden, state = self.lstm(self.embedding(tokens), state)
+        return self.decoder(hidden), state
+
+
+class LanguageModel(mlflow.pyfunc.PythonModel):
+    """Per-row perplexity (the default) or generated text (params mode="generate")."""
+
+    def load_context(self, context: Any) -> None:
+        config = json.loads(Path(context.artifacts["config"]).read_text())
+        self.vocab = json.loads(Path(context.artifacts["vocab"]).read_text())
+        self.index = {word: i for i, word in enumerate(self.vocab)}
+        weights = torch.load(context.artifacts["model"], map_location="cpu", weights_only=True)
+        self.model = WordLSTM(weights, config["model"]["num_layers"])
+
+    # model_input: pd.DataFrame, a hint MLflow derives no schema from (the signature says what
+    # predict takes) and converts a list or Series to, in a one-column frame.
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
+        params = {**PARAMS, **(params or {})}
+        rows = rows_of(model_input)
+        if params["mode"] == "generate":
+            return pd.DataFrame(
+                {"text": [self.generate(row, **generation(params)) for row in rows]}
+            )
+        scores = [self.perplexity(row) for row in rows]
+        return pd.DataFrame(scores, columns=["perplexity", "tokens", "unknown"])
+
+    def encode(self, words: list[str]) -> torch.Tensor:
+        unk = self.index[UNK]
+        return torch.tensor([self.index.get(w, unk) for w in words], dtype=torch.long)
+
+    @torch.no_grad()
+    def perplexity(self, text: str) -> tuple[float, int, int]:
+        """(perplexity, tokens scored, words outside the vocabulary) of one row."""
+        words = tokenize(text)
+        tokens = self.encode(words).view(-1, 1)
+        loss_sum, state = torch.zeros((), dtype=torch.float64), None
+        for start in range(0, max(len(words) - 1, 0), WINDOW):
+            window = tokens[start : start + WINDOW + 1]
+            logits, state = self.model(window[:-1], state)
+            loss_sum += F.cross_entropy(
+                logits.view(-1, logits.size(-1)), window[1:].view(-1), reduction="sum"
+            )
+        count = max(len(words) - 1, 0)
+        ppl = torch.exp(loss_sum / count).item() if count else float("nan")
+        return ppl, count, sum(1 for w in words if w not in self.index)
+
+    @torch.no_grad()
+    def generate(self, prompt: str, words: int, temperature: float, top_k: int, seed: int) -> str:
+        """The prompt and `words` sampled words; <eos> becomes a line break (as lmexp.generate)."""
+        generator = torch.Generator().manual_seed(seed)
+        prompt_words = tokenize(prompt)
+        logits, state = self.model(self.encode(prompt_words or [EOS]).view(-1, 1))
+        out = []
+        for _ in range(words):
+            scores = logits[-1, 0].float() / temperature
+            if 0 < top_k < scores.numel():
+                kth = torch.topk(scores, top_k).values[-1]
+                scores = scores.masked_fill(scores < kth, float("-inf"))
+            index = torch.multinomial(torch.softmax(scores, -1), 1, generator=generator)
+            out.append(self.vocab[int(index)])
+            logits, state = self.model(index.view(1, 1), state)
+        return " ".join(prompt_words + out).replace(f" {EOS} ", "\n").replace(EOS, "\n")
+
+
+def tokenize(text: str) -> list[str]:
+    """PTB's reading: split on white space, <eos> at each line end (as lmexp.data.tokenize)."""
+    return text.replace("\n", f" {EOS} ").split()
+
+
+def rows_of(model_input: Any) -> list[str]:
+    """The text rows of a DataFrame (its first column), a Series, a list, or one string."""
+    if isinstance(model_input, pd.DataFrame):
+        model_input = model_input.iloc[:, 0]
+    if isinstance(model_input, str):
+        model_input = [model_input]
+    return [str(row) for row in model_input]
+
+
+def generation(params: dict[str, Any]) -> dict[str, Any]:
+    """Generation settings from predict's params, with lmexp.generate's defaults."""
+    given = {**PARAMS, **params}
+    settings = {
+        "words": int(given["words"]),
+        "temperature": float(given["temperature"]),
+        "top_k": int(given["top_k"]),
+        "seed": int(given["seed"]),
+    }
+    if settings["words"] < 1 or settings["temperature"] <= 0 or settings["top_k"] < 0:
+        raise ValueError("words must be >= 1, temperature > 0 and top_k >= 0.")
+    return settings
+
+
+def signature() -> Any:
+    """Input: texts (one unnamed string column, so a list, a Series or a one-column DataFrame
+    all pass); params: PARAMS, as MLflow passes on only the params a signature declares."""
+    from mlflow.models import infer_signature
+
+    return infer_signature(["w1 w2\n"], params=PARAMS)
+
+
+mlflow.models.set_model(LanguageModel())
