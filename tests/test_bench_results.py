@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from lmexp.bench import VARIANTS
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = sorted((REPO / "results").glob("bench_cpu_*.json"))
 # The run settings a reader needs to reproduce a figure (records made before
@@ -57,7 +59,7 @@ def test_bench_record_is_well_formed(path):
     assert int(device[1]) == config["threads"]
     assert re.fullmatch(r"\d+\.\d+\.\d+\+cpu", r["torch_version"]), r["torch_version"]
     variants = r["variants"]
-    assert {"lmexp", "port"} <= set(variants) <= {"lmexp", "port", "cell_loop"}
+    assert {"lmexp", "port"} <= set(variants) <= set(VARIANTS)
     port = variants["port"]["wps_median"]
     for name, v in variants.items():
         assert set(v) == WPS | {"ratio_vs_port"}, f"{path.name}: {name}'s fields"
