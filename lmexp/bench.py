@@ -154,6 +154,35 @@ def stats(samples: list[float]) -> dict[str, float]:
     }
 
 
+def build_variants(
+    cfg: BenchConfig, vocab_size: int, device: torch.device
+) -> dict[str, tuple[Step, nn.Module]]:
+    """Each variant's step and its own model, all from the same seed and weights."""
+    t = cfg.trainer
+    torch.manual_seed(t.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    steps: dict[str, tuple[Step, nn.Module]] = {}
+    for name in cfg.bench.variants:
+        torch.manual_seed(t.seed)
+        model = LSTMLanguageModel.from_config(cfg.model, cfg.dropout, vocab_size)
+        if name == "cell_loop":
+            model = CellLoopLM(model)
+        model = model.to(device)
+        if name == "lmexp":
+            model.flatten_parameters()
+            step = lmexp_step(TrainStep.from_config(model, t, cfg.lr_policy.lr))
+        elif name == "stock":
+            model.flatten_parameters()
+            sum_steps = t.loss_reduction == "sum_steps"
+            step = stock_step(model, cfg.lr_policy.lr, t.max_grad_norm, sum_steps)
+        else:
+            step = port_step(model, cfg.lr_policy.lr, t.max_grad_norm)
+        steps[name] = (step, model)
+
+    return steps
+
+
 def run_bench(cfg: BenchConfig, device: torch.device) -> dict[str, Any]:
     b, t = cfg.bench, cfg.trainer
     unknown = set(b.variants) - set(VARIANTS)
@@ -173,26 +202,7 @@ def run_bench(cfg: BenchConfig, device: torch.device) -> dict[str, Any]:
     )
     warmup, timed = batches[: b.warmup_batches], batches[b.warmup_batches :]
 
-    torch.manual_seed(t.seed)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    steps: dict[str, tuple[Step, nn.Module]] = {}
-    for name in b.variants:
-        torch.manual_seed(t.seed)
-        model = LSTMLanguageModel.from_config(cfg.model, cfg.dropout, corpus.vocab_size)
-        if name == "cell_loop":
-            model = CellLoopLM(model)
-        model = model.to(device)
-        if name == "lmexp":
-            model.flatten_parameters()
-            step = lmexp_step(TrainStep.from_config(model, t, cfg.lr_policy.lr))
-        elif name == "stock":
-            model.flatten_parameters()
-            sum_steps = t.loss_reduction == "sum_steps"
-            step = stock_step(model, cfg.lr_policy.lr, t.max_grad_norm, sum_steps)
-        else:
-            step = port_step(model, cfg.lr_policy.lr, t.max_grad_norm)
-        steps[name] = (step, model)
+    steps = build_variants(cfg, corpus.vocab_size, device)
 
     for name, (step, model) in steps.items():
         log.info("warming up %s", name)

@@ -13,7 +13,7 @@ import torch
 
 from lmexp.config import LmexpError
 from lmexp.data import EOS, UNK, encode, tokenize
-from lmexp.evaluate import add_model_args, resolve_model
+from lmexp.loading import add_model_args, resolve_model
 
 
 @torch.no_grad()

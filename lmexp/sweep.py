@@ -215,7 +215,7 @@ class MlflowSweepCallback(Callback):
             self._summarize("FINISHED")
 
     def _summarize(self, status: str | None) -> None:
-        from lmexp.report import summarize_sweep
+        from lmexp.summary import summarize_sweep
 
         parent, self.parent = self.parent, None
         assert parent is not None

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import csv
 
+import pytest
 from conftest import TINY, mlflow_runs, run_module
 
 
+@pytest.mark.slow
 def test_report_without_arguments_groups_by_experiment_and_recipe_and_keeps_old_reports(tmp_path):
     for extra in (["trainer.max_epochs=1"], ["trainer.max_epochs=2", "logger.experiment_name=b"]):
         assert run_module("lmexp.train", *TINY, *extra, cwd=tmp_path).returncode == 0

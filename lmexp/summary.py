@@ -1,0 +1,393 @@
+"""Comparing runs: the table of a sweep's or an experiment's runs, its plots, a run's results
+record, and a sweep's summary on its MLflow parent run. lmexp.report is its command line; the
+sweep callback summarises each sweep with it."""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lmexp.config import BOOKKEEPING, LmexpError, keys_with_role
+from lmexp.names import short_keys
+from lmexp.runtime import folder_in_use
+from lmexp.tracking import (
+    EPOCH_METRICS,
+    FAILURE_TAG,
+    NOTE_TAG,
+    RunRecord,
+    end_run,
+    experiment_names,
+    fetch_run,
+    fetch_runs,
+    set_run_outcome,
+    ui_url,
+)
+
+HISTORY_KEYS = EPOCH_METRICS
+# The run's mean training speed is train_wps_mean (logged at the end; the mean of its epochs'
+# train_wps), never train_wps, which is one epoch's.
+RESULT_COLUMNS = ("train_ppl", "valid_ppl", "test_ppl", "train_wps_mean", "epochs", "status")
+# Params that differ between runs but say nothing about the experiment (config.py's roles).
+IGNORED_PARAMS = frozenset(keys_with_role(BOOKKEEPING))
+FIGSIZE, DPI = (8, 5), 120  # 960 x 600 pixels
+
+
+def short(value: str | None) -> str:
+    """A parameter value for tables and legends: long floats (Optuna's) to 4 significant digits."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return str(value)
+    return f"{number:.4g}" if len(str(value)) > 6 else str(value)
+
+
+def _last(record: RunRecord, key: str) -> float:
+    history = record.history.get(key)
+    if history:
+        return history[-1][1]
+    return record.metrics.get(key, math.nan)
+
+
+def summarize(record: RunRecord) -> dict[str, Any]:
+    wps = [v for _, v in record.history.get("train_wps", [])]
+    return {
+        "run_id": record.run_id,
+        "run": record.run_name,
+        "train_ppl": _last(record, "train_ppl"),
+        "valid_ppl": _last(record, "valid_ppl"),
+        "best_valid_ppl": record.metrics.get("best_valid_ppl", math.nan),
+        "test_ppl": record.metrics.get("test_ppl", math.nan),
+        "train_wps_mean": record.metrics.get(
+            "train_wps_mean", sum(wps) / len(wps) if wps else math.nan
+        ),
+        "epochs": len(record.history.get("valid_ppl", [])),
+        "status": record.status,
+    }
+
+
+def differing_params(records: list[RunRecord]) -> list[str]:
+    keys = sorted({k for r in records for k in r.params if k not in IGNORED_PARAMS})
+    return [k for k in keys if len({r.params.get(k) for r in records}) > 1]
+
+
+def build_table(
+    records: list[RunRecord], swept: list[str] | None = None
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """Columns and rows, best validation perplexity first (failed and unfinished runs last)."""
+    params = list(swept or []) + [k for k in differing_params(records) if k not in (swept or [])]
+    rows = []
+    for record in records:
+        summary = summarize(record)
+        row = {"run": summary["run"], "run_id": record.run_id}
+        row.update({k: short(record.params.get(k, "")) for k in params})
+        row.update({k: v for k, v in summary.items() if k in RESULT_COLUMNS})
+        rows.append(row)
+
+    def key(row: dict[str, Any]) -> tuple[int, float]:
+        v = row["valid_ppl"]
+        return (row["status"] != "FINISHED", v if math.isfinite(v) else math.inf)
+
+    rows.sort(key=key)
+    return ["run", "run_id", *params, *RESULT_COLUMNS], rows
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return (
+            "nan" if math.isnan(value) else f"{value:.2f}" if abs(value) < 1e6 else f"{value:.3g}"
+        )
+    return str(value)
+
+
+def format_markdown(
+    columns: list[str], rows: list[dict[str, Any]], run_url: Callable[[str], str] | None = None
+) -> str:
+    """A Markdown table; headers by the keys' last parts, run ids in full (links to the runs'
+    pages in the MLflow UI when run_url is given)."""
+    headers = list(short_keys(columns).values())
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        cells = [_fmt(row[c]) for c in columns]
+        if run_url is not None:
+            cells[columns.index("run_id")] = f"[{row['run_id']}]({run_url(row['run_id'])})"
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def format_text(columns: list[str], rows: list[dict[str, Any]]) -> str:
+    """A console table; run ids cut to 8 characters to keep it narrow."""
+    cells = [columns] + [
+        [_fmt(row[c])[:8] if c == "run_id" else _fmt(row[c]) for c in columns] for row in rows
+    ]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    return (
+        "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells)
+        + "\n"
+    )
+
+
+def write_table(
+    columns: list[str],
+    rows: list[dict[str, Any]],
+    out: Path,
+    run_url: Callable[[str], str] | None = None,
+) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "runs.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "runs.md").write_text(format_markdown(columns, rows, run_url))
+    return [out / "runs.csv", out / "runs.md"]
+
+
+def _number(value: str | None) -> float | None:
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def _plain_axes(ax: Any, log_y: bool) -> None:
+    """Whole-number epoch ticks and plain tick labels (matplotlib's log axis writes 1.9x10^3)."""
+    from matplotlib.ticker import MaxNLocator, ScalarFormatter
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if log_y:
+        ax.set_yscale("log")
+        for axis_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            formatter = ScalarFormatter()
+            formatter.set_scientific(False)
+            axis_formatter(formatter)
+    ax.grid(alpha=0.3, which="both")
+
+
+def plot(records: list[RunRecord], params: list[str], out: Path) -> list[Path]:
+    """final_ppl.png (final ppl against the first param) and learning_curves.png (valid ppl per
+    epoch), each run coloured and listed by its value of that param (a sequential colormap)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    param = params[0] if params else None
+    values = {r.run_id: _number(r.params.get(param)) if param else None for r in records}
+    numeric = param is not None and all(v is not None for v in values.values())
+    ordered = (
+        sorted(records, key=lambda r: (values[r.run_id] or 0.0, r.run_name)) if numeric else records
+    )
+    if numeric:
+        points = [(values[r.run_id], summarize(r)) for r in ordered]
+        fig, ax = plt.subplots(figsize=FIGSIZE)
+        for key, style in (("train_ppl", "o--"), ("valid_ppl", "s-"), ("test_ppl", "^:")):
+            xs = [x for x, s in points if math.isfinite(s[key])]
+            ax.plot(xs, [s[key] for _, s in points if math.isfinite(s[key])], style, label=key)
+        ax.set_xlabel(param)
+        ax.set_ylabel("perplexity (final)")
+        ax.set_title(f"Final perplexity against {param}")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / "final_ppl.png", dpi=DPI)
+        plt.close(fig)
+        paths.append(out / "final_ppl.png")
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    colours = plt.get_cmap("viridis")
+    for i, r in enumerate(ordered):
+        history = [(s, v) for s, v in r.history.get("valid_ppl", []) if math.isfinite(v)]
+        if not history:
+            continue
+        if len(params) == 1:  # the legend's title names it
+            label = short(r.params.get(params[0]))
+        else:
+            label = ", ".join(f"{p}={short(r.params.get(p))}" for p in params) or r.run_name
+        colour = colours(0.9 * i / max(len(ordered) - 1, 1)) if numeric else None
+        steps, ppls = zip(*history, strict=True)
+        ax.plot(steps, ppls, marker="o", label=label or r.run_id[:8], color=colour)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation perplexity")
+    ax.set_title("Learning curves")
+    _plain_axes(ax, log_y=True)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=9, title=param if numeric else None)
+    fig.tight_layout()
+    fig.savefig(out / "learning_curves.png", dpi=DPI)
+    plt.close(fig)
+    paths.append(out / "learning_curves.png")
+    return paths
+
+
+def report(
+    uri: str,
+    experiment: str,
+    out: Path,
+    parent_run_id: str | None = None,
+    swept: list[str] | None = None,
+    records: list[RunRecord] | None = None,
+) -> tuple[str, list[Path], list[RunRecord]]:
+    """Fetch the runs (unless given), write the table and plots into out; return the text table,
+    the files and the runs."""
+    if records is None:
+        records = fetch_runs(uri, experiment, parent_run_id, HISTORY_KEYS)
+    if not records:
+        raise LmexpError(f"No runs found in experiment {experiment!r} at {uri}.")
+    columns, rows = build_table(records, swept)
+    files = write_table(columns, rows, out, server_links(uri, records))
+    files += plot(records, swept or differing_params(records)[:1], out)
+    return format_text(columns, rows), files, records
+
+
+def server_links(uri: str, records: list[RunRecord]) -> Callable[[str], str] | None:
+    """Links to the runs' pages when the store is a tracking server (a file store has no UI
+    address until someone starts `mlflow ui` on it)."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    experiment = {r.run_id: r.experiment_id for r in records}
+    return lambda run_id: ui_url(uri, experiment[run_id], run_id=run_id)
+
+
+def sweep_note(
+    records: list[RunRecord], swept: list[str], best: dict[str, Any] | None, status: str
+) -> str:
+    """The parent run's description (its Overview page): the outcome, the best child, the table
+    with links to each child's page."""
+    keys = ", ".join(f"`{k}`" for k in swept) or "nothing"
+    finished = sum(r.status == "FINISHED" for r in records)
+    lines = [f"**Sweep over {keys}**: {len(records)} runs, {finished} finished; {status}.", ""]
+    if best is not None:
+        lines += [
+            f"Best: **{best['run']}** (`{best['run_id']}`): best valid ppl "
+            f"{best['best_valid_ppl']:.2f}, test ppl {_fmt(best['test_ppl'])}.",
+            "",
+        ]
+    columns, rows = build_table(records, swept)
+    experiment = {r.run_id: r.experiment_id for r in records}
+    link = lambda run_id: f"#/experiments/{experiment[run_id]}/runs/{run_id}"  # noqa: E731
+    lines.append(format_markdown(columns, rows, link))
+    lines.append("The table and plots are this run's artifacts (runs.md, *.png).")
+    return "\n".join(lines)
+
+
+def report_all(uri: str, out: Path) -> tuple[str, list[Path]]:
+    """Every experiment in the store, its runs grouped by corpus and model (a tiny test run and
+    a PTB run in one table compare nothing): a table and plots per group, in
+    out/<experiment>/<data>-<model>/."""
+    text, files = [], []
+    for experiment in experiment_names(uri):
+        records = fetch_runs(uri, experiment, None, HISTORY_KEYS)
+        groups: dict[str, list[RunRecord]] = {}
+        for r in records:
+            group = f"{r.params.get('data.name', '?')}-{r.params.get('model.name', '?')}"
+            groups.setdefault(group, []).append(r)
+        for group, members in sorted(groups.items()):
+            folder = out / experiment / group
+            table, written, _ = report(uri, experiment, folder, records=members)
+            text.append(f"== {experiment}: {group} ({len(members)} runs)\n{table}")
+            files += written
+    if not text:
+        raise LmexpError(
+            f"{uri} holds no lmexp runs; train one (python -m lmexp.train) or pass "
+            "--tracking-uri for the store that has them."
+        )
+    return "\n".join(text), files
+
+
+def close_dead_runs(uri: str, records: list[RunRecord], reason: str) -> None:
+    """Mark KILLED the runs MLflow still shows RUNNING whose process is gone: no live process
+    holds their run folder's lock (a job killed with its sweeper, or with SIGKILL)."""
+    for record in records:
+        folder = record.tags.get("output_dir")
+        if record.status == "RUNNING" and folder and not folder_in_use(Path(folder)):
+            end_run(uri, record.run_id, "KILLED", reason)
+            record.status = "KILLED"
+
+
+def summarize_sweep(
+    uri: str,
+    experiment: str,
+    parent_run_id: str,
+    swept: list[str],
+    sweep_dir: Path,
+    status: str | None = "FINISHED",
+    reason: str | None = None,
+) -> None:
+    """Called when a multirun ends: table and plots into the sweep folder and onto the parent run,
+    which ends with `status`. None means the sweep ended early: KILLED if a job was stopped (by
+    a signal or Ctrl-C), else FAILED. The summary numbers are tags, which a rerun of the sweep
+    overwrites rather than logging twice."""
+    try:
+        records = fetch_runs(uri, experiment, parent_run_id, HISTORY_KEYS)
+        close_dead_runs(uri, records, "its process ended without closing the run; rerun the sweep")
+        text, files, _ = report(
+            uri, experiment, sweep_dir / "report", parent_run_id, swept, records
+        )
+    except LmexpError:
+        set_run_outcome(uri, parent_run_id, {"best_run_id": "none"}, [], status=status or "FAILED")
+        return
+    if status is None:
+        status = "KILLED" if any(r.status == "KILLED" for r in records) else "FAILED"
+    finished = [summarize(r) for r in records if r.status == "FINISHED"]
+    best = min(finished, key=lambda s: s["best_valid_ppl"], default=None)
+    tags: dict[str, Any] = {"n_runs": len(records), "n_finished": len(finished)}
+    if reason:
+        tags[FAILURE_TAG] = reason
+    if best is not None:
+        tags["best_valid_ppl"] = best["best_valid_ppl"]
+        if math.isfinite(best["test_ppl"]):
+            tags["best_test_ppl"] = best["test_ppl"]
+        tags["best_run_id"] = best["run_id"]
+        by_id = {r.run_id: r for r in records}
+        tags.update({f"best.{k}": by_id[best["run_id"]].params.get(k, "") for k in swept})
+    tags[NOTE_TAG] = sweep_note(records, swept, best, status)
+    set_run_outcome(uri, parent_run_id, tags, files, status=status)
+    print(text, end="")
+
+
+def close_stale_sweep(uri: str, sweep: dict[str, Any], sweep_dir: Path) -> bool:
+    """A sweep whose parent is still RUNNING though no process holds its folder (the sweeper was
+    killed with SIGKILL): close it, and its dead jobs' runs, as KILLED with the report so far."""
+    if folder_in_use(sweep_dir) or fetch_run(uri, sweep["parent_run_id"]).status != "RUNNING":
+        return False
+    summarize_sweep(
+        uri,
+        sweep["experiment"],
+        sweep["parent_run_id"],
+        sweep["swept_params"],
+        sweep_dir,
+        status="KILLED",
+        reason="the sweeping process ended without closing the sweep; rerun it to finish",
+    )
+    return True
+
+
+def results_record(uri: str, run_id: str) -> dict[str, Any]:
+    """One run's results as plain data: config, per-epoch ppl, test ppl, speed, provenance."""
+    record = fetch_run(uri, run_id, HISTORY_KEYS)
+    epochs = [
+        {"epoch": step, **{k: dict(record.history[k]).get(step) for k in HISTORY_KEYS}}
+        for step, _ in record.history.get("valid_ppl", [])
+    ]
+    return {
+        "run_id": record.run_id,
+        "run_name": record.run_name,
+        "status": record.status,
+        "config": dict(sorted(record.params.items())),
+        "epochs": epochs,
+        "final": {
+            "train_ppl": _last(record, "train_ppl"),
+            "valid_ppl": _last(record, "valid_ppl"),
+            "best_valid_ppl": record.metrics.get("best_valid_ppl"),
+            "test_ppl": record.metrics.get("test_ppl"),
+        },
+        "train_wps_mean": summarize(record)["train_wps_mean"],
+        "train_time_s": sum(e["epoch_time_s"] or 0 for e in epochs),
+        "device": record.tags.get("device"),
+        "torch_version": record.tags.get("torch_version"),
+        "git_commit": record.tags.get("mlflow.source.git.commit"),
+        "hydra_overrides": record.tags.get("hydra_overrides"),
+    }
