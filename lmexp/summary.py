@@ -10,9 +10,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lmexp.config import BOOKKEEPING, LmexpError, keys_with_role
+from lmexp.config import BOOKKEEPING, RECIPE, SHAPE, LmexpError, keys_with_role
 from lmexp.names import short_keys
 from lmexp.runtime import folder_in_use
+from lmexp.stats import METRICS as STAT_METRICS
+from lmexp.stats import SEED_KEY, Group, check_comparable, group_runs, verdict
 from lmexp.tracking import (
     EPOCH_METRICS,
     FAILURE_TAG,
@@ -239,7 +241,147 @@ def report(
     columns, rows = build_table(records, swept)
     files = write_table(columns, rows, out, server_links(uri, records))
     files += plot(records, swept or differing_params(records)[:1], out)
-    return format_text(columns, rows), files, records
+    text = format_text(columns, rows)
+    if swept and SEED_KEY in swept:
+        groups = seed_groups(records, swept)
+        group_columns, group_rows = group_table(groups)
+        (out / "groups.md").write_text(
+            format_markdown(group_columns, group_rows) + "\n" + _verdict_text(groups) + "\n"
+        )
+        files += [out / "groups.md", *plot_groups(records, groups, swept, out)]
+        text += "\n" + format_text(group_columns, group_rows) + _verdict_text(groups) + "\n"
+    return text, files, records
+
+
+def _as_run(record: RunRecord) -> dict[str, Any]:
+    summary = summarize(record)
+    return {
+        "params": record.params,
+        "status": record.status,
+        "metrics": {m: summary[m] for m in STAT_METRICS},
+    }
+
+
+def seed_groups(records: list[RunRecord], swept: list[str]) -> list[Group]:
+    """A seed sweep's runs grouped by its other swept keys (stats.py), after checking that no
+    group mixes recipes."""
+    runs = [_as_run(r) for r in records]
+    recipe = keys_with_role(SHAPE) | keys_with_role(RECIPE)
+    check_comparable(runs, swept, recipe - {SEED_KEY})
+    return group_runs(runs, swept)
+
+
+def group_table(groups: list[Group]) -> tuple[list[str], list[dict[str, Any]]]:
+    """One row per group: n finished (and failed), mean, std and 95% interval of best valid and
+    test perplexity, mean words/s."""
+    columns = ["group", "n", "failed", "valid_mean", "valid_std", "valid_ci95", "test_mean"]
+    columns += ["test_std", "test_ci95", "train_wps_mean"]
+    rows = []
+    for g in groups:
+        valid, test = g.stat("best_valid_ppl"), g.stat("test_ppl")
+        rows.append(
+            {
+                "group": g.label, "n": valid.n, "failed": g.failed,
+                "valid_mean": valid.mean, "valid_std": valid.std, "valid_ci95": valid.ci95,
+                "test_mean": test.mean, "test_std": test.std, "test_ci95": test.ci95,
+                "train_wps_mean": g.stat("train_wps_mean").mean,
+            }
+        )  # fmt: skip
+    return columns, rows
+
+
+def _verdict_text(groups: list[Group]) -> str:
+    judged = verdict(groups)
+    return judged.text if judged else "No group has a finished run."
+
+
+def plot_groups(
+    records: list[RunRecord], groups: list[Group], swept: list[str], out: Path
+) -> list[Path]:
+    """final_ppl_groups.png: mean best valid and test perplexity against the first non-seed
+    swept value, with 95% error bars; learning_curves_groups.png: each group's mean validation
+    curve with a band from its lowest to its highest run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in swept if k != SEED_KEY]
+    paths = []
+    xs = [_number(g.values.get(keys[0])) if keys else None for g in groups]
+    if keys and all(x is not None for x in xs):
+        order = sorted(range(len(groups)), key=lambda i: xs[i])
+        fig, ax = plt.subplots(figsize=FIGSIZE)
+        for metric, style in (("best_valid_ppl", "s-"), ("test_ppl", "^:")):
+            stats_ = [groups[i].stat(metric) for i in order]
+            ax.errorbar(
+                [xs[i] for i in order], [st.mean for st in stats_],
+                yerr=[0 if math.isnan(st.ci95) else st.ci95 for st in stats_],
+                fmt=style, capsize=4, label=f"{metric} (mean, 95% interval)",
+            )  # fmt: skip
+        ax.set_xlabel(keys[0])
+        ax.set_ylabel("perplexity")
+        ax.set_title(f"Final perplexity against {keys[0]}, over seeds")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / "final_ppl_groups.png", dpi=DPI)
+        plt.close(fig)
+        paths.append(out / "final_ppl_groups.png")
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    colours = plt.get_cmap("viridis")
+    by_group: dict[str, list[RunRecord]] = {}
+    for r in records:
+        label = ", ".join(f"{k}={r.params.get(k, '')}" for k in keys) or "all runs"
+        by_group.setdefault(label, []).append(r)
+    for i, g in enumerate(groups):
+        curves = [dict(r.history.get("valid_ppl", [])) for r in by_group.get(g.label, [])]
+        epochs = sorted(set().union(*curves)) if curves else []
+        if not epochs:
+            continue
+        per_epoch = [[c[e] for c in curves if e in c and math.isfinite(c[e])] for e in epochs]
+        mean = [sum(v) / len(v) if v else math.nan for v in per_epoch]
+        colour = colours(0.9 * i / max(len(groups) - 1, 1))
+        ax.plot(epochs, mean, marker="o", color=colour, label=f"{g.label} (n={len(curves)})")
+        low = [min(v) if v else math.nan for v in per_epoch]
+        high = [max(v) if v else math.nan for v in per_epoch]
+        ax.fill_between(epochs, low, high, color=colour, alpha=0.2)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation perplexity (mean; band: lowest to highest seed)")
+    ax.set_title("Learning curves over seeds")
+    _plain_axes(ax, log_y=True)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "learning_curves_groups.png", dpi=DPI)
+    plt.close(fig)
+    return [*paths, out / "learning_curves_groups.png"]
+
+
+def sweep_frame(uri: str, parent_run_id: str, swept: list[str]) -> tuple[Any, Any]:
+    """A sweep's runs as a pandas DataFrame (params flattened as columns, final metrics, status),
+    and its seed groups' statistics beside it (empty when the sweep has no trainer.seed axis).
+
+        from lmexp.summary import sweep_frame
+        from lmexp.tracking import read_sweep
+        sweep = read_sweep(Path("multirun/2026-11-29/10-00-00"))
+        runs, groups = sweep_frame(sweep["tracking_uri"], sweep["parent_run_id"],
+                                   sweep["swept_params"])
+    """
+    import pandas as pd
+
+    records = fetch_runs(uri, _experiment_of(uri, parent_run_id), parent_run_id, HISTORY_KEYS)
+    runs = pd.DataFrame([{**r.params, **summarize(r)} for r in records])
+    if SEED_KEY not in swept or not records:
+        return runs, pd.DataFrame()
+    columns, rows = group_table(seed_groups(records, swept))
+    return runs, pd.DataFrame(rows, columns=columns)
+
+
+def _experiment_of(uri: str, run_id: str) -> str:
+    from lmexp.tracking import experiment_name_of
+
+    return experiment_name_of(uri, run_id)
 
 
 def server_links(uri: str, records: list[RunRecord]) -> Callable[[str], str] | None:
@@ -344,6 +486,12 @@ def summarize_sweep(
         by_id = {r.run_id: r for r in records}
         tags.update({f"best.{k}": by_id[best["run_id"]].params.get(k, "") for k in swept})
     tags[NOTE_TAG] = sweep_note(records, swept, best, status)
+    if SEED_KEY in swept:
+        groups = seed_groups(records, swept)
+        tags["groups.verdict"] = _verdict_text(groups)
+        columns, rows = group_table(groups)
+        tags[NOTE_TAG] += "\n\n**Over seeds**\n\n" + format_markdown(columns, rows)
+        tags[NOTE_TAG] += "\n" + tags["groups.verdict"]
     set_run_outcome(uri, parent_run_id, tags, files, status=status)
     print(text, end="")
 

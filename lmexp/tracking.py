@@ -532,6 +532,12 @@ def experiment_names(uri: str) -> list[str]:
     return names
 
 
+def experiment_name_of(uri: str, run_id: str) -> str:
+    """The name of the experiment a run is in."""
+    client = _client(uri)
+    return client.get_experiment(fetch_run(uri, run_id).experiment_id).name
+
+
 def fetch_run(uri: str, run_id: str, history_keys: tuple[str, ...] = ()) -> RunRecord:
     """One run by id, with the metric histories asked for."""
     from mlflow.exceptions import MlflowException

@@ -449,3 +449,55 @@ def test_report_closes_a_sweep_whose_sweeper_was_killed(tmp_path):
     assert "process ended" in child.data.tags["lmexp.failure_reason"]
     again = run_module("lmexp.report", "--sweep-dir", str(folder), "--out", "rep2", cwd=tmp_path)
     assert again.returncode == 0 and "closed the sweep" not in again.stdout
+
+
+def test_a_seed_sweep_reports_groups_with_intervals_and_a_verdict(tmp_path):
+    """dp_keep_prob x 3 seeds: grouped by dp_keep_prob, each group's mean, std and 95% interval
+    equal to a hand computation from the runs MLflow holds; on the parent too; as DataFrames."""
+    import math
+
+    from lmexp.summary import sweep_frame
+
+    proc = run_module(
+        "lmexp.train", "-m", *TINY, "trainer.max_epochs=1", "dropout.dp_keep_prob=0.5,0.9",
+        "trainer.seed=1,2,3", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    parent, children = split_runs(tmp_path / "mlflow.db")
+    assert len(children) == 6 and parent.data.tags["swept_params"].split(",") == [
+        "dropout.dp_keep_prob",
+        "trainer.seed",
+    ]
+    expected = {}
+    for keep in ("0.5", "0.9"):
+        values = [
+            r.data.metrics["best_valid_ppl"]
+            for r in children
+            if r.data.params["dropout.dp_keep_prob"] == keep
+        ]
+        mean = sum(values) / 3
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / 2)
+        expected[f"dropout.dp_keep_prob={keep}"] = (mean, std, 4.302652729911275 * std / 3**0.5)
+    folder = sweep_dir(tmp_path)
+    table = (folder / "report" / "groups.md").read_text()
+    verdict = parent.data.tags["groups.verdict"]
+    assert verdict.splitlines()[-1] in table
+    assert "cannot be judged" not in verdict and "Welch's t-test" in verdict
+    assert "**Over seeds**" in parent.data.tags["mlflow.note.content"]
+    assert (folder / "report" / "final_ppl_groups.png").is_file()
+    assert (folder / "report" / "learning_curves_groups.png").is_file()
+    runs, groups = sweep_frame(
+        sweep_dir_uri(tmp_path), parent.info.run_id,
+        ["dropout.dp_keep_prob", "trainer.seed"],
+    )  # fmt: skip
+    assert len(runs) == 6 and set(runs["dropout.dp_keep_prob"]) == {"0.5", "0.9"}
+    for row in groups.to_dict("records"):
+        mean, std, ci = expected[row["group"]]
+        assert row["n"] == 3 and row["failed"] == 0
+        assert row["valid_mean"] == pytest.approx(mean)
+        assert row["valid_std"] == pytest.approx(std)
+        assert row["valid_ci95"] == pytest.approx(ci)
+
+
+def sweep_dir_uri(cwd: Path) -> str:
+    return f"sqlite:///{cwd / 'mlflow.db'}"
