@@ -43,7 +43,7 @@ def test_groups_by_everything_but_the_seed_best_first_failures_counted():
 
 
 def test_welch_verdict_matches_a_hand_computation():
-    a, b = [110.0, 112.0, 111.0], [120.0, 119.0, 121.0]
+    a, b = [110.0, 112.0, 111.0], [120.0, 116.0, 124.0]  # unequal spreads: Welch differs
     runs = [run("0.5", i, v) for i, v in enumerate(a)] + [run("0.9", i, v) for i, v in enumerate(b)]
     judged = verdict(group_runs(runs, SWEPT))
     ma, mb = sum(a) / 3, sum(b) / 3
@@ -55,7 +55,9 @@ def test_welch_verdict_matches_a_hand_computation():
 
     p = 2 * stats.t.sf(abs(t), df)
     assert judged.p_value == pytest.approx(p)
-    assert judged.text.startswith("dropout.dp_keep_prob=0.5 leads dropout.dp_keep_prob=0.9 by 9.00")
+    assert judged.text.startswith(
+        "dropout.dp_keep_prob=0.5 leads dropout.dp_keep_prob=0.9 by 9.00"
+    )  # 120 - 111
     assert "larger than the noise" in judged.text
 
 
