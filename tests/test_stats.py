@@ -43,7 +43,7 @@ def test_groups_by_everything_but_the_seed_best_first_failures_counted():
 
 
 def test_welch_verdict_matches_a_hand_computation():
-    a, b = [110.0, 112.0, 111.0], [120.0, 116.0, 124.0]  # unequal spreads: Welch differs
+    a, b = [110.0, 112.0, 111.0], [120.0, 118.0, 122.0]  # unequal spreads: Welch differs
     runs = [run("0.5", i, v) for i, v in enumerate(a)] + [run("0.9", i, v) for i, v in enumerate(b)]
     judged = verdict(group_runs(runs, SWEPT))
     ma, mb = sum(a) / 3, sum(b) / 3
