@@ -108,6 +108,9 @@ class TrainerConfig:
     eval_num_steps: int = 35
     device: str = _role(EXECUTION, "auto")  # auto | cpu | cuda | cuda:N
     seed: int = 0
+    # Each job (an Optuna trial, say) trains this many seeds, seed .. seed+k-1, each a run of its
+    # own, and returns the mean of their best validation perplexities.
+    seeds_per_job: int = 1
     threads: int = _role(EXECUTION, 0)  # CPU threads for torch; 0 = one per physical core
     limit_train_batches: int | None = None
     limit_eval_batches: int | None = None
@@ -296,6 +299,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         t.device,
         "is not one of auto, cpu, cuda, cuda:N",
     )
+    _check(t.seeds_per_job >= 1, "trainer.seeds_per_job", t.seeds_per_job, "must be >= 1")
     _check(t.threads >= 0, "trainer.threads", t.threads, "must be >= 0 (0 picks one per core)")
     for name in ("limit_train_batches", "limit_eval_batches"):
         value = getattr(t, name)

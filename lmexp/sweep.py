@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmexp.config import LmexpError
 from lmexp.runtime import SWEEP_STOPPING, folder_in_use, held_here, lock_folder
+from lmexp.stats import SEED_KEY
 from lmexp.tracking import KIND_TAG, SWEEP_FILE, read_sweep
 
 log = logging.getLogger("lmexp.sweep")
@@ -149,7 +150,11 @@ class MlflowSweepCallback(Callback):
         try:
             self._claim_folder(config)
             if config.logger.kind == "mlflow":
-                self._open_parent(config, swept_keys(params, task))
+                swept = swept_keys(params, task)
+                seeds = OmegaConf.select(config, "trainer.seeds_per_job", default=1)
+                if seeds > 1 and SEED_KEY not in swept:
+                    swept.append(SEED_KEY)  # each job's seeds: grouped by the report
+                self._open_parent(config, swept)
         except LmexpError as err:
             log.error("%s", err)
             sys.exit(2)

@@ -14,7 +14,7 @@ import logging
 import math
 import signal
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from lmexp.runtime import (
     select_device,
 )
 from lmexp.schedules import learning_rate
+from lmexp.stats import SEED_KEY
 from lmexp.tracking import (
     EPOCH_METRICS,
     PARENT_TAG,
@@ -449,10 +450,34 @@ def task(cfg: Any) -> float:
     from lmexp.config import to_typed
 
     try:
-        return run_training(to_typed(cfg), hydra_context(cfg))
+        typed, ctx = to_typed(cfg), hydra_context(cfg)
+        if typed.trainer.seeds_per_job == 1:
+            return run_training(typed, ctx)
+        return over_seeds(typed, ctx)
     except LmexpError as err:
         log.error("%s", err)
         sys.exit(2)
+
+
+def over_seeds(cfg: TrainConfig, ctx: RunContext) -> float:
+    """trainer.seeds_per_job=k: train the job's config with seeds seed .. seed+k-1, each a run
+    of its own (in <job dir>/seed_<s>, named with its seed) beside the sweep's other children,
+    and return the mean of their best validation perplexities: what an Optuna trial then
+    optimises. A diverged seed makes the mean +inf."""
+    results = []
+    for seed in range(cfg.trainer.seed, cfg.trainer.seed + cfg.trainer.seeds_per_job):
+        resolved = {**ctx.resolved, "trainer": {**ctx.resolved["trainer"], "seed": seed}}
+        one = replace(
+            ctx,
+            output_dir=ctx.output_dir / f"seed_{seed}",
+            resolved=resolved,
+            overrides=[*ctx.overrides, f"trainer.seed={seed}"],
+            swept=[*ctx.swept, SEED_KEY] if SEED_KEY not in ctx.swept else ctx.swept,
+        )
+        results.append(run_training(replace(cfg, trainer=replace(cfg.trainer, seed=seed)), one))
+    mean = sum(results) / len(results)
+    log.info("Mean best valid ppl over %d seeds: %.2f", len(results), mean)
+    return mean
 
 
 def main() -> None:

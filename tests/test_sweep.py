@@ -501,3 +501,28 @@ def test_a_seed_sweep_reports_groups_with_intervals_and_a_verdict(tmp_path):
 
 def sweep_dir_uri(cwd: Path) -> str:
     return f"sqlite:///{cwd / 'mlflow.db'}"
+
+
+def test_optuna_trials_over_several_seeds_optimise_the_mean(tmp_path):
+    """trainer.seeds_per_job=2: each trial trains two seeds (two child runs) and Optuna gets
+    their mean; the report groups each trial's seeds."""
+    proc = run_module(
+        "lmexp.train", "hparams_search=ptb_optuna", "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.sampler.n_startup_trials=2", "trainer.seeds_per_job=2", *SWEEP,
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    parent, children = split_runs(tmp_path / "mlflow.db")
+    assert len(children) == 4 and all(r.info.status == "FINISHED" for r in children)
+    trials: dict[tuple, list] = {}
+    for r in children:
+        key = (r.data.params["dropout.dp_keep_prob"], r.data.params["lr_policy.lr"])
+        trials.setdefault(key, []).append(r)
+    assert sorted(len(v) for v in trials.values()) == [2, 2]
+    assert all({r.data.params["trainer.seed"] for r in v} == {"0", "1"} for v in trials.values())
+    means = [sum(r.data.metrics["best_valid_ppl"] for r in v) / 2 for v in trials.values()]
+    results = yaml.safe_load((sweep_dir(tmp_path) / "optimization_results.yaml").read_text())
+    assert results["best_value"] == pytest.approx(min(means))
+    assert parent.data.tags["swept_params"].endswith(",trainer.seed")
+    assert "cannot be judged" in parent.data.tags["groups.verdict"]  # 2 seeds per trial
+    assert all(", seed=" in r.info.run_name for r in children)
