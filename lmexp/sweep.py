@@ -152,7 +152,8 @@ class MlflowSweepCallback(Callback):
             if config.logger.kind == "mlflow":
                 swept = swept_keys(params, task)
                 seeds = OmegaConf.select(config, "trainer.seeds_per_job", default=1)
-                if seeds > 1 and SEED_KEY not in swept:
+                named = any(o.get_key_element() == SEED_KEY for o in task)  # even one value
+                if (seeds > 1 or named) and SEED_KEY not in swept:
                     swept.append(SEED_KEY)  # each job's seeds: grouped by the report
                 self._open_parent(config, swept)
         except LmexpError as err:

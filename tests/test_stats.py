@@ -77,3 +77,12 @@ def test_mixing_recipes_in_one_group_is_refused_with_the_keys():
     runs[1]["params"]["data.name"] = "tiny"
     with pytest.raises(LmexpError, match=r"differ in data\.name, which the sweep did not vary"):
         check_comparable(runs, SWEPT, {"data.name", "dropout.dp_keep_prob"})
+
+
+def test_one_seed_per_group_gives_n_1_and_no_interval_not_an_error():
+    groups = group_runs([run("0.5", 1, 110.0), run("0.9", 1, 120.0)], SWEPT)
+    stat = groups[0].stat("best_valid_ppl")
+    assert stat.n == 1 and math.isnan(stat.ci95)
+    assert verdict(groups).text.endswith(
+        "with 1 and 1 runs that cannot be judged (Welch's t-test needs at least 3 seeds per group)."
+    )
