@@ -309,7 +309,7 @@ def plot_groups(
     keys = [k for k in swept if k != SEED_KEY]
     paths = []
     xs = [_number(g.values.get(keys[0])) if keys else None for g in groups]
-    if keys and all(x is not None for x in xs):
+    if keys and all(x is not None for x in xs):  # error bars against the swept value
         order = sorted(range(len(groups)), key=lambda i: xs[i])
         fig, ax = plt.subplots(figsize=FIGSIZE)
         for metric, style in (("best_valid_ppl", "s-"), ("test_ppl", "^:")):
@@ -334,7 +334,9 @@ def plot_groups(
     for r in records:
         label = ", ".join(f"{k}={r.params.get(k, '')}" for k in keys) or "all runs"
         by_group.setdefault(label, []).append(r)
-    for i, g in enumerate(groups):
+    numeric = bool(keys) and all(x is not None for x in xs)
+    by_value = sorted(groups, key=lambda g: _number(g.values[keys[0]])) if numeric else groups
+    for i, g in enumerate(by_value):  # legend and colours in the order of the swept value
         curves = [dict(r.history.get("valid_ppl", [])) for r in by_group.get(g.label, [])]
         epochs = sorted(set().union(*curves)) if curves else []
         if not epochs:
