@@ -117,3 +117,24 @@ def test_readme_results_table_shows_the_recorded_numbers():
         row = next(line for line in readme.splitlines() if f"results/{name}" in line)
         for key in ("train_ppl", "valid_ppl", "test_ppl"):
             assert f"{r['final'][key]:.2f}" in row, (name, key, row)
+
+
+def test_readme_seed_section_shows_the_recorded_groups():
+    """The PTB seed sweep's groups (results/ptb_small_seeds/groups.md, written by lmexp.report
+    from the sweep's MLflow runs) are what the README's table and verdict say."""
+    folder = REPO / "results" / "ptb_small_seeds"
+    lines = [line for line in (folder / "groups.md").read_text().splitlines() if line]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True))
+            for line in lines[2:] if line.startswith("|")]  # fmt: skip
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("**Seeds on PTB.**", 1)[1].split("\n\n**", 1)[0]
+    assert len(rows) == 2 and all(row["n"] == "3" and row["failed"] == "0" for row in rows)
+    for row in rows:
+        shown = (
+            f"| {row['group']} | {row['n']} | {row['valid_mean']} ± {row['valid_ci95']} "
+            f"| {row['valid_std']} | {row['test_mean']} ± {row['test_ci95']} | {row['test_std']} |"
+        )
+        assert shown in section, shown
+    verdict = lines[-1]
+    assert verdict in " ".join(section.split()), verdict
