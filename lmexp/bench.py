@@ -183,6 +183,28 @@ def build_variants(
     return steps
 
 
+def time_variants(
+    steps: dict[str, tuple[Step, nn.Module]],
+    warmup: list[tuple[torch.Tensor, torch.Tensor]],
+    timed: list[tuple[torch.Tensor, torch.Tensor]],
+    repeats: int,
+    device: torch.device,
+) -> dict[str, list[float]]:
+    """Each variant's words/s per repeat, after a warm-up; the variants take turns, starting
+    one later each repeat, so a drift in machine speed hits them alike."""
+    for name, (step, model) in steps.items():
+        log.info("warming up %s", name)
+        time_steps(step, model, warmup, device)
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    for repeat in range(repeats):
+        order = list(steps)[repeat % len(steps) :] + list(steps)[: repeat % len(steps)]
+        for name in order:
+            step, model = steps[name]
+            samples[name].append(time_steps(step, model, timed, device))
+            log.info("repeat %d %-9s %10.0f words/s", repeat + 1, name, samples[name][-1])
+    return samples
+
+
 def run_bench(cfg: BenchConfig, device: torch.device) -> dict[str, Any]:
     b, t = cfg.bench, cfg.trainer
     unknown = set(b.variants) - set(VARIANTS)
@@ -203,18 +225,7 @@ def run_bench(cfg: BenchConfig, device: torch.device) -> dict[str, Any]:
     warmup, timed = batches[: b.warmup_batches], batches[b.warmup_batches :]
 
     steps = build_variants(cfg, corpus.vocab_size, device)
-
-    for name, (step, model) in steps.items():
-        log.info("warming up %s", name)
-        time_steps(step, model, warmup, device)
-    samples: dict[str, list[float]] = {name: [] for name in steps}
-    for repeat in range(b.repeats):
-        order = list(steps)[repeat % len(steps) :] + list(steps)[: repeat % len(steps)]
-        for name in order:
-            step, model = steps[name]
-            samples[name].append(time_steps(step, model, timed, device))
-            log.info("repeat %d %-9s %10.0f words/s", repeat + 1, name, samples[name][-1])
-
+    samples = time_variants(steps, warmup, timed, b.repeats, device)
     variants = {name: stats(values) for name, values in samples.items()}
     port = variants.get("port", {}).get("wps_median")
     for values in variants.values():

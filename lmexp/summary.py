@@ -189,15 +189,9 @@ def plot(records: list[RunRecord], params: list[str], out: Path) -> list[Path]:
         for key, style in (("train_ppl", "o--"), ("valid_ppl", "s-"), ("test_ppl", "^:")):
             xs = [x for x, s in points if math.isfinite(s[key])]
             ax.plot(xs, [s[key] for _, s in points if math.isfinite(s[key])], style, label=key)
-        ax.set_xlabel(param)
-        ax.set_ylabel("perplexity (final)")
-        ax.set_title(f"Final perplexity against {param}")
-        ax.legend()
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / "final_ppl.png", dpi=DPI)
-        plt.close(fig)
-        paths.append(out / "final_ppl.png")
+        title = f"Final perplexity against {param}"
+        paths.append(_save(fig, ax, out / "final_ppl.png", param, "perplexity (final)", title))
     fig, ax = plt.subplots(figsize=FIGSIZE)
     colours = plt.get_cmap("viridis")
     for i, r in enumerate(ordered):
@@ -295,69 +289,85 @@ def _verdict_text(groups: list[Group]) -> str:
     return judged.text if judged else "No group has a finished run."
 
 
+def _save(fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """Label the axes, add the legend when there is one, write the PNG and close the figure."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
 def plot_groups(
     records: list[RunRecord], groups: list[Group], swept: list[str], out: Path
 ) -> list[Path]:
-    """final_ppl_groups.png: mean best valid and test perplexity against the first non-seed
-    swept value, with 95% error bars; learning_curves_groups.png: each group's mean validation
-    curve with a band from its lowest to its highest run."""
+    """final_ppl_groups.png (when the first non-seed swept key is a number) and
+    learning_curves_groups.png, the groups in the order of that value."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     keys = [k for k in swept if k != SEED_KEY]
-    paths = []
-    xs = [_number(g.values.get(keys[0])) if keys else None for g in groups]
-    if keys and all(x is not None for x in xs):  # error bars against the swept value
-        order = sorted(range(len(groups)), key=lambda i: xs[i])
-        fig, ax = plt.subplots(figsize=FIGSIZE)
-        for metric, style in (("best_valid_ppl", "s-"), ("test_ppl", "^:")):
-            stats_ = [groups[i].stat(metric) for i in order]
-            ax.errorbar(
-                [xs[i] for i in order], [st.mean for st in stats_],
-                yerr=[0 if math.isnan(st.ci95) else st.ci95 for st in stats_],
-                fmt=style, capsize=4, label=f"{metric} (mean, 95% interval)",
-            )  # fmt: skip
-        ax.set_xlabel(keys[0])
-        ax.set_ylabel("perplexity")
-        ax.set_title(f"Final perplexity against {keys[0]}, over seeds")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / "final_ppl_groups.png", dpi=DPI)
-        plt.close(fig)
-        paths.append(out / "final_ppl_groups.png")
+    xs = {g.label: _number(g.values[keys[0]]) if keys else None for g in groups}
+    numeric = bool(keys) and all(x is not None for x in xs.values())
+    ordered = sorted(groups, key=lambda g: xs[g.label]) if numeric else groups
+    paths = [_plot_group_means(ordered, xs, keys[0], out)] if numeric else []
+    return [*paths, _plot_group_curves(records, ordered, keys, out)]
+
+
+def _plot_group_means(
+    groups: list[Group], xs: dict[str, float | None], key: str, out: Path
+) -> Path:
+    """Mean best valid and test perplexity against the swept value, with 95% error bars."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    for metric, style in (("best_valid_ppl", "s-"), ("test_ppl", "^:")):
+        stats_ = [g.stat(metric) for g in groups]
+        ax.errorbar(
+            [xs[g.label] for g in groups], [st.mean for st in stats_],
+            yerr=[0 if math.isnan(st.ci95) else st.ci95 for st in stats_],
+            fmt=style, capsize=4, label=f"{metric} (mean, 95% interval)",
+        )  # fmt: skip
+    ax.grid(alpha=0.3)
+    title = f"Final perplexity against {key}, over seeds"
+    return _save(fig, ax, out / "final_ppl_groups.png", key, "perplexity", title)
+
+
+def _plot_group_curves(
+    records: list[RunRecord], groups: list[Group], keys: list[str], out: Path
+) -> Path:
+    """Each group's mean validation curve, with a band from its lowest to its highest run."""
+    import matplotlib.pyplot as plt
+
+    by_group: dict[str, list[RunRecord]] = {}
+    for r in records:  # the same label as the group's, from the same values
+        label = Group({k: r.params.get(k, "") for k in keys}).label
+        by_group.setdefault(label, []).append(r)
     fig, ax = plt.subplots(figsize=FIGSIZE)
     colours = plt.get_cmap("viridis")
-    by_group: dict[str, list[RunRecord]] = {}
-    for r in records:
-        label = ", ".join(f"{k}={r.params.get(k, '')}" for k in keys) or "all runs"
-        by_group.setdefault(label, []).append(r)
-    numeric = bool(keys) and all(x is not None for x in xs)
-    by_value = sorted(groups, key=lambda g: _number(g.values[keys[0]])) if numeric else groups
-    for i, g in enumerate(by_value):  # legend and colours in the order of the swept value
+    for i, g in enumerate(groups):
         curves = [dict(r.history.get("valid_ppl", [])) for r in by_group.get(g.label, [])]
         epochs = sorted(set().union(*curves)) if curves else []
         if not epochs:
             continue
         per_epoch = [[c[e] for c in curves if e in c and math.isfinite(c[e])] for e in epochs]
-        mean = [sum(v) / len(v) if v else math.nan for v in per_epoch]
         colour = colours(0.9 * i / max(len(groups) - 1, 1))
+        mean = [sum(v) / len(v) if v else math.nan for v in per_epoch]
         ax.plot(epochs, mean, marker="o", color=colour, label=f"{g.label} (n={len(curves)})")
         low = [min(v) if v else math.nan for v in per_epoch]
         high = [max(v) if v else math.nan for v in per_epoch]
         ax.fill_between(epochs, low, high, color=colour, alpha=0.2)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation perplexity (mean; band: lowest to highest seed)")
-    ax.set_title("Learning curves over seeds")
     _plain_axes(ax, log_y=True)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out / "learning_curves_groups.png", dpi=DPI)
-    plt.close(fig)
-    return [*paths, out / "learning_curves_groups.png"]
+    ylabel = "validation perplexity (mean; band: lowest to highest seed)"
+    path = out / "learning_curves_groups.png"
+    return _save(fig, ax, path, "epoch", ylabel, "Learning curves over seeds")
 
 
 def sweep_frame(uri: str, parent_run_id: str, swept: list[str]) -> tuple[Any, Any]:
