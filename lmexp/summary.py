@@ -24,6 +24,7 @@ from lmexp.tracking import (
     experiment_names,
     fetch_run,
     fetch_runs,
+    redact,
     set_run_outcome,
     ui_url,
 )
@@ -231,7 +232,7 @@ def report(
     if records is None:
         records = fetch_runs(uri, experiment, parent_run_id, HISTORY_KEYS)
     if not records:
-        raise LmexpError(f"No runs found in experiment {experiment!r} at {uri}.")
+        raise LmexpError(f"No runs found in experiment {experiment!r} at {redact(uri)}.")
     columns, rows = build_table(records, swept)
     files = write_table(columns, rows, out, server_links(uri, records))
     files += plot(records, swept or differing_params(records)[:1], out)
@@ -445,7 +446,7 @@ def report_all(uri: str, out: Path) -> tuple[str, list[Path]]:
             files += written
     if not text:
         raise LmexpError(
-            f"{uri} holds no lmexp runs; train one (python -m lmexp.train) or pass "
+            f"{redact(uri)} holds no lmexp runs; train one (python -m lmexp.train) or pass "
             "--tracking-uri for the store that has them."
         )
     return "\n".join(text), files

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
+import re
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,18 @@ class TrackingError(LmexpError):
     """The tracking store cannot be reached or opened."""
 
 
+class TrackingLost(TrackingError):
+    """The store stopped answering in the middle of a run, past MLflow's own retries (for a
+    server: MLFLOW_HTTP_REQUEST_MAX_RETRIES=7 with backoff, about four minutes)."""
+
+
+# MLflow's answers to a request it understood and refused: our bug or bad input, not an outage.
+REFUSALS = frozenset(
+    {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS",
+     "INVALID_STATE", "BAD_REQUEST", "PERMISSION_DENIED", "UNAUTHENTICATED"}
+)  # fmt: skip
+
+
 def resolve_tracking_uri(configured: str | None, launch_dir: Path) -> str:
     """logger.tracking_uri, else $MLFLOW_TRACKING_URI, else sqlite:///<launch dir>/mlflow.db.
 
@@ -53,6 +67,16 @@ def resolve_tracking_uri(configured: str | None, launch_dir: Path) -> str:
     return uri
 
 
+# user:password@ in a URI (or in text holding one, such as Hydra's overrides, which escape ':'
+# as '\:'): the password is never logged or recorded.
+_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*\\?://[^:/@\s]+:)[^@\s]+@", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """`text` with the password of every URI in it replaced by ***."""
+    return _PASSWORD.sub(r"\1***@", text)
+
+
 def sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
 
@@ -64,19 +88,23 @@ def check_store(uri: str, timeout: float = 5.0) -> None:
     if db is not None:
         if not db.parent.is_dir():
             raise TrackingError(
-                f"Tracking store {uri}: folder {db.parent} does not exist; create it or set "
+                f"Tracking store {redact(uri)}: folder {db.parent} does not exist; create it or set "
                 "logger.tracking_uri to another sqlite:///path/mlflow.db."
             )
         if not os.access(db.parent, os.W_OK):
-            raise TrackingError(f"Tracking store {uri}: folder {db.parent} is not writable.")
+            raise TrackingError(
+                f"Tracking store {redact(uri)}: folder {db.parent} is not writable."
+            )
         if db.exists() and db.stat().st_size > 0:
             with open(db, "rb") as f:
                 if f.read(16) != b"SQLite format 3\x00":
                     raise TrackingError(
-                        f"Tracking store {uri}: {db} is not an SQLite database; move it away "
+                        f"Tracking store {redact(uri)}: {db} is not an SQLite database; move it away "
                         "or point logger.tracking_uri elsewhere."
                     )
             check_sqlite(uri, db, timeout)
+    elif is_database(uri):
+        check_database(uri, timeout)
     elif scheme in ("http", "https"):
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
@@ -86,14 +114,66 @@ def check_store(uri: str, timeout: float = 5.0) -> None:
         except (urllib.error.URLError, OSError) as err:
             reason = getattr(err, "reason", err)
             raise TrackingError(
-                f"Tracking server {uri} cannot be reached ({reason}); start it, fix "
+                f"Tracking server {redact(uri)} cannot be reached ({reason}); start it, fix "
                 "logger.tracking_uri, or set logger.fallback_uri=sqlite:///mlflow.db to train anyway."
             ) from err
     elif scheme in ("", "file"):
         raise TrackingError(
-            f"Tracking URI {uri!r} is a file store, which MLflow 3 no longer supports; use "
+            f"Tracking URI {redact(uri)!r} is a file store, which MLflow 3 no longer supports; use "
             "logger.tracking_uri=sqlite:///mlflow.db (or an http:// server)."
         )
+
+
+def is_database(uri: str) -> bool:
+    """Whether uri names a database server (PostgreSQL, MySQL, ...), which MLflow opens through
+    SQLAlchemy, rather than a sqlite file or an http(s) tracking server."""
+    scheme = urllib.parse.urlparse(uri).scheme.split("+")[0]
+    return scheme in ("postgresql", "postgres", "mysql", "mssql")
+
+
+def check_database(uri: str, timeout: float) -> None:
+    """The database's driver is installed and it accepts our login, within `timeout` seconds;
+    else one sentence (the password never shown)."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+
+    shown = redact(uri)
+    try:
+        url = make_url(uri)
+        url.get_dialect().import_dbapi()
+    except (ArgumentError, NoSuchModuleError) as err:
+        raise TrackingError(
+            f"Tracking store {shown} is not a database URI SQLAlchemy knows ({err}); write it as "
+            "postgresql://user@host:port/database."
+        ) from err
+    except ImportError as err:
+        module = err.name or str(err)
+        raise TrackingError(
+            f"Tracking store {shown} needs the Python driver {module!r}, which is not installed; "
+            "pip install 'lmexp[server]' (psycopg, for postgresql:// URIs)."
+        ) from err
+    args = (
+        {"connect_timeout": max(1, round(timeout))}
+        if url.get_backend_name() == "postgresql"
+        else {}
+    )
+    engine = create_engine(url, connect_args=args)
+    try:
+        with engine.connect():
+            pass
+    except DBAPIError as err:
+        lines = [line.strip() for line in str(err.orig).strip().splitlines() if line.strip()]
+        reason = redact(lines[-1] if lines else type(err.orig).__name__)
+        if "password" in reason or "authentication" in reason:
+            fix = "check the user and password (in the URI, $PGPASSWORD or ~/.pgpass)"
+        elif "does not exist" in reason:
+            fix = "create it (createdb) or fix the name in logger.tracking_uri"
+        else:
+            fix = "start the database server or fix the host and port in logger.tracking_uri"
+        raise TrackingError(f"Tracking store {shown} cannot be opened ({reason}); {fix}.") from err
+    finally:
+        engine.dispose()
 
 
 def check_sqlite(uri: str, db: Path, timeout: float) -> None:
@@ -120,7 +200,7 @@ def check_sqlite(uri: str, db: Path, timeout: float) -> None:
             else f"restore {db} from a backup or move it away (a new store is then created)"
         )
         raise TrackingError(
-            f"Tracking store {uri} is unusable ({reason}); {fix}, or point logger.tracking_uri "
+            f"Tracking store {redact(uri)} is unusable ({reason}); {fix}, or point logger.tracking_uri "
             "elsewhere."
         ) from err
 
@@ -134,7 +214,8 @@ def store_lock(uri: str) -> Iterator[None]:
     """
     db = sqlite_path(uri)
     if db is None:
-        yield
+        with database_lock(uri):
+            yield
         return
     with open(f"{db}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -142,6 +223,31 @@ def store_lock(uri: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def database_lock(uri: str) -> Iterator[None]:
+    """The same for a PostgreSQL store, through a session-level advisory lock: jobs that start
+    together on a fresh database would otherwise each create MLflow's tables and all but one
+    fail (duplicate key value violates unique constraint "pg_type_typname_nsp_index")."""
+    if not is_database(uri) or not uri.startswith(("postgresql", "postgres:")):
+        yield
+        return
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(uri)
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": STORE_LOCK_KEY})
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": STORE_LOCK_KEY})
+    finally:
+        engine.dispose()
+
+
+STORE_LOCK_KEY = 0x6C6D65787000  # "lmexp" + 0: the advisory lock lmexp's processes share
 
 
 def _client(uri: str):
@@ -163,16 +269,25 @@ def prepare_experiment(uri: str, name: str) -> str:
             db = sqlite_path(uri)
             # Artifacts beside the database, so `mlflow ui` run from that folder serves them.
             location = (db.parent / "mlartifacts").as_uri() if db is not None else None
-            experiment_id = client.create_experiment(name, artifact_location=location)
+            try:
+                experiment_id = client.create_experiment(name, artifact_location=location)
+            except MlflowException as err:
+                # Jobs starting together on a tracking server (no lock spans processes there):
+                # another one created it first.
+                if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                return client.get_experiment_by_name(name).experiment_id
             for key, value in experiment_view_tags().items():
                 client.set_experiment_tag(experiment_id, key, value)
             return experiment_id
         except MlflowException as err:
-            raise TrackingError(f"Tracking store {uri} could not be opened: {err.message}") from err
+            raise TrackingError(
+                f"Tracking store {redact(uri)} could not be opened: {err.message}"
+            ) from err
         except Exception as err:  # noqa: BLE001 - SQLAlchemy's and the driver's errors
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise TrackingError(
-                f"Tracking store {uri} could not be opened ({reason}); check that it is a "
+                f"Tracking store {redact(uri)} could not be opened ({reason}); check that it is a "
                 "working MLflow store, or point logger.tracking_uri elsewhere."
             ) from err
 
@@ -256,6 +371,33 @@ class Tracker:
     def finish(self, status: str = "FINISHED", reason: str | None = None) -> None: ...
 
 
+def lost_store(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A tracker method whose store stops answering raises TrackingLost, in one sentence."""
+
+    @functools.wraps(method)
+    def call(self: MlflowTracker, *args: Any, **kwargs: Any) -> Any:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return method(self, *args, **kwargs)
+        except MlflowException as err:
+            if err.error_code in REFUSALS:
+                raise
+            reason = str(err.message).strip().splitlines()[0]
+        except ConnectionError as err:
+            reason = str(err).strip().splitlines()[0] or type(err).__name__
+        except Exception as err:
+            if type(err).__module__.split(".")[0] not in ("sqlalchemy", "psycopg", "requests"):
+                raise
+            reason = str(err).strip().splitlines()[0] or type(err).__name__
+        raise TrackingLost(
+            f"Tracking store {redact(self.uri or '')} stopped answering during "
+            f"{method.__name__} ({redact(reason)[:300]})"
+        )
+
+    return call
+
+
 class MlflowTracker(Tracker):
     """Writes to one MLflow run, new or reopened by id."""
 
@@ -279,7 +421,7 @@ class MlflowTracker(Tracker):
                 self.client.get_run(run_id)
             except MlflowException as err:
                 raise TrackingError(
-                    f"MLflow run {run_id} (named in the checkpoint) is not in {uri}; use the "
+                    f"MLflow run {run_id} (named in the checkpoint) is not in {redact(uri)}; use the "
                     "same logger.tracking_uri as the interrupted run."
                 ) from err
             reopen_run(self.client, run_id)
@@ -293,6 +435,7 @@ class MlflowTracker(Tracker):
                 uri, self.run_id, system_metrics_s, run_id is not None
             )
 
+    @lost_store
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
@@ -300,6 +443,7 @@ class MlflowTracker(Tracker):
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
+    @lost_store
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
@@ -307,14 +451,17 @@ class MlflowTracker(Tracker):
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         self.client.log_batch(self.run_id, metrics=batch)
 
+    @lost_store
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
+    @lost_store
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    @lost_store
     def log_model(self, folder: Path) -> None:
         """An exported model folder: its files as artifacts under model/, and a pyfunc model
         ("models from code": lmexp/pyfunc_model.py, nothing pickled) linked to this run."""
@@ -353,9 +500,11 @@ class MlflowTracker(Tracker):
             )
         self.client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, step=0)])
 
+    @lost_store
     def logged_steps(self, key: str) -> set[int]:
         return {m.step for m in self.client.get_metric_history(self.run_id, key)}
 
+    @lost_store
     def finish(self, status: str = "FINISHED", reason: str | None = None) -> None:
         if self.monitor is not None:  # its last samples, while the run is still RUNNING
             self.monitor.finish()
@@ -431,7 +580,7 @@ def download_model(uri: str, run_id: str, dest: Path) -> Path:
             )
         except (MlflowException, OSError) as err:
             raise TrackingError(
-                f"Run {run_id} in {uri} has no {MODEL_NAME}/{name} artifact "
+                f"Run {run_id} in {redact(uri)} has no {MODEL_NAME}/{name} artifact "
                 f"({str(err).splitlines()[0]}); check the run id and logger.tracking_uri "
                 "(--tracking-uri), or pass a model.pt path."
             ) from err
@@ -503,7 +652,7 @@ def fetch_runs(
     client = _client(uri)
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
-        raise TrackingError(f"Experiment {experiment_name!r} does not exist in {uri}.")
+        raise TrackingError(f"Experiment {experiment_name!r} does not exist in {redact(uri)}.")
     query = f"tags.`{PARENT_TAG}` = '{parent_run_id}'" if parent_run_id else ""
     runs, token = [], None
     while True:
@@ -547,7 +696,7 @@ def fetch_run(uri: str, run_id: str, history_keys: tuple[str, ...] = ()) -> RunR
         run = client.get_run(run_id)
     except MlflowException as err:
         raise TrackingError(
-            f"Run {run_id} is not in {uri}; check the run id and --tracking-uri."
+            f"Run {run_id} is not in {redact(uri)}; check the run id and --tracking-uri."
         ) from err
     return _record(client, run, history_keys)
 

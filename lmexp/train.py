@@ -45,8 +45,10 @@ from lmexp.tracking import (
     EPOCH_METRICS,
     PARENT_TAG,
     Tracker,
+    TrackingLost,
     open_tracker,
     read_sweep,
+    redact,
     resolve_tracking_uri,
 )
 
@@ -179,7 +181,7 @@ def run_training(cfg: TrainConfig, ctx: RunContext) -> float:
                 device,
                 threads,
                 tracker.run_id,
-                tracker.uri,
+                redact(tracker.uri or "nowhere"),
             )
             if tracker.page:
                 log.info("In the MLflow UI: %s", tracker.page)
@@ -194,6 +196,15 @@ def run_training(cfg: TrainConfig, ctx: RunContext) -> float:
             log.error("Run diverged: %s", err)
             tracker.finish("FAILED", f"diverged: {err}")
             return float("inf")
+        except TrackingLost as err:
+            # The store cannot be told either; the checkpoint (written before each epoch's
+            # metrics) holds the run, and a rerun backfills what MLflow missed.
+            last = ckpt_dir / "last.pt"
+            where = f"trainer.ckpt_path={last}" if last.exists() else "the same command"
+            raise TrackingLost(
+                f"{err}; the run stopped: rerun with {where} once it answers again to continue "
+                f"MLflow run {tracker.run_id}."
+            ) from err
         except KeyboardInterrupt:
             tracker.finish("KILLED", "interrupted (KeyboardInterrupt)")
             raise
@@ -427,8 +438,8 @@ def hydra_context(cfg: Any) -> RunContext:
     ctx = RunContext(
         output_dir=Path(hc.runtime.output_dir),
         launch_dir=Path(hc.runtime.cwd),
-        resolved=OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
-        overrides=list(hc.overrides.task),
+        resolved=redact_logger(OmegaConf.to_container(cfg, resolve=True)),  # type: ignore[arg-type]
+        overrides=[redact(o) for o in hc.overrides.task],
     )
     if hc.mode == RunMode.MULTIRUN:
         ctx.job_num = hc.job.num
@@ -442,6 +453,13 @@ def hydra_context(cfg: Any) -> RunContext:
             ctx.parent_run_id, ctx.tracking_uri = sweep["parent_run_id"], sweep["tracking_uri"]
             ctx.swept = list(sweep["swept_params"])
     return ctx
+
+
+def redact_logger(resolved: dict[str, Any]) -> dict[str, Any]:
+    """The config as recorded (params, checkpoints, the exported config.json): a password in
+    logger.tracking_uri or logger.fallback_uri replaced by ***."""
+    logger = {k: redact(v) if isinstance(v, str) else v for k, v in resolved["logger"].items()}
+    return {**resolved, "logger": logger}
 
 
 def task(cfg: Any) -> float:

@@ -400,3 +400,26 @@ def test_system_metrics_are_logged_when_asked_and_the_run_name_can_be_set(tmp_pa
         tmp_path / "mlflow.db", run.info.run_id, "system/cpu_utilization_percentage"
     )
     assert len(cpu) >= 2 and all(0 <= v <= 100 * os.cpu_count() for _, v in cpu)
+
+
+def test_a_postgres_store_without_its_driver_names_the_extra_to_install(tmp_path):
+    """Where psycopg is not installed (here: hidden by a module that fails to import), a
+    postgresql:// store says which extra to install, before any training, and never shows the
+    URI's password."""
+    blocker = tmp_path / "no_psycopg" / "psycopg"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text(
+        'raise ImportError("psycopg is not here", name="psycopg")\n'
+    )
+    uri = "postgresql://team:hunter2-pw@127.0.0.1:5432/mlflow"
+    proc = run_module(
+        "lmexp.train", *TINY, f"logger.tracking_uri={uri}", cwd=tmp_path,
+        env={"PYTHONPATH": str(blocker.parent)},
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    _expect_user_error(
+        proc,
+        "Tracking store postgresql://team:***@127.0.0.1:5432/mlflow needs the Python driver "
+        "'psycopg', which is not installed; pip install 'lmexp[server]'",
+    )
+    assert "hunter2-pw" not in proc.stdout + proc.stderr
