@@ -101,7 +101,10 @@ def device_name(device: torch.device) -> str:
 
 
 def configure_threads(threads: int) -> int:
-    """torch intra-op threads: the configured number, else one per physical core."""
+    """torch intra-op threads: the configured number, else the CPUs SLURM gave the job, else
+    one per physical core (a SLURM job sees the whole node's cores)."""
+    if threads == 0 and os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        threads = int(os.environ["SLURM_CPUS_PER_TASK"])
     if threads == 0:
         try:
             import psutil

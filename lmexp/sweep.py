@@ -29,8 +29,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmexp.config import LmexpError
 from lmexp.runtime import SWEEP_STOPPING, folder_in_use, held_here, lock_folder
+from lmexp.slurm import check_cluster, follow_jobs, uses_slurm
 from lmexp.stats import SEED_KEY
-from lmexp.tracking import KIND_TAG, SWEEP_FILE, read_sweep
+from lmexp.tracking import KIND_TAG, SWEEP_FILE, read_sweep, redact
 
 log = logging.getLogger("lmexp.sweep")
 
@@ -92,7 +93,26 @@ def sweep_jobs(params: list[Any], task: list[Any]) -> list[list[str]]:
 
 def runs_here(config: DictConfig) -> bool:
     """Whether the sweep's jobs run on this machine (not on a cluster's nodes)."""
-    return "Slurm" not in str(OmegaConf.select(config, "hydra.launcher._target_"))
+    return not uses_slurm(config)
+
+
+def redact_log_records() -> None:
+    """Hydra's launchers log each job's overrides: a password in a tracking URI among them
+    becomes ***. A record factory, since the launchers configure logging afresh (dropping any
+    handler's filters) when they start."""
+    make = logging.getLogRecordFactory()
+    if getattr(make, "redacts", False):
+        return
+
+    def redacting(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make(*args, **kwargs)
+        if "@" in str(record.msg) or any("@" in str(a) for a in record.args or ()):
+            with contextlib.suppress(Exception):  # a bad format string fails later, as before
+                record.msg, record.args = redact(record.getMessage()), None
+        return record
+
+    redacting.redacts = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(redacting)
 
 
 def check_sweep(config: DictConfig, jobs: list[list[str]]) -> None:
@@ -145,9 +165,13 @@ class MlflowSweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # Hydra turns a callback's exception into a warning and launches the jobs anyway, so
         # each error here ends the process itself, in one sentence.
+        redact_log_records()
         params, task = parse_sweep(config)
         check_sweep(config, sweep_jobs(params, task))
         try:
+            if uses_slurm(config):
+                check_cluster(config.hydra.launcher)
+                follow_jobs()
             self._claim_folder(config)
             if config.logger.kind == "mlflow":
                 swept = swept_keys(params, task)
@@ -196,7 +220,7 @@ class MlflowSweepCallback(Callback):
                 KIND_TAG: "sweep",
                 "sweep_dir": str(sweep_dir.resolve()),
                 "swept_params": ",".join(swept),
-                "hydra_overrides": " ".join(config.hydra.overrides.task),
+                "hydra_overrides": redact(" ".join(config.hydra.overrides.task)),
                 "sweeper": str(OmegaConf.select(config, "hydra.sweeper._target_")),
                 "launcher": str(OmegaConf.select(config, "hydra.launcher._target_")),
             },
@@ -211,7 +235,7 @@ class MlflowSweepCallback(Callback):
             "swept_params": swept,
         }
         (sweep_dir / SWEEP_FILE).write_text(json.dumps(record))
-        log.info("MLflow sweep parent run %s in %s", parent, uri)
+        log.info("MLflow sweep parent run %s in %s", parent, redact(uri))
         log.info("Compare its runs in the MLflow UI: %s", ui_url(uri, experiment_id, view=parent))
         self.parent = {**record, "sweep_dir": sweep_dir}
         atexit.register(self._close_unfinished)

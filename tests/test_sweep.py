@@ -526,3 +526,44 @@ def test_optuna_trials_over_several_seeds_optimise_the_mean(tmp_path):
     assert parent.data.tags["swept_params"].endswith(",trainer.seed")
     assert "cannot be judged" in parent.data.tags["groups.verdict"]  # 2 seeds per trial
     assert all(", seed=" in r.info.run_name for r in children)
+
+
+def test_slurm_sweep_without_sbatch_stops_before_any_job(tmp_path):
+    """hydra/launcher=slurm on a machine without SLURM's client: one sentence, no job, no run."""
+    bare = tmp_path / "bin"  # a PATH with nothing of SLURM's on it
+    bare.mkdir()
+    proc = run_module(
+        "lmexp.train", "-m", "hydra/launcher=slurm", *TINY, "dropout.dp_keep_prob=0.5,0.9",
+        cwd=tmp_path, env={"PATH": str(bare)},
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert (
+        "hydra/launcher=slurm submits jobs with SLURM's sbatch, which is not on this machine's "
+        "PATH; launch the sweep from a SLURM login node, or pick a local launcher" in out
+    )
+    assert "Traceback" not in out and "#0 :" not in out
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_slurm_cpu_preset_asks_for_no_gpu():
+    from hydra import compose, initialize_config_dir
+
+    from lmexp.config import conf_dir, register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose("train", ["hydra/launcher=slurm_cpu"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert launcher.gpus_per_node is None and launcher.partition == "cpu"
+    assert launcher.max_num_timeout > 0  # requeued on time limits like the GPU preset
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        shared = compose(  # the README's several-jobs-per-GPU settings
+            "train",
+            ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=null", "hydra.launcher.gres=shard:1",
+             "hydra.launcher.account=lab", "+hydra.launcher.additional_parameters.mail-type=END"],
+            return_hydra_config=True,
+        ).hydra.launcher  # fmt: skip
+    assert (shared.gpus_per_node, shared.gres, shared.account) == (None, "shard:1", "lab")
+    assert shared.additional_parameters == {"mail-type": "END"}
