@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -49,12 +50,19 @@ def team(tmp_path_factory):
     """A SLURM cluster, a PostgreSQL and an MLflow server on it, for this module's tests."""
     _require_cluster()
     root = tmp_path_factory.mktemp("team")
+    # A SIGTERM to pytest (a CI timeout, say) unwinds like Ctrl-C, so the daemons below stop too.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     with (
         services.slurm_cluster(root / "slurm") as slurm,
         services.postgres() as pg,
         services.mlflow_server(pg.create_database("mlflow"), root / "server") as server,
     ):
         yield slurm, pg, server
+    signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _client(uri: str):
@@ -331,6 +339,33 @@ def test_runs_starting_together_on_a_fresh_postgres_store_make_one_experiment(te
         experiments = [e.name for e in _client(uri).search_experiments()]
         assert experiments.count(name) == 1, experiments
         assert len(_experiment_runs(uri, name)) == 2
+
+
+def test_many_jobs_creating_one_experiment_on_the_server_at_once_share_it(team):
+    """Sixteen clients that find an experiment missing and create it at the same moment (the
+    window two job processes rarely hit): one experiment, and every client gets its id."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lmexp.tracking import prepare_experiment
+
+    _, _, server = team
+    names = [f"race-{uuid.uuid4().hex[:6]}" for _ in range(3)]
+    start = threading.Barrier(16, timeout=60)  # a client that failed breaks it for all
+
+    def create(_: int) -> list[str]:
+        _client(server.url).search_experiments(max_results=1)  # warm: the race is in the next
+        ids = []
+        for name in names:
+            start.wait()
+            ids.append(prepare_experiment(server.url, name))
+        return ids
+
+    with ThreadPoolExecutor(16) as pool:
+        ids = list(pool.map(create, range(16)))
+    assert all(each == ids[0] for each in ids)
+    experiments = [e.name for e in _client(server.url).search_experiments()]
+    assert all(experiments.count(name) == 1 for name in names)
 
 
 @pytest.mark.parametrize("launcher", ["joblib", "slurm"])
