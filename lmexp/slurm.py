@@ -22,6 +22,9 @@ from lmexp.config import LmexpError
 log = logging.getLogger("lmexp.slurm")
 
 TIMEOUT_S = 20.0  # for sinfo/squeue/sacct calls: a controller slower than this is unreachable
+# The longest gap between two polls of the jobs' states (submitit's own is 600 s): shorter than
+# SLURM's MinJobAge (300 s by default), after which squeue forgets a finished job.
+POLL_S = 60
 
 
 def uses_slurm(config: DictConfig) -> bool:
@@ -42,7 +45,7 @@ def check_cluster(launcher: DictConfig) -> None:
             "(hydra/launcher=joblib)."
         )
     try:
-        proc = _run("sinfo", "--noheader", "--format=%P")
+        proc = _run("sinfo", "--all", "--noheader", "--format=%P")  # hidden ones too
     except (OSError, subprocess.TimeoutExpired) as err:
         proc = subprocess.CompletedProcess([], 1, "", str(err))
     if proc.returncode != 0:
@@ -51,9 +54,10 @@ def check_cluster(launcher: DictConfig) -> None:
             f"SLURM's controller does not answer (sinfo: {reason}); check that slurmctld is "
             "up and SLURM_CONF points at this cluster's slurm.conf, then launch again."
         )
-    partitions = [p.rstrip("*") for p in proc.stdout.split()]
+    partitions = list(dict.fromkeys(p.rstrip("*") for p in proc.stdout.split()))
     wanted = OmegaConf.select(launcher, "partition")
-    if wanted and wanted not in partitions:
+    unknown = [p for p in str(wanted).split(",") if p not in partitions] if wanted else []
+    if unknown:  # sbatch takes a list: the job runs in whichever has room first
         raise LmexpError(
             f"hydra.launcher.partition={wanted} is not a partition of this SLURM cluster (it has "
             f"{', '.join(partitions) or 'none'}); set hydra.launcher.partition to one of them."
@@ -77,7 +81,7 @@ def follow_jobs() -> None:
         return
     base = slurm.SlurmInfoWatcher if accounting_works() else squeue_watcher(slurm.SlurmInfoWatcher)
     watcher = type("LmexpSlurmWatcher", (StateLogger, base), {})
-    slurm.SlurmJob.watcher = watcher(delay_s=slurm.SlurmJob.watcher._delay_s)
+    slurm.SlurmJob.watcher = watcher(delay_s=POLL_S)
 
 
 class StateLogger:
@@ -97,8 +101,10 @@ class StateLogger:
 
 def squeue_watcher(base: type) -> type:
     """submitit's SLURM watcher asking squeue, which needs no accounting, instead of sacct.
-    squeue's `%i|%T|%N` lines read as sacct's JobID|State|NodeList; a job squeue no longer
-    knows (finished long ago) keeps its last state, and submitit then goes by its result file."""
+    squeue's `%i|%T|%N` lines read as sacct's JobID|State|NodeList. A job squeue no longer
+    lists has ended and been purged (MinJobAge): it becomes GONE, a state submitit counts as
+    done, so the sweep reads its result file, or reports that it left none, instead of waiting
+    forever for a job that will not write one (one ended by scancel, say)."""
 
     class SqueueWatcher(base):  # type: ignore[valid-type, misc]
         def _make_command(self) -> list[str] | None:
@@ -118,11 +124,19 @@ def squeue_watcher(base: type) -> type:
             if command is None:
                 return
             self._num_calls += 1
-            try:  # squeue fails for ids it has forgotten: read what it does print
+            try:
                 out = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S)
-                self._info_dict.update(self.read_info(out.stdout))
             except (OSError, subprocess.TimeoutExpired) as err:
-                log.debug("squeue did not answer: %s", err)
+                log.warning("squeue did not answer (%s); asking again at the next poll", err)
+            else:
+                # squeue exits 1 when none of the ids is known any more, 0 when some are.
+                answered = out.returncode == 0 or "Invalid job id" in out.stderr
+                info = self.read_info(out.stdout) if answered else {}
+                for job_id in self._registered - self._finished:
+                    if answered and job_id not in info:
+                        info[job_id] = {"JobID": job_id, "State": "GONE", "NodeList": ""}
+                        log.info("SLURM job %s: GONE (ended; squeue no longer lists it)", job_id)
+                self._info_dict.update(info)
             self._last_status_check = time.time()
             for job_id in self._registered - self._finished:
                 if self.is_done(job_id, mode="cache"):

@@ -234,7 +234,10 @@ class MlflowSweepCallback(Callback):
             "experiment": config.logger.experiment_name,
             "swept_params": swept,
         }
-        (sweep_dir / SWEEP_FILE).write_text(json.dumps(record))
+        path = sweep_dir / SWEEP_FILE  # the jobs read the store's URI here: this user's only
+        path.touch(mode=0o600)
+        path.chmod(0o600)
+        path.write_text(json.dumps(record))
         log.info("MLflow sweep parent run %s in %s", parent, redact(uri))
         log.info("Compare its runs in the MLflow UI: %s", ui_url(uri, experiment_id, view=parent))
         self.parent = {**record, "sweep_dir": sweep_dir}

@@ -69,12 +69,13 @@ def resolve_tracking_uri(configured: str | None, launch_dir: Path) -> str:
 
 # user:password@ in a URI (or in text holding one, such as Hydra's overrides, which escape ':'
 # as '\:'): the password is never logged or recorded.
-_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*\\?://[^:/@\s]+:)[^@\s]+@", re.IGNORECASE)
+_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*\\?://[^:/@\s]*\\?:)[^@\s]+@", re.IGNORECASE)
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&\s]+", re.IGNORECASE)
 
 
 def redact(text: str) -> str:
     """`text` with the password of every URI in it replaced by ***."""
-    return _PASSWORD.sub(r"\1***@", text)
+    return _QUERY_PASSWORD.sub(r"\1***", _PASSWORD.sub(r"\1***@", text))
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -234,20 +235,39 @@ def database_lock(uri: str) -> Iterator[None]:
         yield
         return
     from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import SQLAlchemyError
 
-    engine = create_engine(uri)
+    engine = create_engine(
+        uri, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 10}
+    )  # autocommit: not "idle in transaction" while the lock is held
     try:
-        with engine.connect() as conn:
-            conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": STORE_LOCK_KEY})
-            try:
-                yield
-            finally:
-                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": STORE_LOCK_KEY})
+        conn = engine.connect()
+        deadline = time.monotonic() + STORE_LOCK_WAIT_S
+        while not conn.execute(
+            text("SELECT pg_try_advisory_lock(:k)"), {"k": STORE_LOCK_KEY}
+        ).scalar():
+            if time.monotonic() > deadline:
+                raise TrackingError(
+                    f"Tracking store {redact(uri)}: another process has held lmexp's store lock "
+                    f"for {STORE_LOCK_WAIT_S:.0f} s while creating MLflow's tables; check for a "
+                    "hung lmexp process (pg_stat_activity), then launch again."
+                )
+            time.sleep(0.2)
+    except SQLAlchemyError as err:
+        engine.dispose()
+        reason = redact(str(getattr(err, "orig", err)).strip().splitlines()[0])
+        raise TrackingError(f"Tracking store {redact(uri)} cannot be opened ({reason}).") from err
+    try:
+        yield
     finally:
+        with contextlib.suppress(SQLAlchemyError):  # closing the session releases it anyway
+            conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": STORE_LOCK_KEY})
+            conn.close()
         engine.dispose()
 
 
 STORE_LOCK_KEY = 0x6C6D65787000  # "lmexp" + 0: the advisory lock lmexp's processes share
+STORE_LOCK_WAIT_S = 300.0  # creating MLflow's tables takes seconds; minutes means a hung holder
 
 
 def _client(uri: str):
@@ -334,8 +354,11 @@ def save_sweep_view(uri: str, experiment_id: str, parent_run_id: str, swept: lis
 
 def ui_base(uri: str) -> str:
     """Where the MLflow UI for `uri` is: the server itself, or `mlflow ui`'s default address."""
-    scheme = urllib.parse.urlparse(uri).scheme
-    return uri.rstrip("/") if scheme in ("http", "https") else "http://127.0.0.1:5000"
+    parts = urllib.parse.urlparse(uri)
+    if parts.scheme not in ("http", "https"):
+        return "http://127.0.0.1:5000"
+    host = parts.netloc.rpartition("@")[2]  # a browser link carries no user or password
+    return urllib.parse.urlunparse(parts._replace(netloc=host)).rstrip("/")
 
 
 def ui_url(uri: str, experiment_id: str, view: str | None = None, run_id: str | None = None) -> str:
@@ -371,6 +394,23 @@ class Tracker:
     def finish(self, status: str = "FINISHED", reason: str | None = None) -> None: ...
 
 
+def _database_outage(err: BaseException) -> bool:
+    """MLflow's SQL store reports a dropped database connection as BAD_REQUEST; its cause is a
+    SQLAlchemy or driver error about the connection, not about the request."""
+    cause = err.__cause__ or err.__context__
+    while cause is not None:
+        if type(cause).__module__.split(".")[0] in ("sqlalchemy", "psycopg", "psycopg2"):
+            name = type(cause).__name__
+            return name in (
+                "OperationalError",
+                "InterfaceError",
+                "TimeoutError",
+                "DisconnectionError",
+            )
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
 def lost_store(method: Callable[..., Any]) -> Callable[..., Any]:
     """A tracker method whose store stops answering raises TrackingLost, in one sentence."""
 
@@ -381,7 +421,7 @@ def lost_store(method: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return method(self, *args, **kwargs)
         except MlflowException as err:
-            if err.error_code in REFUSALS:
+            if err.error_code in REFUSALS and not _database_outage(err):
                 raise
             reason = str(err.message).strip().splitlines()[0]
         except ConnectionError as err:
@@ -556,7 +596,7 @@ def usable_store(
         if not fallback_uri:
             raise
         check_store(fallback_uri, timeout)
-        return fallback_uri, f"{err} Logging to the fallback {fallback_uri} instead."
+        return fallback_uri, f"{err} Logging to the fallback {redact(fallback_uri)} instead."
 
 
 def download_model(uri: str, run_id: str, dest: Path) -> Path:

@@ -200,11 +200,19 @@ def run_training(cfg: TrainConfig, ctx: RunContext) -> float:
             # The store cannot be told either; the checkpoint (written before each epoch's
             # metrics) holds the run, and a rerun backfills what MLflow missed.
             last = ckpt_dir / "last.pt"
-            where = f"trainer.ckpt_path={last}" if last.exists() else "the same command"
-            raise TrackingLost(
-                f"{err}; the run stopped: rerun with {where} once it answers again to continue "
-                f"MLflow run {tracker.run_id}."
-            ) from err
+            if not last.exists():
+                how = "rerun once it answers again (no epoch was checkpointed yet)"
+            elif ctx.job_num is not None:
+                how = (
+                    f"rerun the sweep with hydra.sweep.dir={ctx.output_dir.parent} once it "
+                    f"answers again to continue MLflow run {tracker.run_id}"
+                )
+            else:
+                how = (
+                    f"rerun with trainer.ckpt_path={last} once it answers again to continue "
+                    f"MLflow run {tracker.run_id}"
+                )
+            raise TrackingLost(f"{err}; the run stopped: {how}.") from err
         except KeyboardInterrupt:
             tracker.finish("KILLED", "interrupted (KeyboardInterrupt)")
             raise

@@ -131,7 +131,9 @@ AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 ReturnToService=2
-MinJobAge=600
+# Finished jobs leave squeue after 5 s (300 by default): the sweeps must not depend on seeing
+# a job's last state there.
+MinJobAge=5
 KillWait=30
 SchedulerType=sched/builtin
 # A requeued job waits cred_expire + 1 s before it may start again (120 s by default) and the

@@ -99,10 +99,14 @@ def test_slurm_sweep_logs_every_epoch_once_to_the_server(team, tmp_path):
     """The dp_keep_prob sweep on SLURM (CPU preset), tracked over HTTP by the team's server: three
     FINISHED children under one parent, each epoch's metrics once, the report on the parent and
     downloadable through the server; the console says each job's state, without sacct noise."""
+    import psutil
+
     slurm, _, server = team
     experiment = f"slurm-{uuid.uuid4().hex[:6]}"
+    # Unlike this machine's physical cores, so that a job's thread count shows where it came from
+    cpus = 2 if psutil.cpu_count(logical=False) == 1 else 1
     proc = _train(
-        "-m", *SLURM_CPU, *TINY_SLURM, "trainer.max_epochs=2",
+        "-m", *SLURM_CPU, f"hydra.launcher.cpus_per_task={cpus}", *TINY_SLURM, "trainer.max_epochs=2",
         f"logger.tracking_uri={server.url}", f"logger.experiment_name={experiment}",
         "dropout.dp_keep_prob=0.5,0.7,0.9", "hydra.sweep.dir=sweep",
         cwd=tmp_path, env=slurm.env,
@@ -130,9 +134,9 @@ def test_slurm_sweep_logs_every_epoch_once_to_the_server(team, tmp_path):
     # One line per job state change, and none of submitit's sacct warnings (no accounting here).
     assert "sacct" not in out and "accounting storage is disabled" not in out, out[-3000:]
     assert re.search(r"SLURM job \d+_\d: RUNNING", out), out[-3000:]
-    assert "1 threads" in "".join(
+    assert f" {cpus} threads;" in "".join(
         p.read_text() for p in (tmp_path / "sweep").glob(".submitit/*/*_log.out")
-    )  # trainer.threads=0 took SLURM_CPUS_PER_TASK=1
+    )  # trainer.threads=0 took SLURM_CPUS_PER_TASK
 
 
 def test_time_limit_requeues_the_job_which_resumes_into_the_same_run(team, tmp_path):
@@ -368,6 +372,31 @@ def test_many_jobs_creating_one_experiment_on_the_server_at_once_share_it(team):
     assert all(experiments.count(name) == 1 for name in names)
 
 
+def test_store_creation_waits_for_the_postgres_store_lock(team):
+    """While another process holds lmexp's advisory lock on a fresh database (it is creating
+    MLflow's tables), a run waits for it instead of creating them at the same time."""
+    import threading
+
+    from sqlalchemy import create_engine, text
+
+    from lmexp.tracking import STORE_LOCK_KEY, prepare_experiment
+
+    _, pg, _ = team
+    uri = pg.create_database("locked")
+    engine = create_engine(uri, isolation_level="AUTOCOMMIT")
+    done = threading.Event()
+    with engine.connect() as holder:
+        holder.execute(text("SELECT pg_advisory_lock(:k)"), {"k": STORE_LOCK_KEY})
+        worker = threading.Thread(target=lambda: (prepare_experiment(uri, "lmexp"), done.set()))
+        worker.start()
+        assert not done.wait(5), "the store was opened while another process held the lock"
+        holder.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": STORE_LOCK_KEY})
+        assert done.wait(60), "the run did not go on once the lock was released"
+    worker.join()
+    engine.dispose()
+    assert [e.name for e in _client(uri).search_experiments()].count("lmexp") == 1
+
+
 @pytest.mark.parametrize("launcher", ["joblib", "slurm"])
 def test_parallel_sweep_jobs_on_a_fresh_postgres_store(team, tmp_path, launcher):
     """A sweep's parallel jobs (joblib's two workers, or SLURM) on a new PostgreSQL database
@@ -388,6 +417,8 @@ def test_parallel_sweep_jobs_on_a_fresh_postgres_store(team, tmp_path, launcher)
     assert parent.info.status == "FINISHED" and len(children) == 2
     assert all(c.info.status == "FINISHED" for c in children)
     assert pg.password not in proc.stdout + proc.stderr  # Hydra's job lines are redacted too
+    # The jobs read the store's URI from the sweep folder: a file for this user only.
+    assert (tmp_path / "sweep" / "mlflow_sweep.json").stat().st_mode & 0o777 == 0o600
 
 
 # --- bad input: one sentence before any job ---------------------------------------------------
