@@ -139,6 +139,31 @@ def test_slurm_sweep_logs_every_epoch_once_to_the_server(team, tmp_path):
     )  # trainer.threads=0 took SLURM_CPUS_PER_TASK
 
 
+def test_a_job_squeue_no_longer_lists_counts_as_ended(team, tmp_path, monkeypatch):
+    """With no accounting, squeue is the only source of job states and forgets a job MinJobAge
+    after it ends: such a job must count as ended (GONE), or a sweep whose job left no result
+    file (scancel, an exit before any result) waits for it forever. A live job keeps its state."""
+    from submitit.slurm import slurm as submitit_slurm
+
+    from lmexp.slurm import squeue_watcher
+
+    slurm, _, _ = team
+    monkeypatch.setenv("SLURM_CONF", slurm.env["SLURM_CONF"])
+    live = slurm.run("sbatch", "--parsable", "--partition=cpu", "--mem=100M",
+                     f"--output={tmp_path}/%j.out", "--wrap=sleep 60").stdout.strip()  # fmt: skip
+    try:
+        watcher = squeue_watcher(submitit_slurm.SlurmInfoWatcher)(delay_s=60)
+        watcher.register_job(live)
+        watcher.register_job("424242")  # a job id the controller no longer knows
+        watcher.update()
+        assert watcher.get_state("424242", mode="cache") == "GONE"
+        assert watcher.is_done("424242", mode="cache")
+        assert watcher.get_state(live, mode="cache") in ("PENDING", "RUNNING")
+        assert not watcher.is_done(live, mode="cache")
+    finally:
+        slurm.run("scancel", live)
+
+
 def test_time_limit_requeues_the_job_which_resumes_into_the_same_run(team, tmp_path):
     """A job that reaches its SLURM time limit: SLURM's USR2 ahead of the limit → checkpoint →
     submitit requeues → the requeued job resumes into the same MLflow run; each epoch logged
