@@ -271,8 +271,14 @@ class MlflowSweepCallback(Callback):
         """At exit, close a parent run the sweep did not reach on_multirun_end for."""
         if self.parent is None:
             return
+        sweep_dir = self.parent["sweep_dir"]
         log.warning(
             "Sweep ended early: closing MLflow parent run %s with the finished jobs' report",
             self.parent["parent_run_id"],
         )
         self._summarize("KILLED" if self.signum is not None else None)
+        log.warning(
+            "To finish it, run the same command with hydra.sweep.dir=%s: finished jobs are "
+            "skipped, stopped ones resume from their checkpoints.",
+            sweep_dir.resolve(),
+        )

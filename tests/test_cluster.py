@@ -243,6 +243,8 @@ def test_scancel_kills_the_run_and_a_rerun_finishes_only_what_is_missing(team, t
     assert slurm.run("scancel", job).returncode == 0
     out, _ = sweeper.communicate(timeout=300)
     assert sweeper.returncode != 0, out[-3000:]  # the sweep did not finish
+    assert f"To finish it, run the same command with hydra.sweep.dir={tmp_path / 'sweep'}" in out
+    assert "GONE" in out or "CANCELLED" in out, out[-3000:]  # the console said what happened
     parent, children = _children(server.url, experiment)
     by_keep = {c.data.params["dropout.dp_keep_prob"]: c for c in children}
     assert by_keep["0.5"].info.status == "FINISHED"
