@@ -21,6 +21,13 @@ class LmexpError(Exception):
     """An error the user caused and can fix; its message is one sentence saying how."""
 
 
+def first_line(err: BaseException) -> str:
+    """The first non-blank line of an exception's message, or its type's name: what goes into
+    a one-sentence error, in place of a library's multi-line text."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
 class ConfigError(LmexpError):
     """A config key holds a value lmexp cannot use."""
 

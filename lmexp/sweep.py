@@ -27,7 +27,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from lmexp.config import LmexpError
+from lmexp.config import LmexpError, first_line
 from lmexp.runtime import SWEEP_STOPPING, folder_in_use, held_here, lock_folder
 from lmexp.slurm import check_cluster, follow_jobs, uses_slurm
 from lmexp.stats import SEED_KEY
@@ -131,7 +131,7 @@ def check_sweep(config: DictConfig, jobs: list[list[str]]) -> None:
                 check_device_support(typed.trainer, select_device(typed.trainer.device).type)
         except Exception as err:  # noqa: BLE001 - any job that cannot be composed is the user's
             swept = " ".join(o for o in job if o not in config.hydra.overrides.task)
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            reason = first_line(err)
             log.error("%s Sweep not started, no job run (bad job: %s).", reason, swept or job)
             sys.exit(2)
     log.info("Checked the config of %d sweep jobs", len(jobs))

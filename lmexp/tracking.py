@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmexp.config import LmexpError
+from lmexp.config import LmexpError, first_line
 
 PARENT_TAG = "mlflow.parentRunId"
 FAILURE_TAG = "lmexp.failure_reason"
@@ -255,7 +255,7 @@ def database_lock(uri: str) -> Iterator[None]:
             time.sleep(0.2)
     except SQLAlchemyError as err:
         engine.dispose()
-        reason = redact(str(getattr(err, "orig", err)).strip().splitlines()[0])
+        reason = redact(first_line(getattr(err, "orig", err)))
         raise TrackingError(f"Tracking store {redact(uri)} cannot be opened ({reason}).") from err
     try:
         yield
@@ -305,7 +305,7 @@ def prepare_experiment(uri: str, name: str) -> str:
                 f"Tracking store {redact(uri)} could not be opened: {err.message}"
             ) from err
         except Exception as err:  # noqa: BLE001 - SQLAlchemy's and the driver's errors
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            reason = first_line(err)
             raise TrackingError(
                 f"Tracking store {redact(uri)} could not be opened ({reason}); check that it is a "
                 "working MLflow store, or point logger.tracking_uri elsewhere."
@@ -423,13 +423,13 @@ def lost_store(method: Callable[..., Any]) -> Callable[..., Any]:
         except MlflowException as err:
             if err.error_code in REFUSALS and not _database_outage(err):
                 raise
-            reason = str(err.message).strip().splitlines()[0]
+            reason = first_line(err)
         except ConnectionError as err:
-            reason = str(err).strip().splitlines()[0] or type(err).__name__
+            reason = first_line(err)
         except Exception as err:
             if type(err).__module__.split(".")[0] not in ("sqlalchemy", "psycopg", "requests"):
                 raise
-            reason = str(err).strip().splitlines()[0] or type(err).__name__
+            reason = first_line(err)
         raise TrackingLost(
             f"Tracking store {redact(self.uri or '')} stopped answering during "
             f"{method.__name__} ({redact(reason)[:300]})"
