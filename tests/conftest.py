@@ -52,6 +52,16 @@ def run_without_lmexp(
     )
 
 
+def expect_sweep_refused(proc: subprocess.CompletedProcess, sentence: str, cwd: Path) -> None:
+    """A sweep stopped before any job: exit 2, the sentence, no traceback, no job line from
+    Hydra's launcher, and no tracking store created in its folder."""
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert sentence in out, out[-3000:]
+    assert "Traceback" not in out and "#0 :" not in out
+    assert not (cwd / "mlflow.db").exists()
+
+
 def mlflow_runs(db: Path, experiment: str = "lmexp") -> list:
     from mlflow.tracking import MlflowClient
 

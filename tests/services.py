@@ -62,7 +62,7 @@ def wait_for(what: str, ready, timeout: float, log: Path | None = None) -> None:
             return
         time.sleep(0.5)
     tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
-    raise RuntimeError(f"{what} did not come up within {timeout:.0f} s\n{tail}")
+    raise RuntimeError(f"{what}: not there after {timeout:.0f} s\n{tail}")
 
 
 def _stop(proc: subprocess.Popen, timeout: float = 20) -> None:

@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY, mlflow_runs, run_module
+from services import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -54,12 +54,6 @@ def _require_browser() -> None:
         pytest.skip(reason)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> dict:
     """A real 3-job dp_keep_prob sweep into a sqlite store, and the UI URL its log printed."""
@@ -81,7 +75,7 @@ def sweep(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def ui(sweep) -> str:
     """`mlflow ui` over the sweep's store on a free loopback port; stopped after the tests."""
-    port = _free_port()
+    port = free_port()
     log = open(sweep["cwd"] / "mlflow-ui.log", "w")  # noqa: SIM115 - closed below
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri",
