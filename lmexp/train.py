@@ -199,19 +199,7 @@ def run_training(cfg: TrainConfig, ctx: RunContext) -> float:
         except TrackingLost as err:
             # The store cannot be told either; the checkpoint (written before each epoch's
             # metrics) holds the run, and a rerun backfills what MLflow missed.
-            last = ckpt_dir / "last.pt"
-            if not last.exists():
-                how = "rerun once it answers again (no epoch was checkpointed yet)"
-            elif ctx.job_num is not None:
-                how = (
-                    f"rerun the sweep with hydra.sweep.dir={ctx.output_dir.parent} once it "
-                    f"answers again to continue MLflow run {tracker.run_id}"
-                )
-            else:
-                how = (
-                    f"rerun with trainer.ckpt_path={last} once it answers again to continue "
-                    f"MLflow run {tracker.run_id}"
-                )
+            how = resume_advice(ckpt_dir / "last.pt", ctx, tracker.run_id)
             raise TrackingLost(f"{err}; the run stopped: {how}.") from err
         except KeyboardInterrupt:
             tracker.finish("KILLED", "interrupted (KeyboardInterrupt)")
@@ -221,6 +209,20 @@ def run_training(cfg: TrainConfig, ctx: RunContext) -> float:
         except BaseException as err:
             tracker.finish("FAILED", f"{type(err).__name__}: {err}")
             raise
+
+
+def resume_advice(last: Path, ctx: RunContext, run_id: str | None) -> str:
+    """How to go on with a run whose tracking store stopped answering."""
+    if not last.exists():
+        return "rerun once it answers again (no epoch was checkpointed yet)"
+    if ctx.job_num is not None:
+        return (
+            f"rerun the sweep with hydra.sweep.dir={ctx.output_dir.parent} once it answers "
+            f"again to continue MLflow run {run_id}"
+        )
+    return (
+        f"rerun with trainer.ckpt_path={last} once it answers again to continue MLflow run {run_id}"
+    )
 
 
 def start_tracking(
