@@ -64,6 +64,17 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("lmexp.unique_dir", unique_dir, use_cache=True)
 
 
+def register_sweeper() -> None:
+    """Make lmexp's Optuna sweeper known to Hydra. A wheel install puts it where Hydra's plugin
+    scan looks (the hydra_plugins namespace); an editable one (pip install -e) reaches it only
+    through setuptools' import hook, which that scan cannot list, so it is registered here."""
+    from hydra.core.plugins import Plugins
+
+    from hydra_plugins.lmexp_optuna_sweeper.optuna_sweeper import LmexpOptunaSweeper
+
+    Plugins.instance().register(LmexpOptunaSweeper)
+
+
 def launch(task: Callable[[Any], Any], config_name: str, argv: list[str], schema: type) -> None:
     """Run `task` under Hydra with lmexp's configs (`python -m lmexp.<entry> [overrides]`)."""
     logging.basicConfig(
@@ -82,4 +93,5 @@ def launch(task: Callable[[Any], Any], config_name: str, argv: list[str], schema
 
     register_configs()
     register_resolvers()
+    register_sweeper()
     hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=config_name)(task)()

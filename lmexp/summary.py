@@ -406,14 +406,24 @@ def server_links(uri: str, records: list[RunRecord]) -> Callable[[str], str] | N
     return lambda run_id: ui_url(uri, experiment[run_id], run_id=run_id)
 
 
+def state_counts(records: list[RunRecord]) -> dict[str, int]:
+    """How many runs ended in each state (an Optuna search's PRUNED apart from FAILED)."""
+    seen = {r.status for r in records}
+    order = [s for s in ("FINISHED", "PRUNED", "FAILED", "KILLED", "RUNNING") if s in seen]
+    return {
+        state: sum(r.status == state for r in records)
+        for state in order + sorted(seen - set(order))
+    }
+
+
 def sweep_note(
     records: list[RunRecord], swept: list[str], best: dict[str, Any] | None, status: str
 ) -> str:
     """The parent run's description (its Overview page): the outcome, the best child, the table
     with links to each child's page."""
     keys = ", ".join(f"`{k}`" for k in swept) or "nothing"
-    finished = sum(r.status == "FINISHED" for r in records)
-    lines = [f"**Sweep over {keys}**: {len(records)} runs, {finished} finished; {status}.", ""]
+    counts = ", ".join(f"{n} {state.lower()}" for state, n in state_counts(records).items())
+    lines = [f"**Sweep over {keys}**: {len(records)} runs, {counts or 'none'}; {status}.", ""]
     if best is not None:
         lines += [
             f"Best: **{best['run']}** (`{best['run_id']}`): best valid ppl "
@@ -489,6 +499,7 @@ def summarize_sweep(
     finished = [summarize(r) for r in records if r.status == "FINISHED"]
     best = min(finished, key=lambda s: s["best_valid_ppl"], default=None)
     tags: dict[str, Any] = {"n_runs": len(records), "n_finished": len(finished)}
+    tags.update({f"n_{state.lower()}": n for state, n in state_counts(records).items()})
     if reason:
         tags[FAILURE_TAG] = reason
     if best is not None:

@@ -28,6 +28,8 @@ from lmexp.config import LmexpError, first_line
 PARENT_TAG = "mlflow.parentRunId"
 FAILURE_TAG = "lmexp.failure_reason"
 NOTE_TAG = "mlflow.note.content"  # a run's description, Markdown on its Overview page
+# On a trial stopped by an Optuna pruner (its run ends KILLED): the epochs it trained.
+PRUNED_TAG = "lmexp.pruned_after_epoch"
 KIND_TAG = "lmexp.kind"  # "sweep" on a sweep's parent run, "bench" on lmexp.bench's runs
 # The metrics every training run logs once per epoch (step = epoch), in this order.
 EPOCH_METRICS = ("train_ppl", "valid_ppl", "lr", "train_wps", "epoch_time_s")
@@ -746,10 +748,13 @@ def _record(client: Any, run: Any, history_keys: tuple[str, ...]) -> RunRecord:
     for key in history_keys:
         points = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
         history[key] = [(m.step, m.value) for m in points]
+    status = run.info.status
+    if status == "KILLED" and PRUNED_TAG in run.data.tags:
+        status = "PRUNED"  # stopped by the search's pruner, not by a signal
     return RunRecord(
         run.info.run_id,
         run.info.run_name or "",
-        run.info.status,
+        status,
         dict(run.data.params),
         dict(run.data.metrics),
         dict(run.data.tags),

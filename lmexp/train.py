@@ -14,6 +14,7 @@ import logging
 import math
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -40,10 +41,12 @@ from lmexp.runtime import (
     select_device,
 )
 from lmexp.schedules import learning_rate
+from lmexp.search import STUDY_FILE, Pruned, run_trials
 from lmexp.stats import SEED_KEY
 from lmexp.tracking import (
     EPOCH_METRICS,
     PARENT_TAG,
+    PRUNED_TAG,
     Tracker,
     TrackingLost,
     open_tracker,
@@ -69,6 +72,8 @@ class RunContext:
     parent_run_id: str | None = None
     tracking_uri: str | None = None
     swept: list[str] = field(default_factory=list)  # the keys the sweep varies
+    # An Optuna trial's: told each epoch's validation perplexity, says why it should stop.
+    judge: Callable[[int, float], str | None] | None = None
 
 
 def run_tags(device: torch.device, ctx: RunContext, cfg: TrainConfig) -> dict[str, str]:
@@ -192,6 +197,10 @@ def run_training(cfg: TrainConfig, ctx: RunContext) -> float:
                 log.info("Run %s already finished all %d epochs.", tracker.run_id, t.max_epochs)
             tracker.finish("FINISHED")
             return position.best_valid
+        except Pruned as why:
+            tracker.set_tags({PRUNED_TAG: str(position.epoch)})
+            tracker.finish("KILLED", str(why))
+            raise
         except DivergenceError as err:
             log.error("Run diverged: %s", err)
             tracker.finish("FAILED", f"diverged: {err}")
@@ -361,6 +370,8 @@ def train_epochs(run: Run, position: Position) -> None:
             end_epoch(
                 run, position, ppl_record(epoch + 1, lr, progress, valid_ppl, progress.seconds)
             )
+            if run.ctx.judge is not None and (why := run.ctx.judge(epoch + 1, valid_ppl)):
+                raise Pruned(why)
 
 
 def end_epoch(run: Run, position: Position, record: dict[str, float]) -> None:
@@ -479,12 +490,42 @@ def task(cfg: Any) -> float:
 
     try:
         typed, ctx = to_typed(cfg), hydra_context(cfg)
-        if typed.trainer.seeds_per_job == 1:
-            return run_training(typed, ctx)
-        return over_seeds(typed, ctx)
+        sweep_dir = ctx.output_dir.parent
+        if ctx.job_num is not None and (sweep_dir / STUDY_FILE).exists():
+            return run_trials(cfg, sweep_dir, ctx.job_num, trial_runner(ctx))
+        return train_job(typed, ctx)
     except LmexpError as err:
         log.error("%s", err)
         sys.exit(2)
+
+
+def train_job(cfg: TrainConfig, ctx: RunContext) -> float:
+    """One job of a sweep (or a single run): one seed, or trainer.seeds_per_job of them."""
+    if cfg.trainer.seeds_per_job == 1:
+        return run_training(cfg, ctx)
+    return over_seeds(cfg, ctx)
+
+
+def trial_runner(worker: RunContext) -> Callable[..., float]:
+    """How an Optuna worker (lmexp.search.run_trials) trains one trial: in its own folder, as a
+    child run named by its sampled values and numbered by the trial."""
+    from omegaconf import OmegaConf
+
+    from lmexp.config import to_typed
+
+    def train(cfg: Any, overrides: list[str], folder: Path, number: int, judge: Any) -> float:
+        resolved = redact_logger(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+        ctx = replace(
+            worker,
+            output_dir=folder,
+            resolved=resolved,
+            overrides=[*worker.overrides, *overrides],
+            job_num=number,
+            judge=judge,
+        )
+        return train_job(to_typed(cfg), ctx)
+
+    return train
 
 
 def over_seeds(cfg: TrainConfig, ctx: RunContext) -> float:

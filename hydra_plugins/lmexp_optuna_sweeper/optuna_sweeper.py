@@ -1,0 +1,125 @@
+"""The Hydra side of lmexp's Optuna search: its config schema and the Sweeper that checks the
+search, creates the study and launches the workers (see lmexp.search for the rest)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.plugins import Plugins
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LmexpOptunaSweeperConf:
+    _target_: str = "hydra_plugins.lmexp_optuna_sweeper.optuna_sweeper.LmexpOptunaSweeper"
+    study_name: str = "lmexp"
+    # Optuna's database URL; null: sqlite:///<sweep dir>/optuna.db.
+    storage: str | None = None
+    direction: str = "minimize"
+    n_trials: int = 20  # trials in the study, counting those of earlier runs of the search
+    n_jobs: int = 1  # workers, each asking for trials until n_trials (launch them in parallel)
+    # {name: tpe|random|qmc, ...keyword arguments}, or just the name.
+    sampler: Any = field(default_factory=lambda: {"name": "tpe", "seed": None})
+    # {name: median|percentile|asha|hyperband|none, ...keyword arguments}, or just the name.
+    pruner: Any = field(default_factory=lambda: {"name": "median"})
+    params: dict[str, str] | None = (
+        None  # key: interval(a, b) | tag(log, interval(a, b)) | choice(...)
+    )
+
+
+ConfigStore.instance().store(
+    group="hydra/sweeper", name="lmexp_optuna", node=LmexpOptunaSweeperConf, provider="lmexp"
+)
+
+
+class LmexpOptunaSweeper(Sweeper):
+    def __init__(self, **settings: Any) -> None:
+        self.settings = settings  # read again from the config, where Hydra resolved them
+        self.config: DictConfig | None = None
+        self.launcher: Any = None
+        self.hydra_context: HydraContext | None = None
+
+    def setup(
+        self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
+    ) -> None:
+        self.config = config
+        self.hydra_context = hydra_context
+        self.launcher = Plugins.instance().instantiate_launcher(
+            config=config, hydra_context=hydra_context, task_function=task_function
+        )
+
+    def sweep(self, arguments: list[str]) -> Any:
+        from lmexp.config import LmexpError
+        from lmexp.search import STUDY_FILE, check_search, open_storage
+        from lmexp.sweep import parse_sweep
+
+        assert self.config is not None
+        config = self.config
+        try:
+            search = check_search(config, *parse_sweep(config))
+        except LmexpError as err:
+            log.error("%s Search not started, no trial run.", err)
+            sys.exit(2)
+        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / STUDY_FILE).write_text(search.to_json())
+        workers = int(config.hydra.sweeper.n_jobs)
+        log.info(
+            "Study %s in %s: %d trials over %s, %d worker(s), sampler %s, pruner %s",
+            search.study_name,
+            redact_url(search.storage),
+            search.n_trials,
+            ", ".join(search.space),
+            workers,
+            search.sampler.get("name"),
+            search.pruner.get("name"),
+        )
+        jobs = [[*search.fixed, f"hydra.sweep.subdir=worker_{w}"] for w in range(workers)]
+        self.validate_batch_is_legal(jobs)
+        returns = self.launcher.launch(jobs, initial_job_idx=0)
+        for job in returns:
+            job.return_value  # noqa: B018 - a worker's own error (not a trial's) surfaces here
+        import optuna
+
+        study = optuna.load_study(
+            study_name=search.study_name, storage=open_storage(search.storage)
+        )
+        write_results(study, sweep_dir)
+        return [returns]
+
+
+def redact_url(url: str) -> str:
+    from lmexp.tracking import redact
+
+    return redact(url)
+
+
+def write_results(study: Any, sweep_dir: Path) -> None:
+    """optimization_results.yaml (as Hydra's Optuna sweeper writes it), with the trial counts."""
+    from optuna.trial import TrialState
+
+    counts = {s.name.lower(): 0 for s in TrialState}
+    for trial in study.get_trials(deepcopy=False):
+        counts[trial.state.name.lower()] += 1
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    results: dict[str, Any] = {"name": "lmexp_optuna", "trials": counts}
+    if done:
+        best = study.best_trial
+        results.update(best_params=dict(best.params), best_value=best.value)
+        log.info("Best parameters: %s", best.params)
+        log.info("Best value: %s (trial %d)", best.value, best.number)
+    else:
+        results.update(best_params=None, best_value=math.nan)
+        log.warning("No trial finished, so the search has no best value.")
+    log.info("Trials: %s", ", ".join(f"{n} {s}" for s, n in counts.items() if n))
+    OmegaConf.save(OmegaConf.create(results), sweep_dir / "optimization_results.yaml")

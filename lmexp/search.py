@@ -1,0 +1,457 @@
+"""Optuna searches with pruning: the search space, the study, and the workers that run trials.
+
+The sweeper (hydra_plugins/lmexp_optuna_sweeper) checks the search with `check_search`, creates
+the study in database storage (sqlite in the sweep folder unless hydra.sweeper.storage names
+one, e.g. the team's PostgreSQL), writes `optuna_study.json` there, and launches n_jobs *worker*
+jobs through the configured launcher (in-process, joblib, SLURM). Each worker (`run_trials`)
+asks the shared study for a trial, trains it in <sweep dir>/trial_<n> as a child MLflow run,
+reports its validation perplexity after every epoch, stops when the pruner says so, tells the
+study, and asks again until the study holds n_trials trials. So a worker never waits for others
+to finish a batch (Optuna's own pattern for distributed optimisation), whatever the launcher.
+
+A trial interrupted (SIGTERM, preemption, a kill) stays RUNNING in the study; a worker of a
+later run of the same command, seeing that no live process holds its folder, resumes it from its
+checkpoint before asking for new trials.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import json
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from lmexp.config import LmexpError, first_line
+
+log = logging.getLogger("lmexp.search")
+
+SWEEPER_TARGET = "hydra_plugins.lmexp_optuna_sweeper.optuna_sweeper.LmexpOptunaSweeper"
+STUDY_FILE = "optuna_study.json"  # in the sweep folder: where the workers find the study
+ASK_LOCK = ".optuna_ask.lock"  # one worker at a time counts the trials and asks for one
+TRIAL_FOLDER_ATTR = "lmexp.folder"
+
+SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "qmc": "QMCSampler"}
+PRUNERS = {
+    "none": "NopPruner",
+    "median": "MedianPruner",
+    "percentile": "PercentilePruner",
+    "asha": "SuccessiveHalvingPruner",
+    "hyperband": "HyperbandPruner",
+}
+
+
+def uses_search(config: DictConfig) -> bool:
+    """Whether a multirun's sweeper is lmexp's Optuna search."""
+    return OmegaConf.select(config, "hydra.sweeper._target_") == SWEEPER_TARGET
+
+
+# --- the search space --------------------------------------------------------------------------
+
+
+def distribution(key: str, override: Any) -> Any:
+    """The Optuna distribution of one swept key, from Hydra's override grammar: interval(a, b)
+    (tag(log, ...) for a log scale, tag(int, ...) for integers), choice(...) and range(...)."""
+    import optuna.distributions as d
+    from hydra.core.override_parser.types import Transformer
+
+    if override.is_interval_sweep():
+        interval = override.value()
+        low, high = interval.start, interval.end
+        if not low < high:
+            raise LmexpError(
+                f"hydra.sweeper.params.{key}: interval({_num(low)}, {_num(high)}) is empty "
+                "(low must be below high); write it as interval(low, high)."
+            )
+        log_scale = "log" in interval.tags
+        if log_scale and low <= 0:
+            raise LmexpError(
+                f"hydra.sweeper.params.{key}: a log-scale interval must start above 0, not at "
+                f"{_num(low)}; raise its low end or drop tag(log, ...)."
+            )
+        if "int" in interval.tags:
+            return d.IntDistribution(int(low), int(high), log=log_scale)
+        return d.FloatDistribution(float(low), float(high), log=log_scale)
+    values = list(override.sweep_iterator(transformer=Transformer.encode))
+    if len(values) < 2:
+        raise LmexpError(
+            f"hydra.sweeper.params.{key} offers {len(values)} value; give a choice of at least "
+            "two or set the key as a plain value."
+        )
+    return d.CategoricalDistribution(values)
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def search_space(
+    params: list[Any], task: list[Any], config: DictConfig
+) -> tuple[dict[str, Any], list[str]]:
+    """The distributions to sample (sweeper params, then command-line sweeps, later winning) and
+    the fixed overrides every trial gets. A key must name a value of lmexp's config: config
+    groups (model=small,medium) are chosen per search, not sampled."""
+    space: dict[str, Any] = {}
+    fixed: dict[str, str] = {}
+    for override in params + task:
+        key = override.get_key_element()
+        if not override.is_sweep_override():
+            fixed[key] = override.input_line
+            space.pop(key, None)
+            continue
+        node = OmegaConf.select(config, key, default=None)
+        if isinstance(node, DictConfig) or key in (config.hydra.runtime.choices or {}):
+            raise LmexpError(
+                f"hydra.sweeper.params.{key} is a config group: the search samples values, "
+                f"not groups; run one search per {key}=... or search over its keys instead."
+            )
+        space[key] = distribution(key, override)
+        fixed.pop(key, None)
+    if not space:
+        raise LmexpError(
+            "The search has nothing to sample; give hydra.sweeper.params (for example "
+            "dropout.dp_keep_prob: interval(0.3, 1.0)) or a sweep on the command line."
+        )
+    return space, list(fixed.values())
+
+
+# --- sampler, pruner, storage ------------------------------------------------------------------
+
+
+def _settings(node: Any) -> tuple[str, dict[str, Any]]:
+    settings = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else {}
+    settings = dict(settings or {})
+    return str(settings.pop("name", "")), settings
+
+
+def make_sampler(node: Any, worker: int = 0) -> Any:
+    """hydra.sweeper.sampler: {name: tpe|random|qmc, seed: ..., other keyword arguments}. Worker
+    w gets seed + w, so parallel workers do not propose the same points."""
+    import optuna
+
+    name, kwargs = _settings(node)
+    if name not in SAMPLERS:
+        raise LmexpError(
+            f"hydra.sweeper.sampler.name={name or '(empty)'} is not a sampler lmexp knows; "
+            f"use one of {', '.join(SAMPLERS)}."
+        )
+    if kwargs.get("seed") is not None:
+        kwargs["seed"] = int(kwargs["seed"]) + worker
+    return _build(getattr(optuna.samplers, SAMPLERS[name]), kwargs, "sampler", name)
+
+
+def make_pruner(node: Any) -> Any:
+    """hydra.sweeper.pruner: {name: median|percentile|asha|hyperband|none, keyword arguments}.
+    Steps are epochs: n_warmup_steps=1 never prunes before the second epoch."""
+    import optuna
+
+    name, kwargs = _settings(node)
+    if name not in PRUNERS:
+        raise LmexpError(
+            f"hydra.sweeper.pruner.name={name or '(empty)'} is not a pruner lmexp knows; use "
+            f"one of {', '.join(PRUNERS)}."
+        )
+    return _build(getattr(optuna.pruners, PRUNERS[name]), kwargs, "pruner", name)
+
+
+def _build(cls: type, kwargs: dict[str, Any], what: str, name: str) -> Any:
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise LmexpError(
+            f"hydra.sweeper.{what} {name} cannot be built with {kwargs} ({first_line(err)}); "
+            f"fix its settings (they are {cls.__name__}'s keyword arguments)."
+        ) from None
+
+
+def storage_url(config: DictConfig) -> str:
+    """hydra.sweeper.storage, or a sqlite file in the sweep folder."""
+    url = OmegaConf.select(config, "hydra.sweeper.storage")
+    if url:
+        return str(url)
+    return f"sqlite:///{Path(config.hydra.sweep.dir).resolve() / 'optuna.db'}"
+
+
+def open_storage(url: str) -> Any:
+    """Optuna's database storage (sqlite waits up to a minute for another writer), or one
+    sentence when it cannot be opened."""
+    import optuna
+
+    from lmexp.tracking import redact
+
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    except Exception as err:  # noqa: BLE001 - a bad URL, no driver, no server, no password
+        raise LmexpError(
+            f"hydra.sweeper.storage={redact(url)} cannot be opened ({first_line(err)}); give a "
+            "database URL Optuna can reach (sqlite:///path/optuna.db, postgresql://user@host/db) "
+            "or leave it null for a sqlite file in the sweep folder."
+        ) from None
+
+
+def direction(config: DictConfig) -> str:
+    value = str(OmegaConf.select(config, "hydra.sweeper.direction"))
+    if value not in ("minimize", "maximize"):
+        raise LmexpError(
+            f"hydra.sweeper.direction={value} is neither minimize nor maximize; lmexp's "
+            "trials return the best validation perplexity, so use minimize."
+        )
+    return value
+
+
+def create_study(config: DictConfig) -> Any:
+    """The study in its storage, created or (the same command again) loaded."""
+    import optuna
+
+    from lmexp.tracking import redact, resolve_tracking_uri
+
+    url = storage_url(config)
+    tracking = OmegaConf.select(config, "logger.tracking_uri")
+    if tracking and resolve_tracking_uri(tracking, Path.cwd()) == url:
+        raise LmexpError(
+            f"hydra.sweeper.storage is MLflow's own store ({redact(url)}); Optuna and MLflow "
+            "each keep an alembic_version table, so give the study a database of its own."
+        )
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    name = str(config.hydra.sweeper.study_name)
+    try:
+        study = optuna.create_study(
+            storage=open_storage(url),
+            study_name=name,
+            direction=direction(config),
+            load_if_exists=True,
+        )
+    except LmexpError:
+        raise
+    except Exception as err:  # noqa: BLE001 - storage that opens but cannot hold a study
+        raise LmexpError(
+            f"hydra.sweeper.storage={redact(url)} cannot hold study {name} ({first_line(err)}); "
+            "check the database and its permissions."
+        ) from None
+    if study.direction.name.lower() != direction(config):
+        raise LmexpError(
+            f"Study {name} in {redact(url)} was made to {study.direction.name.lower()}; use "
+            "another hydra.sweeper.study_name for this search."
+        )
+    return study
+
+
+@dataclass
+class Search:
+    """A checked search: what each worker needs, also written to optuna_study.json."""
+
+    storage: str
+    study_name: str
+    n_trials: int
+    space: dict[str, Any]
+    fixed: list[str]
+    sampler: dict[str, Any]
+    pruner: dict[str, Any]
+
+    def to_json(self) -> str:
+        import optuna.distributions as d
+
+        record = {
+            **self.__dict__,
+            "space": {k: d.distribution_to_json(v) for k, v in self.space.items()},
+        }
+        return json.dumps(record)
+
+    @classmethod
+    def from_json(cls, text: str) -> Search:
+        import optuna.distributions as d
+
+        record = json.loads(text)
+        record["space"] = {k: d.json_to_distribution(v) for k, v in record["space"].items()}
+        return cls(**record)
+
+
+def check_search(config: DictConfig, params: list[Any], task: list[Any]) -> Search:
+    """Everything about a search that can be wrong, each in one sentence, before any trial:
+    the space, sampler, pruner, trial count and storage (the study is created there)."""
+    space, fixed = search_space(params, task, config)
+    sweeper = config.hydra.sweeper
+    make_sampler(sweeper.sampler)
+    pruner = make_pruner(sweeper.pruner)
+    n_trials = int(sweeper.n_trials)
+    if n_trials < 1 or int(sweeper.n_jobs) < 1:
+        raise LmexpError(
+            f"hydra.sweeper.n_trials={n_trials} and n_jobs={sweeper.n_jobs} must both be at "
+            "least 1."
+        )
+    seeds = OmegaConf.select(config, "trainer.seeds_per_job", default=1)
+    if seeds > 1 and type(pruner).__name__ != "NopPruner":
+        raise LmexpError(
+            f"trainer.seeds_per_job={seeds} judges a trial over seeds trained one after "
+            "another, which a pruner cannot follow epoch by epoch; add hydra.sweeper.pruner=none."
+        )
+    create_study(config)
+    return Search(
+        storage=storage_url(config),
+        study_name=str(sweeper.study_name),
+        n_trials=n_trials,
+        space=space,
+        fixed=fixed,
+        sampler=OmegaConf.to_container(sweeper.sampler, resolve=True),  # type: ignore[arg-type]
+        pruner=OmegaConf.to_container(sweeper.pruner, resolve=True),  # type: ignore[arg-type]
+    )
+
+
+def read_search(sweep_dir: Path) -> Search | None:
+    path = sweep_dir / STUDY_FILE
+    return Search.from_json(path.read_text()) if path.exists() else None
+
+
+# --- pruning -----------------------------------------------------------------------------------
+
+
+class Pruned(Exception):
+    """Raised by the training loop when the study's pruner stops a trial."""
+
+
+@dataclass
+class Judge:
+    """Reports a trial's validation perplexity per epoch; says why, when the pruner stops it."""
+
+    trial: Any
+    pruner: str
+
+    def __call__(self, epoch: int, valid_ppl: float) -> str | None:
+        self.trial.report(valid_ppl, epoch)
+        if not self.trial.should_prune():
+            return None
+        return (
+            f"pruned by Optuna's {self.pruner} pruner after epoch {epoch} (valid ppl "
+            f"{valid_ppl:.2f}, trial {self.trial.number})"
+        )
+
+
+# --- the workers -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def ask_lock(sweep_dir: Path) -> Iterator[None]:
+    """One worker at a time counts the study's trials and claims one (no trial beyond n_trials,
+    no trial claimed twice)."""
+    with open(sweep_dir / ASK_LOCK, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def claim_trial(study: Any, search: Search, sweep_dir: Path) -> Any:
+    """The next trial for this worker, its folder locked: an interrupted one (RUNNING, no live
+    process on its folder) first, else a new one while the study has fewer than n_trials.
+    None when there is nothing left to do."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from lmexp.runtime import folder_in_use, lock_folder
+
+    with ask_lock(sweep_dir):
+        trials = study.get_trials(deepcopy=False)
+        for frozen in trials:
+            if frozen.state != TrialState.RUNNING:
+                continue
+            folder = Path(frozen.user_attrs.get(TRIAL_FOLDER_ATTR, trial_dir(sweep_dir, frozen)))
+            if not folder_in_use(folder):
+                lock_folder(folder)
+                log.info("Resuming interrupted trial %d in %s", frozen.number, folder)
+                return optuna.trial.Trial(study, frozen._trial_id)
+        if len(trials) >= search.n_trials:
+            return None
+        trial = study.ask(search.space)
+        folder = trial_dir(sweep_dir, trial)
+        trial.set_user_attr(TRIAL_FOLDER_ATTR, str(folder))
+        lock_folder(folder)
+        return trial
+
+
+def trial_dir(sweep_dir: Path, trial: Any) -> Path:
+    return (sweep_dir / f"trial_{trial.number}").resolve()
+
+
+def trial_overrides(trial: Any, search: Search) -> list[str]:
+    params = trial.params
+    return [f"{key}={params[key]}" for key in search.space]
+
+
+def trial_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """The worker's config with a trial's sampled values."""
+    out = copy.deepcopy(cfg)
+    for item in overrides:
+        key, value = item.split("=", 1)
+        OmegaConf.update(out, key, _parse(value), merge=False)
+    return out
+
+
+def _parse(value: str) -> Any:
+    with contextlib.suppress(ValueError):
+        return int(value)
+    with contextlib.suppress(ValueError):
+        return float(value)
+    return value
+
+
+def run_trials(
+    cfg: DictConfig,
+    sweep_dir: Path,
+    worker: int,
+    train: Callable[[DictConfig, list[str], Path, int, Judge | None], float],
+) -> float:
+    """A worker: claim trials and train them until the study has none left; return the best
+    value this worker found. train(cfg, overrides, folder, number, judge) trains one trial and
+    returns its best validation perplexity, raising Pruned when the judge stopped it."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from lmexp.runtime import unlock_folder
+
+    search = read_search(sweep_dir)
+    assert search is not None
+    study = optuna.load_study(
+        study_name=search.study_name,
+        storage=open_storage(search.storage),
+        sampler=make_sampler(OmegaConf.create(search.sampler), worker),
+        pruner=make_pruner(OmegaConf.create(search.pruner)),
+    )
+    pruner = str(search.pruner.get("name"))
+    judge_of = (lambda trial: None) if pruner == "none" else (lambda trial: Judge(trial, pruner))
+    best = math.inf
+    while (trial := claim_trial(study, search, sweep_dir)) is not None:
+        folder = trial_dir(sweep_dir, trial)
+        overrides = trial_overrides(trial, search)
+        log.info("Trial %d (worker %d): %s", trial.number, worker, " ".join(overrides))
+        try:
+            value = train(
+                trial_config(cfg, overrides), overrides, folder, trial.number, judge_of(trial)
+            )
+        except Pruned as why:
+            log.info("Trial %d %s", trial.number, why)
+            study.tell(trial, state=TrialState.PRUNED)
+            continue
+        except (LmexpError, SystemExit, KeyboardInterrupt):
+            raise  # stopped, not failed: the trial stays RUNNING and a rerun resumes it
+        except Exception as err:  # noqa: BLE001 - one trial's failure is recorded, not the search's
+            log.error("Trial %d failed: %s", trial.number, first_line(err))
+            study.tell(trial, state=TrialState.FAIL)
+            continue
+        finally:
+            unlock_folder(folder)
+        if math.isfinite(value):
+            study.tell(trial, value)
+            best = min(best, value)
+        else:
+            study.tell(trial, state=TrialState.FAIL)  # diverged: its run says so
+    return best
