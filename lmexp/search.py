@@ -126,9 +126,17 @@ def search_space(
 
 
 def _settings(node: Any) -> tuple[str, dict[str, Any]]:
-    settings = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else {}
-    settings = dict(settings or {})
+    """A sampler's or pruner's name and keyword arguments: {name: ..., key: value} or the name."""
+    if not isinstance(node, DictConfig | dict):
+        return str(node if node is not None else ""), {}
+    settings = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    settings = dict(settings)  # type: ignore[arg-type]
     return str(settings.pop("name", "")), settings
+
+
+def _plain(node: Any) -> dict[str, Any]:
+    name, kwargs = _settings(node)
+    return {"name": name, **kwargs}
 
 
 def make_sampler(node: Any, worker: int = 0) -> Any:
@@ -158,6 +166,8 @@ def make_pruner(node: Any) -> Any:
             f"hydra.sweeper.pruner.name={name or '(empty)'} is not a pruner lmexp knows; use "
             f"one of {', '.join(PRUNERS)}."
         )
+    if name == "none":
+        kwargs = {}  # the settings of the pruner it replaces (pruner.name=none) mean nothing
     return _build(getattr(optuna.pruners, PRUNERS[name]), kwargs, "pruner", name)
 
 
@@ -301,8 +311,8 @@ def check_search(config: DictConfig, params: list[Any], task: list[Any]) -> Sear
         n_trials=n_trials,
         space=space,
         fixed=fixed,
-        sampler=OmegaConf.to_container(sweeper.sampler, resolve=True),  # type: ignore[arg-type]
-        pruner=OmegaConf.to_container(sweeper.pruner, resolve=True),  # type: ignore[arg-type]
+        sampler=_plain(sweeper.sampler),
+        pruner=_plain(sweeper.pruner),
     )
 
 
@@ -423,8 +433,8 @@ def run_trials(
     study = optuna.load_study(
         study_name=search.study_name,
         storage=open_storage(search.storage),
-        sampler=make_sampler(OmegaConf.create(search.sampler), worker),
-        pruner=make_pruner(OmegaConf.create(search.pruner)),
+        sampler=make_sampler(search.sampler, worker),
+        pruner=make_pruner(search.pruner),
     )
     pruner = str(search.pruner.get("name"))
     judge_of = (lambda trial: None) if pruner == "none" else (lambda trial: Judge(trial, pruner))

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmexp.config import LmexpError, first_line
 from lmexp.runtime import SWEEP_STOPPING, folder_in_use, held_here, lock_folder
+from lmexp.search import check_search, uses_search
 from lmexp.slurm import check_cluster, follow_jobs, uses_slurm
 from lmexp.stats import SEED_KEY
 from lmexp.tracking import KIND_TAG, SWEEP_FILE, read_sweep, redact
@@ -169,6 +170,8 @@ class MlflowSweepCallback(Callback):
         params, task = parse_sweep(config)
         check_sweep(config, sweep_jobs(params, task))
         try:
+            if uses_search(config):
+                check_search(config, params, task)  # before the parent run: nothing to undo
             if uses_slurm(config):
                 check_cluster(config.hydra.launcher)
                 follow_jobs()
@@ -181,7 +184,7 @@ class MlflowSweepCallback(Callback):
                     swept.append(SEED_KEY)  # each job's seeds: grouped by the report
                 self._open_parent(config, swept)
         except LmexpError as err:
-            log.error("%s", err)
+            log.error("%s Sweep not started, no job run.", err)
             sys.exit(2)
 
     def _claim_folder(self, config: DictConfig) -> None:
