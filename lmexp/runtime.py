@@ -199,7 +199,11 @@ def unlock_folder(folder: Path) -> None:
 
 @contextmanager
 def folder_lock(folder: Path, what: str = "run") -> Iterator[None]:
-    """lock_folder for the duration of a block (a job: in-process launchers run many)."""
+    """lock_folder for the duration of a block (a job: in-process launchers run many). A folder
+    this process already holds (an Optuna trial's, claimed by its worker) stays held after it."""
+    if held_here(folder):
+        yield
+        return
     lock_folder(folder, what)
     try:
         yield

@@ -36,7 +36,8 @@ log = logging.getLogger("lmexp.search")
 SWEEPER_TARGET = "hydra_plugins.lmexp_optuna_sweeper.optuna_sweeper.LmexpOptunaSweeper"
 STUDY_FILE = "optuna_study.json"  # in the sweep folder: where the workers find the study
 ASK_LOCK = ".optuna_ask.lock"  # one worker at a time counts the trials and asks for one
-TRIAL_FOLDER_ATTR = "lmexp.folder"
+TRIAL_FOLDER_ATTR = "lmexp.folder"  # a trial's run folder, in its user attributes
+WORKER_ATTR = "lmexp.worker"  # and the worker that started it
 
 SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "qmc": "QMCSampler"}
 PRUNERS = {
@@ -360,7 +361,7 @@ def ask_lock(sweep_dir: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def claim_trial(study: Any, search: Search, sweep_dir: Path) -> Any:
+def claim_trial(study: Any, search: Search, sweep_dir: Path, worker: int) -> Any:
     """The next trial for this worker, its folder locked: an interrupted one (RUNNING, no live
     process on its folder) first, else a new one while the study has fewer than n_trials.
     None when there is nothing left to do."""
@@ -379,11 +380,12 @@ def claim_trial(study: Any, search: Search, sweep_dir: Path) -> Any:
                 lock_folder(folder)
                 log.info("Resuming interrupted trial %d in %s", frozen.number, folder)
                 return optuna.trial.Trial(study, frozen._trial_id)
-        if len(trials) >= search.n_trials:
+        if sum(t.state != TrialState.WAITING for t in trials) >= search.n_trials:
             return None
-        trial = study.ask(search.space)
+        trial = study.ask(search.space)  # an enqueued (WAITING) trial first, else a sampled one
         folder = trial_dir(sweep_dir, trial)
         trial.set_user_attr(TRIAL_FOLDER_ATTR, str(folder))
+        trial.set_user_attr(WORKER_ATTR, worker)
         lock_folder(folder)
         return trial
 
@@ -439,7 +441,7 @@ def run_trials(
     pruner = str(search.pruner.get("name"))
     judge_of = (lambda trial: None) if pruner == "none" else (lambda trial: Judge(trial, pruner))
     best = math.inf
-    while (trial := claim_trial(study, search, sweep_dir)) is not None:
+    while (trial := claim_trial(study, search, sweep_dir, worker)) is not None:
         folder = trial_dir(sweep_dir, trial)
         overrides = trial_overrides(trial, search)
         log.info("Trial %d (worker %d): %s", trial.number, worker, " ".join(overrides))

@@ -68,7 +68,8 @@ class RunContext:
     launch_dir: Path
     resolved: dict[str, Any]  # the resolved config as plain data (params, artifacts)
     overrides: list[str] = field(default_factory=list)
-    job_num: int | None = None
+    job_num: int | None = None  # a sweep job's number, an Optuna trial's
+    slot: int | None = None  # which of the host's GPUs: a sweep job's or Optuna worker's number
     parent_run_id: str | None = None
     tracking_uri: str | None = None
     swept: list[str] = field(default_factory=list)  # the keys the sweep varies
@@ -158,7 +159,7 @@ def build_model(
 def run_training(cfg: TrainConfig, ctx: RunContext) -> float:
     """Train, evaluate and track one run; return its best validation perplexity."""
     t = cfg.trainer
-    device = select_device(t.device, ctx.job_num)
+    device = select_device(t.device, ctx.slot)
     check_device_support(t, device.type)
     with folder_lock(ctx.output_dir):  # no other live process writes into this run's folder
         threads = configure_threads(t.threads)
@@ -463,7 +464,7 @@ def hydra_context(cfg: Any) -> RunContext:
         overrides=[redact(o) for o in hc.overrides.task],
     )
     if hc.mode == RunMode.MULTIRUN:
-        ctx.job_num = hc.job.num
+        ctx.job_num = ctx.slot = hc.job.num
         if (Path(hc.sweep.dir) / SWEEP_STOPPING).exists():
             raise LmexpError(
                 f"Sweep {hc.sweep.dir} is stopping, so job {hc.job.num} was not started; rerun "

@@ -443,6 +443,51 @@ def test_parallel_sweep_jobs_on_a_fresh_postgres_store(team, tmp_path, launcher)
     assert (tmp_path / "sweep" / "mlflow_sweep.json").stat().st_mode & 0o777 == 0o600
 
 
+def test_search_on_slurm_shares_a_postgres_study_between_workers(team, tmp_path):
+    """The team's Optuna search: two SLURM worker jobs share one study on the team's PostgreSQL
+    (a database of its own beside MLflow's; the password from $PGPASSWORD, never in a URI), each
+    trial a child run on the tracking server, the median pruner on. The study and MLflow agree
+    on every trial's outcome, and both workers ran trials."""
+    import optuna
+
+    slurm, pg, server = team
+    storage = pg.uri("optuna").replace(f":{pg.password}@", "@")
+    pg.create_database("optuna")
+    experiment = f"search-{uuid.uuid4().hex[:6]}"
+    slower = ["model.hidden_size=64", "data.tiny_train_tokens=40000", "trainer.max_epochs=3"]
+    proc = _train(
+        "hparams_search=ptb_optuna", *SLURM_CPU, *TINY_SLURM, *slower, "hydra.sweeper.n_trials=6",
+        "hydra.sweeper.n_jobs=2", "hydra.sweeper.sampler.n_startup_trials=2",
+        "hydra.sweeper.pruner.n_startup_trials=2", f"hydra.sweeper.storage={storage}",
+        f"logger.tracking_uri={server.url}", f"logger.experiment_name={experiment}",
+        "hydra.sweep.dir=sweep", cwd=tmp_path, env={**slurm.env, "PGPASSWORD": pg.password},
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:] + slurm.log()
+    os.environ["PGPASSWORD"] = pg.password
+    try:
+        trials = optuna.load_study(study_name="lmexp_tiny", storage=storage).trials
+    finally:
+        del os.environ["PGPASSWORD"]
+    assert sorted(t.number for t in trials) == list(range(6))
+    assert {t.state.name for t in trials} <= {"COMPLETE", "PRUNED"}, [t.state for t in trials]
+    assert {t.user_attrs["lmexp.worker"] for t in trials} == {0, 1}
+    parent, children = _children(server.url, experiment)
+    assert parent.info.status == "FINISHED" and len(children) == 6
+    runs = {int(c.data.tags["job_num"]): c for c in children}
+    for trial in trials:
+        run = runs[trial.number]
+        if trial.state.name == "PRUNED":
+            assert run.info.status == "KILLED" and "lmexp.pruned_after_epoch" in run.data.tags
+        else:
+            assert run.info.status == "FINISHED"
+            assert trial.value == pytest.approx(run.data.metrics["best_valid_ppl"])
+    pruned = sum(t.state.name == "PRUNED" for t in trials)
+    assert parent.data.tags.get("n_pruned", "0") == str(pruned)
+    logs = "".join(p.read_text() for p in (tmp_path / "sweep").glob(".submitit/*/*_log.*"))
+    assert logs.count("Trial ") >= 6 and pg.password not in out + logs
+
+
 # --- bad input: one sentence before any job ---------------------------------------------------
 
 

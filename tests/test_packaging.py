@@ -60,6 +60,15 @@ def test_installed_wheel_finds_its_configs_from_another_folder(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Test perplexity" in proc.stdout + proc.stderr
+    # The Optuna sweeper is a Hydra plugin that Hydra's own scan of hydra_plugins finds.
+    scan = (
+        "from hydra.core.plugins import Plugins; from hydra.plugins.sweeper import Sweeper; "
+        "print([c.__module__ + '.' + c.__name__ for c in Plugins.instance().discover(Sweeper)])"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", scan], cwd=elsewhere, env=env, capture_output=True, text=True
+    )
+    assert "lmexp_optuna_sweeper.optuna_sweeper.LmexpOptunaSweeper" in proc.stdout, proc.stderr
 
 
 def test_every_entry_point_has_a_console_script():

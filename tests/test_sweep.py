@@ -508,7 +508,8 @@ def test_optuna_trials_over_several_seeds_optimise_the_mean(tmp_path):
     their mean; the report groups each trial's seeds."""
     proc = run_module(
         "lmexp.train", "hparams_search=ptb_optuna", "hydra.sweeper.n_trials=2",
-        "hydra.sweeper.sampler.n_startup_trials=2", "trainer.seeds_per_job=2", *SWEEP,
+        "hydra.sweeper.sampler.n_startup_trials=2", "trainer.seeds_per_job=2",
+        "hydra.sweeper.pruner=none", *SWEEP,
         cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -72,7 +72,10 @@ class LmexpOptunaSweeper(Sweeper):
             sys.exit(2)
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        (sweep_dir / STUDY_FILE).write_text(search.to_json())
+        record = sweep_dir / STUDY_FILE  # the storage URL: this user's only, like MLflow's
+        record.touch(mode=0o600)
+        record.chmod(0o600)
+        record.write_text(search.to_json())
         workers = int(config.hydra.sweeper.n_jobs)
         log.info(
             "Study %s in %s: %d trials over %s, %d worker(s), sampler %s, pruner %s",

@@ -1,0 +1,271 @@
+"""lmexp's Optuna search (hydra/sweeper=lmexp_optuna): real searches through Hydra into a real
+Optuna study on sqlite and a real MLflow store, pruning, parallel workers, resume, bad input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import TINY, expect_sweep_refused, metric_history, mlflow_runs, run_module
+
+SEARCH = ["hparams_search=ptb_optuna", *TINY]
+
+
+def _study(folder: Path, name: str = "lmexp_tiny"):
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{folder / 'optuna.db'}")
+
+
+def _split(db: Path) -> tuple[object, list]:
+    runs = mlflow_runs(db)
+    (parent,) = [r for r in runs if r.data.tags.get("lmexp.kind") == "sweep"]
+    children = [r for r in runs if r is not parent]
+    assert all(r.data.tags.get("mlflow.parentRunId") == parent.info.run_id for r in children)
+    return parent, children
+
+
+def _by_trial(children: list) -> dict[int, object]:
+    return {int(r.data.tags["job_num"]): r for r in children}
+
+
+# --- the search space, parsed as Hydra parses overrides ----------------------------------------
+
+
+def test_search_space_from_hydra_override_grammar():
+    import optuna.distributions as d
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from lmexp.search import distribution
+
+    parser = OverridesParser.create()
+
+    def parse(text: str):
+        (override,) = parser.parse_overrides([text])
+        return distribution(override.get_key_element(), override)
+
+    assert parse("a=interval(0.3, 1.0)") == d.FloatDistribution(0.3, 1.0)
+    assert parse("a=tag(log, interval(0.25, 4))") == d.FloatDistribution(0.25, 4.0, log=True)
+    assert parse("a=tag(int, interval(2, 6))") == d.IntDistribution(2, 6)
+    assert parse("a=choice(200, 650)") == d.CategoricalDistribution([200, 650])
+    assert parse("a=range(1, 4)") == d.CategoricalDistribution([1, 2, 3])
+
+
+# --- a search with pruning -----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_search_prunes_some_trials_finishes_the_rest_and_says_which_is_which(tmp_path):
+    """Six trials of three epochs, the median pruner after two finished ones: some trials are
+    pruned and the others finish. The study, the MLflow runs and the report agree on which."""
+    from optuna.trial import TrialState
+
+    proc = run_module(
+        *["lmexp.train", *SEARCH, "trainer.max_epochs=3", "hydra.sweeper.n_trials=6"],
+        "hydra.sweeper.sampler.n_startup_trials=2", "hydra.sweeper.pruner.n_startup_trials=2",
+        "hydra.sweep.dir=search", cwd=tmp_path,
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    folder, db = tmp_path / "search", tmp_path / "mlflow.db"
+    trials = {t.number: t for t in _study(folder).trials}
+    states = {n: t.state for n, t in trials.items()}
+    assert sorted(states) == list(range(6))
+    pruned = [n for n, s in states.items() if s == TrialState.PRUNED]
+    done = [n for n, s in states.items() if s == TrialState.COMPLETE]
+    assert pruned and done and len(pruned) + len(done) == 6, states
+
+    parent, children = _split(db)
+    runs = _by_trial(children)
+    assert sorted(runs) == list(range(6))
+    for n in done:
+        run = runs[n]
+        assert run.info.status == "FINISHED" and "lmexp.pruned_after_epoch" not in run.data.tags
+        assert [s for s, _ in metric_history(db, run.info.run_id, "valid_ppl")] == [1, 2, 3]
+        assert trials[n].value == pytest.approx(run.data.metrics["best_valid_ppl"])
+    for n in pruned:
+        run = runs[n]
+        epochs = int(run.data.tags["lmexp.pruned_after_epoch"])
+        assert run.info.status == "KILLED" and 1 <= epochs < 3
+        assert run.data.tags["lmexp.failure_reason"].startswith(
+            f"pruned by Optuna's median pruner after epoch {epochs}"
+        )
+        # Its epochs kept; what Optuna judged is what MLflow shows; never tested.
+        history = metric_history(db, run.info.run_id, "valid_ppl")
+        assert [s for s, _ in history] == list(range(1, epochs + 1))
+        assert trials[n].intermediate_values == pytest.approx(dict(history))
+        assert "test_ppl" not in run.data.metrics
+        assert (folder / f"trial_{n}" / "checkpoints" / "last.pt").is_file()
+
+    # The parent and its report: pruned apart from failed, the best among the finished.
+    tags = parent.data.tags
+    assert parent.info.status == "FINISHED"
+    assert (tags["n_finished"], tags["n_pruned"]) == (str(len(done)), str(len(pruned)))
+    assert "n_failed" not in tags
+    assert f"6 runs, {len(done)} finished, {len(pruned)} pruned" in tags["mlflow.note.content"]
+    rows = (folder / "report" / "runs.md").read_text()
+    assert rows.count("| PRUNED |") == len(pruned) and rows.count("| FINISHED |") == len(done)
+    best = min(done, key=lambda n: trials[n].value)
+    assert tags["best_run_id"] == runs[best].info.run_id
+    results = yaml.safe_load((folder / "optimization_results.yaml").read_text())
+    assert results["best_value"] == pytest.approx(trials[best].value)
+    assert results["trials"]["pruned"] == len(pruned) and results["trials"]["complete"] == len(done)
+
+
+# --- parallel workers ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_workers_share_a_sqlite_study_and_never_wait_for_each_other(tmp_path):
+    """Two joblib workers on one sqlite study. Trial 0 (enqueued: 30 epochs) is long, the others
+    (1 epoch) short: the worker without trial 0 goes on asking for trials while trial 0 runs, so
+    trials 2 and 3 start before it ends (a batch of two would wait for it). Exactly n_trials
+    trials, each claimed once, each a child run in a folder of its own."""
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="lmexp_tiny", storage=storage)
+    study.enqueue_trial({"dropout.dp_keep_prob": 0.9, "trainer.max_epochs": 30})
+    for keep in (0.5, 0.6, 0.7):
+        study.enqueue_trial({"dropout.dp_keep_prob": keep, "trainer.max_epochs": 1})
+    proc = run_module(
+        *["lmexp.train", *SEARCH, "hydra.sweeper.n_trials=4", "hydra.sweeper.pruner=none"],
+        "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2",
+        f"hydra.sweeper.storage={storage}", "trainer.max_epochs=choice(1,30)",
+        "hydra.sweep.dir=search", cwd=tmp_path,
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    trials = sorted(_study(tmp_path).trials, key=lambda t: t.number)
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4  # no trial beyond n_trials
+    assert [t.params["trainer.max_epochs"] for t in trials] == [30, 1, 1, 1]
+    workers = [t.user_attrs["lmexp.worker"] for t in trials]
+    assert set(workers) == {0, 1} and workers[1] == workers[2] == workers[3] != workers[0]
+    long = trials[0]
+    assert all(t.datetime_start < long.datetime_complete for t in trials[2:]), [
+        (t.number, t.datetime_start, t.datetime_complete) for t in trials
+    ]
+    folders = [t.user_attrs["lmexp.folder"] for t in trials]
+    assert folders == [str((tmp_path / "search" / f"trial_{n}").resolve()) for n in range(4)]
+    _, children = _split(tmp_path / "mlflow.db")
+    runs = _by_trial(children)
+    assert sorted(runs) == [0, 1, 2, 3] and all(r.info.status == "FINISHED" for r in children)
+    assert [runs[n].data.params["trainer.max_epochs"] for n in range(4)] == ["30", "1", "1", "1"]
+
+
+# --- resume ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_stopped_search_continues_its_study_and_resumes_the_interrupted_trial(tmp_path):
+    """SIGTERM during trial 1: trial 0 stays COMPLETE, trial 1 RUNNING with its run KILLED and a
+    checkpoint. The same command into the same folder resumes trial 1 in its own run (each epoch
+    logged once), does not retrain trial 0, and runs the last trial."""
+    from optuna.trial import TrialState
+
+    slow = ["model.hidden_size=128", "data.tiny_train_tokens=60000", "trainer.max_epochs=3"]
+    args = [*SEARCH, *slow, "hydra.sweeper.n_trials=3", "hydra.sweeper.pruner=none"]
+    args += ["hydra.sweep.dir=search"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmexp.train", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+        env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
+    )  # fmt: skip
+    log = tmp_path / "search" / "worker_0" / "train.log"
+    deadline = time.monotonic() + 240
+
+    def trial_1_trained_an_epoch() -> bool:
+        text = log.read_text() if log.is_file() else ""
+        return "Trial 1 (worker 0)" in text and "Epoch 1:" in text.split("Trial 1 (worker 0)")[1]
+
+    while not trial_1_trained_an_epoch():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    folder, db = tmp_path / "search", tmp_path / "mlflow.db"
+    states = {t.number: t.state for t in _study(folder).trials}
+    assert states == {0: TrialState.COMPLETE, 1: TrialState.RUNNING}
+    parent, children = _split(db)
+    before = _by_trial(children)
+    assert before[1].info.status == "KILLED" and parent.info.status == "KILLED"
+    assert "SIGTERM" in before[1].data.tags["lmexp.failure_reason"]
+    value_0 = _study(folder).trials[0].value
+
+    rerun = run_module("lmexp.train", *args, cwd=tmp_path)
+    text = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, text[-3000:]
+    assert "Resuming interrupted trial 1" in text and "Trial 0 (worker" not in text
+    trials = {t.number: t for t in _study(folder).trials}
+    assert {n: t.state for n, t in trials.items()} == dict.fromkeys(range(3), TrialState.COMPLETE)
+    assert trials[0].value == value_0
+    again, children = _split(db)
+    runs = _by_trial(children)
+    assert again.info.run_id == parent.info.run_id and again.info.status == "FINISHED"
+    assert runs[1].info.run_id == before[1].info.run_id and runs[1].info.status == "FINISHED"
+    for n in range(3):  # every epoch once, the resumed trial's too
+        assert [s for s, _ in metric_history(db, runs[n].info.run_id, "valid_ppl")] == [1, 2, 3]
+    assert trials[1].value == pytest.approx(runs[1].data.metrics["best_valid_ppl"])
+
+
+# --- bad input: one sentence before any trial ----------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("overrides", "sentence"),
+    [
+        (
+            ["hydra.sweeper.pruner=patience"],
+            "hydra.sweeper.pruner.name=patience is not a pruner lmexp knows; use one of none, "
+            "median, percentile, asha, hyperband.",
+        ),
+        (
+            ["hydra.sweeper.sampler.name=cmaes"],
+            "hydra.sweeper.sampler.name=cmaes is not a sampler lmexp knows; use one of tpe, "
+            "random, qmc.",
+        ),
+        (
+            ["lr_policy.lr=interval(2.0, 0.5)"],
+            "hydra.sweeper.params.lr_policy.lr: interval(2, 0.5) is empty (low must be below "
+            "high); write it as interval(low, high).",
+        ),
+        (
+            ["dropout.keep=interval(0.1,0.9)"],
+            "Unknown config key 'dropout.keep'; did you mean dropout.kind or dropout.dp_keep_prob?",
+        ),
+        (
+            ["hydra.sweeper.storage=postgresql://lmexp:hunter2@127.0.0.1:9/optuna"],
+            "hydra.sweeper.storage=postgresql://lmexp:***@127.0.0.1:9/optuna cannot be opened",
+        ),
+        (
+            ["+hydra.sweeper.pruner.patience=2"],
+            "hydra.sweeper.pruner median cannot be built with",
+        ),
+        (
+            ["model=choice(tiny,small)"],
+            "hydra.sweeper.params.model is a config group: the search samples values, not groups",
+        ),
+        (
+            ["trainer.seeds_per_job=2"],
+            "trainer.seeds_per_job=2 judges a trial over seeds trained one after another, which "
+            "a pruner cannot follow epoch by epoch; add hydra.sweeper.pruner=none.",
+        ),
+    ],
+)
+def test_a_search_that_cannot_run_is_one_sentence_before_any_trial(tmp_path, overrides, sentence):
+    proc = run_module("lmexp.train", *SEARCH, *overrides, "hydra.sweep.dir=search", cwd=tmp_path)
+    expect_sweep_refused(proc, sentence, tmp_path)
+    errors = [
+        ln for ln in (proc.stdout + proc.stderr).splitlines() if "ERROR" in ln or sentence in ln
+    ]
+    assert len(errors) == 1, errors
+    assert "hunter2" not in proc.stdout + proc.stderr
+    assert not list(tmp_path.glob("search/trial_*"))
