@@ -500,6 +500,7 @@ def summarize_sweep(
     best = min(finished, key=lambda s: s["best_valid_ppl"], default=None)
     tags: dict[str, Any] = {"n_runs": len(records), "n_finished": len(finished)}
     tags.update({f"n_{state.lower()}": n for state, n in state_counts(records).items()})
+    tags["epochs_trained"] = sum(len(r.history.get("valid_ppl", [])) for r in records)
     if reason:
         tags[FAILURE_TAG] = reason
     if best is not None:
