@@ -38,6 +38,9 @@ STUDY_FILE = "optuna_study.json"  # in the sweep folder: where the workers find 
 ASK_LOCK = ".optuna_ask.lock"  # one worker at a time counts the trials and asks for one
 TRIAL_FOLDER_ATTR = "lmexp.folder"  # a trial's run folder, in its user attributes
 WORKER_ATTR = "lmexp.worker"  # and the worker that started it
+PRUNED_ATTR = "lmexp.pruned_after_epoch"  # set before a pruned trial's run is closed
+SWEEP_DIR_ATTR = "lmexp.sweep_dir"  # a study's: the search it belongs to
+SPACE_ATTR = "lmexp.space"  # and the space it samples
 
 SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "qmc": "QMCSampler"}
 PRUNERS = {
@@ -158,7 +161,7 @@ def make_sampler(node: Any, worker: int = 0) -> Any:
 
 def make_pruner(node: Any) -> Any:
     """hydra.sweeper.pruner: {name: median|percentile|asha|hyperband|none, keyword arguments}.
-    Steps are epochs: n_warmup_steps=1 never prunes before the second epoch."""
+    Steps are epochs, from 1: n_warmup_steps=k prunes from epoch k on."""
     import optuna
 
     name, kwargs = _settings(node)
@@ -213,14 +216,16 @@ def direction(config: DictConfig) -> str:
     if value not in ("minimize", "maximize"):
         raise LmexpError(
             f"hydra.sweeper.direction={value} is neither minimize nor maximize; lmexp's "
-            "trials return the best validation perplexity, so use minimize."
+            "trials return their best validation perplexity, which a search minimizes."
         )
     return value
 
 
-def create_study(config: DictConfig) -> Any:
-    """The study in its storage, created or (the same command again) loaded."""
+def create_study(config: DictConfig, space: dict[str, Any]) -> Any:
+    """The study in its storage, created or (the same command again) loaded. A study belongs to
+    one sweep folder and one search space: another search cannot take over its trials."""
     import optuna
+    import optuna.distributions as d
 
     from lmexp.tracking import redact, resolve_tracking_uri
 
@@ -241,6 +246,7 @@ def create_study(config: DictConfig) -> Any:
             direction=direction(config),
             load_if_exists=True,
         )
+        attrs = study.user_attrs
     except LmexpError:
         raise
     except Exception as err:  # noqa: BLE001 - storage that opens but cannot hold a study
@@ -248,11 +254,27 @@ def create_study(config: DictConfig) -> Any:
             f"hydra.sweeper.storage={redact(url)} cannot hold study {name} ({first_line(err)}); "
             "check the database and its permissions."
         ) from None
+    other = "or give this search its own hydra.sweeper.study_name"
     if study.direction.name.lower() != direction(config):
         raise LmexpError(
-            f"Study {name} in {redact(url)} was made to {study.direction.name.lower()}; use "
-            "another hydra.sweeper.study_name for this search."
+            f"Study {name} in {redact(url)} was made to {study.direction.name.lower()}; {other}."
         )
+    folder = str(Path(config.hydra.sweep.dir).resolve())
+    owner = attrs.get(SWEEP_DIR_ATTR, folder)
+    if owner != folder:
+        raise LmexpError(
+            f"Study {name} in {redact(url)} belongs to the search in {owner}; continue that one "
+            f"with hydra.sweep.dir={owner}, {other}."
+        )
+    stored = {k: d.json_to_distribution(v) for k, v in attrs.get(SPACE_ATTR, {}).items()}
+    if stored and stored != space:
+        changed = sorted(k for k in stored.keys() | space.keys() if stored.get(k) != space.get(k))
+        raise LmexpError(
+            f"Study {name} searches another space than this command ({', '.join(changed)} "
+            f"differ); use the same hydra.sweeper.params to continue it, {other}."
+        )
+    study.set_user_attr(SWEEP_DIR_ATTR, folder)
+    study.set_user_attr(SPACE_ATTR, {k: d.distribution_to_json(v) for k, v in space.items()})
     return study
 
 
@@ -305,7 +327,7 @@ def check_search(config: DictConfig, params: list[Any], task: list[Any]) -> Sear
             f"trainer.seeds_per_job={seeds} judges a trial over seeds trained one after "
             "another, which a pruner cannot follow epoch by epoch; add hydra.sweeper.pruner=none."
         )
-    create_study(config)
+    create_study(config, space)
     return Search(
         storage=storage_url(config),
         study_name=str(sweeper.study_name),
@@ -340,6 +362,9 @@ class Judge:
         self.trial.report(valid_ppl, epoch)
         if not self.trial.should_prune():
             return None
+        # Marked before its run is closed: if the worker dies before telling the study, the
+        # next worker tells it PRUNED instead of training it on.
+        self.trial.set_user_attr(PRUNED_ATTR, epoch)
         return (
             f"pruned by Optuna's {self.pruner} pruner after epoch {epoch} (valid ppl "
             f"{valid_ppl:.2f}, trial {self.trial.number})"
@@ -373,20 +398,24 @@ def claim_trial(study: Any, search: Search, sweep_dir: Path, worker: int) -> Any
     with ask_lock(sweep_dir):
         trials = study.get_trials(deepcopy=False)
         for frozen in trials:
-            if frozen.state != TrialState.RUNNING:
-                continue
             folder = Path(frozen.user_attrs.get(TRIAL_FOLDER_ATTR, trial_dir(sweep_dir, frozen)))
-            if not folder_in_use(folder):
-                lock_folder(folder)
-                log.info("Resuming interrupted trial %d in %s", frozen.number, folder)
-                return optuna.trial.Trial(study, frozen._trial_id)
+            if frozen.state != TrialState.RUNNING or folder_in_use(folder):
+                continue
+            if PRUNED_ATTR in frozen.user_attrs or frozen.params.keys() != search.space.keys():
+                # Pruned (or never given its values) by a worker that died before telling.
+                state = TrialState.PRUNED if PRUNED_ATTR in frozen.user_attrs else TrialState.FAIL
+                study.tell(frozen.number, state=state)
+                continue
+            lock_folder(folder)
+            log.info("Resuming interrupted trial %d in %s", frozen.number, folder)
+            return optuna.trial.Trial(study, frozen._trial_id)
         if sum(t.state != TrialState.WAITING for t in trials) >= search.n_trials:
             return None
         trial = study.ask(search.space)  # an enqueued (WAITING) trial first, else a sampled one
         folder = trial_dir(sweep_dir, trial)
+        lock_folder(folder)
         trial.set_user_attr(TRIAL_FOLDER_ATTR, str(folder))
         trial.set_user_attr(WORKER_ATTR, worker)
-        lock_folder(folder)
         return trial
 
 
@@ -394,76 +423,91 @@ def trial_dir(sweep_dir: Path, trial: Any) -> Path:
     return (sweep_dir / f"trial_{trial.number}").resolve()
 
 
-def trial_overrides(trial: Any, search: Search) -> list[str]:
-    params = trial.params
-    return [f"{key}={params[key]}" for key in search.space]
-
-
-def trial_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+def trial_config(cfg: DictConfig, params: dict[str, Any]) -> DictConfig:
     """The worker's config with a trial's sampled values."""
     out = copy.deepcopy(cfg)
-    for item in overrides:
-        key, value = item.split("=", 1)
-        OmegaConf.update(out, key, _parse(value), merge=False)
+    for key, value in params.items():
+        OmegaConf.update(out, key, value, merge=False)
     return out
 
 
-def _parse(value: str) -> Any:
-    with contextlib.suppress(ValueError):
-        return int(value)
-    with contextlib.suppress(ValueError):
-        return float(value)
-    return value
+def in_storage(search: Search, sweep_dir: Path, what: str, call: Callable[[], Any]) -> Any:
+    """A call to the study's storage; its failure (a database gone, sqlite locked past its
+    timeout) in one sentence that says how to go on."""
+    from lmexp.tracking import redact
+
+    try:
+        return call()
+    except LmexpError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the storage's errors are many and driver-specific
+        raise LmexpError(
+            f"Optuna's storage {redact(search.storage)} failed to {what} ({first_line(err)}); "
+            f"once it works, rerun the same command with hydra.sweep.dir={sweep_dir}: the "
+            "study's trials are kept and an interrupted one resumes."
+        ) from None
 
 
 def run_trials(
     cfg: DictConfig,
     sweep_dir: Path,
     worker: int,
-    train: Callable[[DictConfig, list[str], Path, int, Judge | None], float],
+    train: Callable[[DictConfig, dict[str, Any], Path, int, Judge | None], float],
 ) -> float:
     """A worker: claim trials and train them until the study has none left; return the best
-    value this worker found. train(cfg, overrides, folder, number, judge) trains one trial and
-    returns its best validation perplexity, raising Pruned when the judge stopped it."""
+    value this worker found. train(cfg, params, folder, number, judge) trains one trial and
+    returns its best validation perplexity, raising Pruned when the judge stopped it. A trial
+    that fails is told FAIL and the worker goes on; a signal, or a tracking store or study
+    storage gone, stops the worker with the trial left RUNNING, for a rerun to resume."""
     import optuna
     from optuna.trial import TrialState
 
     from lmexp.runtime import unlock_folder
+    from lmexp.tracking import TrackingLost
 
     search = read_search(sweep_dir)
     assert search is not None
-    study = optuna.load_study(
-        study_name=search.study_name,
-        storage=open_storage(search.storage),
-        sampler=make_sampler(search.sampler, worker),
-        pruner=make_pruner(search.pruner),
-    )
+    storage = in_storage(search, sweep_dir, "open", lambda: open_storage(search.storage))
+    study = in_storage(
+        search, sweep_dir, "load the study",
+        lambda: optuna.load_study(study_name=search.study_name, storage=storage),
+    )  # fmt: skip
+    # Seeded by worker and by how far the study is: a rerun or a requeued worker does not
+    # propose the points it proposed before; a fresh search with one worker is reproducible.
+    started = sum(t.state != TrialState.WAITING for t in study.get_trials(deepcopy=False))
+    study.sampler = make_sampler(search.sampler, worker + 1000 * started)
+    study.pruner = make_pruner(search.pruner)
     pruner = str(search.pruner.get("name"))
-    judge_of = (lambda trial: None) if pruner == "none" else (lambda trial: Judge(trial, pruner))
     best = math.inf
-    while (trial := claim_trial(study, search, sweep_dir, worker)) is not None:
+    claim = lambda: claim_trial(study, search, sweep_dir, worker)  # noqa: E731
+    while (trial := in_storage(search, sweep_dir, "hand out a trial", claim)) is not None:
         folder = trial_dir(sweep_dir, trial)
-        overrides = trial_overrides(trial, search)
-        log.info("Trial %d (worker %d): %s", trial.number, worker, " ".join(overrides))
+        params = {key: trial.params[key] for key in search.space}
+        log.info(
+            "Trial %d (worker %d): %s",
+            trial.number,
+            worker,
+            " ".join(f"{k}={v}" for k, v in params.items()),
+        )
+        judge = None if pruner == "none" else Judge(trial, pruner)
+        state, value = TrialState.COMPLETE, math.inf
         try:
-            value = train(
-                trial_config(cfg, overrides), overrides, folder, trial.number, judge_of(trial)
-            )
+            value = train(trial_config(cfg, params), params, folder, trial.number, judge)
         except Pruned as why:
             log.info("Trial %d %s", trial.number, why)
-            study.tell(trial, state=TrialState.PRUNED)
-            continue
-        except (LmexpError, SystemExit, KeyboardInterrupt):
+            state = TrialState.PRUNED
+        except (TrackingLost, SystemExit, KeyboardInterrupt):
+            unlock_folder(folder)
             raise  # stopped, not failed: the trial stays RUNNING and a rerun resumes it
         except Exception as err:  # noqa: BLE001 - one trial's failure is recorded, not the search's
             log.error("Trial %d failed: %s", trial.number, first_line(err))
-            study.tell(trial, state=TrialState.FAIL)
-            continue
-        finally:
-            unlock_folder(folder)
-        if math.isfinite(value):
-            study.tell(trial, value)
+            state = TrialState.FAIL
+        if state == TrialState.COMPLETE and not math.isfinite(value):
+            state = TrialState.FAIL  # diverged: its run says so
+        told = value if state == TrialState.COMPLETE else None
+        # The folder stays locked until the study knows: no other worker resumes it meanwhile.
+        in_storage(search, sweep_dir, "record a result", lambda: study.tell(trial, told, state))  # noqa: B023
+        unlock_folder(folder)
+        if state == TrialState.COMPLETE:
             best = min(best, value)
-        else:
-            study.tell(trial, state=TrialState.FAIL)  # diverged: its run says so
     return best

@@ -41,7 +41,7 @@ from lmexp.runtime import (
     select_device,
 )
 from lmexp.schedules import learning_rate
-from lmexp.search import STUDY_FILE, Pruned, run_trials
+from lmexp.search import SWEEPER_TARGET, Pruned, run_trials
 from lmexp.stats import SEED_KEY
 from lmexp.tracking import (
     EPOCH_METRICS,
@@ -73,6 +73,7 @@ class RunContext:
     parent_run_id: str | None = None
     tracking_uri: str | None = None
     swept: list[str] = field(default_factory=list)  # the keys the sweep varies
+    search_worker: bool = False  # a job of an Optuna search: it runs trials (lmexp.search)
     # An Optuna trial's: told each epoch's validation perplexity, says why it should stop.
     judge: Callable[[int, float], str | None] | None = None
 
@@ -465,6 +466,7 @@ def hydra_context(cfg: Any) -> RunContext:
     )
     if hc.mode == RunMode.MULTIRUN:
         ctx.job_num = ctx.slot = hc.job.num
+        ctx.search_worker = OmegaConf.select(hc, "sweeper._target_") == SWEEPER_TARGET
         if (Path(hc.sweep.dir) / SWEEP_STOPPING).exists():
             raise LmexpError(
                 f"Sweep {hc.sweep.dir} is stopping, so job {hc.job.num} was not started; rerun "
@@ -491,9 +493,8 @@ def task(cfg: Any) -> float:
 
     try:
         typed, ctx = to_typed(cfg), hydra_context(cfg)
-        sweep_dir = ctx.output_dir.parent
-        if ctx.job_num is not None and (sweep_dir / STUDY_FILE).exists():
-            return run_trials(cfg, sweep_dir, ctx.job_num, trial_runner(ctx))
+        if ctx.search_worker:
+            return run_trials(cfg, ctx.output_dir.parent, ctx.job_num or 0, trial_runner(ctx))
         return train_job(typed, ctx)
     except LmexpError as err:
         log.error("%s", err)
@@ -514,13 +515,13 @@ def trial_runner(worker: RunContext) -> Callable[..., float]:
 
     from lmexp.config import to_typed
 
-    def train(cfg: Any, overrides: list[str], folder: Path, number: int, judge: Any) -> float:
+    def train(cfg: Any, params: dict[str, Any], folder: Path, number: int, judge: Any) -> float:
         resolved = redact_logger(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
         ctx = replace(
             worker,
             output_dir=folder,
             resolved=resolved,
-            overrides=[*worker.overrides, *overrides],
+            overrides=[*worker.overrides, *(f"{k}={v}" for k, v in params.items())],
             job_num=number,
             judge=judge,
         )

@@ -57,15 +57,160 @@ def test_search_space_from_hydra_override_grammar():
     assert parse("a=range(1, 4)") == d.CategoricalDistribution([1, 2, 3])
 
 
+# --- the workers' trial loop, on a real sqlite study ----------------------------------------------
+
+
+def _search(tmp_path: Path, n_trials: int, pruner: str = "median"):
+    """A study in sqlite and the optuna_study.json a sweeper writes for it, over one key."""
+    import optuna
+    import optuna.distributions as d
+
+    from lmexp.search import STUDY_FILE, Search
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=storage)
+    search = Search(
+        storage=storage, study_name="s", n_trials=n_trials,
+        space={"dropout.dp_keep_prob": d.FloatDistribution(0.3, 1.0)}, fixed=[],
+        sampler={"name": "random", "seed": 1}, pruner={"name": pruner},
+    )  # fmt: skip
+    (tmp_path / STUDY_FILE).write_text(search.to_json())
+    return study
+
+
+def _run(tmp_path: Path, train) -> float:
+    from omegaconf import OmegaConf
+
+    from lmexp.search import run_trials
+
+    cfg = OmegaConf.create({"dropout": {"dp_keep_prob": 0.5}})
+    return run_trials(cfg, tmp_path, 0, train)
+
+
+def test_a_trial_folder_stays_locked_until_the_study_knows_its_result(tmp_path, monkeypatch):
+    """Between the end of a trial's training and the study being told, another worker must not
+    see a RUNNING trial with a free folder (it would resume a finished trial)."""
+    from optuna.trial import TrialState
+
+    import lmexp.runtime
+
+    study = _search(tmp_path, n_trials=3)
+    unlock, seen = lmexp.runtime.unlock_folder, []
+
+    def checked_unlock(folder: Path) -> None:
+        if folder.name.startswith("trial_"):
+            (trial,) = [t for t in study.get_trials() if t.number == int(folder.name[6:])]
+            seen.append(trial.state)
+        unlock(folder)
+
+    monkeypatch.setattr(lmexp.runtime, "unlock_folder", checked_unlock)
+    trained = []
+    best = _run(tmp_path, lambda cfg, params, *_: trained.append(cfg.dropout.dp_keep_prob) or 2.0)
+    assert best == 2.0 and len(trained) == 3
+    assert seen == [TrialState.COMPLETE] * 3
+    # The worker trained each trial with the sampled value, as a number.
+    assert trained == [t.params["dropout.dp_keep_prob"] for t in study.get_trials()]
+
+
+def test_a_failing_trial_is_told_fail_and_the_worker_goes_on(tmp_path):
+    from lmexp.config import LmexpError
+    from lmexp.search import Pruned
+
+    study = _search(tmp_path, n_trials=4)
+    outcomes = iter(
+        [RuntimeError("boom"), LmexpError("a bad checkpoint"), Pruned("pruned"), float("inf")]
+    )
+
+    def train(*_):
+        outcome = next(outcomes)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    assert _run(tmp_path, train) == float("inf")
+    assert [t.state.name for t in study.get_trials()] == ["FAIL", "FAIL", "PRUNED", "FAIL"]
+
+
+def test_a_dead_workers_trials_are_resumed_or_closed_by_the_next(tmp_path):
+    """Three RUNNING trials whose folders no process holds (their worker died): one interrupted
+    while training (resumed first, with its own values), one the pruner had stopped (told
+    PRUNED, not trained on), one that never got its values (told FAIL)."""
+    import optuna
+
+    from lmexp.search import PRUNED_ATTR, TRIAL_FOLDER_ATTR
+
+    study = _search(tmp_path, n_trials=4)
+    space = {"dropout.dp_keep_prob": optuna.distributions.FloatDistribution(0.3, 1.0)}
+    interrupted, pruned = study.ask(space), study.ask(space)
+    pruned.set_user_attr(PRUNED_ATTR, 2)
+    empty = study.ask()
+    for trial in (interrupted, pruned, empty):
+        trial.set_user_attr(TRIAL_FOLDER_ATTR, str(tmp_path / f"trial_{trial.number}"))
+    trained = []
+    _run(tmp_path, lambda cfg, params, folder, number, judge: trained.append(number) or 3.0)
+    assert trained == [0, 3]  # the interrupted trial, then one new trial: 4 in all
+    states = [t.state.name for t in study.get_trials()]
+    assert states == ["COMPLETE", "PRUNED", "FAIL", "COMPLETE"]
+    assert study.get_trials()[0].params == interrupted.params
+
+
+def _study_config(tmp_path: Path, folder: str):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create(
+        {
+            "hydra": {
+                "sweep": {"dir": str(tmp_path / folder)},
+                "sweeper": {"study_name": "team", "direction": "minimize",
+                            "storage": f"sqlite:///{tmp_path / 'shared.db'}"},
+            },
+            "logger": {"tracking_uri": None},
+        }
+    )  # fmt: skip
+
+
+def test_a_study_belongs_to_one_search_folder_and_space(tmp_path):
+    """Two searches given one study name on a shared storage: the second is refused, instead of
+    taking the first one's trials; so is the first one rerun over another space."""
+    import optuna.distributions as d
+
+    from lmexp.config import LmexpError
+    from lmexp.search import create_study
+
+    space = {"lr_policy.lr": d.FloatDistribution(0.25, 4.0, log=True)}
+    create_study(_study_config(tmp_path, "a"), space)
+    create_study(_study_config(tmp_path, "a"), space)  # the same search again: fine
+    with pytest.raises(LmexpError) as err:
+        create_study(_study_config(tmp_path, "b"), space)
+    assert str(err.value) == (
+        f"Study team in sqlite:///{tmp_path / 'shared.db'} belongs to the search in "
+        f"{tmp_path / 'a'}; continue that one with hydra.sweep.dir={tmp_path / 'a'}, or give "
+        "this search its own hydra.sweeper.study_name."
+    )
+    with pytest.raises(
+        LmexpError, match=r"searches another space than this command \(lr_policy.lr differ\)"
+    ):
+        create_study(_study_config(tmp_path, "a"), {"lr_policy.lr": d.FloatDistribution(0.25, 4.0)})
+
+
 # --- a search with pruning -----------------------------------------------------------------------
 
 
 @pytest.mark.slow
 def test_a_search_prunes_some_trials_finishes_the_rest_and_says_which_is_which(tmp_path):
     """Six trials of three epochs, the median pruner after two finished ones: some trials are
-    pruned and the others finish. The study, the MLflow runs and the report agree on which."""
+    pruned and the others finish. The study, the MLflow runs and the report agree on which.
+    The first three are enqueued, so that the third (learning rate 4, keeping 30% of units)
+    trails the first two from its first epoch on; the other three are TPE's."""
+    import optuna
     from optuna.trial import TrialState
 
+    (tmp_path / "search").mkdir()
+    study = optuna.create_study(
+        study_name="lmexp_tiny", storage=f"sqlite:///{tmp_path / 'search' / 'optuna.db'}"
+    )
+    for keep, lr in ((0.9, 1.0), (0.9, 0.5), (0.3, 4.0)):
+        study.enqueue_trial({"dropout.dp_keep_prob": keep, "lr_policy.lr": lr})
     proc = run_module(
         *["lmexp.train", *SEARCH, "trainer.max_epochs=3", "hydra.sweeper.n_trials=6"],
         "hydra.sweeper.sampler.n_startup_trials=2", "hydra.sweeper.pruner.n_startup_trials=2",
@@ -79,7 +224,7 @@ def test_a_search_prunes_some_trials_finishes_the_rest_and_says_which_is_which(t
     assert sorted(states) == list(range(6))
     pruned = [n for n, s in states.items() if s == TrialState.PRUNED]
     done = [n for n, s in states.items() if s == TrialState.COMPLETE]
-    assert pruned and done and len(pruned) + len(done) == 6, states
+    assert {0, 1} <= set(done) and 2 in pruned and len(pruned) + len(done) == 6, states
 
     parent, children = _split(db)
     runs = _by_trial(children)
@@ -123,40 +268,41 @@ def test_a_search_prunes_some_trials_finishes_the_rest_and_says_which_is_which(t
 
 @pytest.mark.slow
 def test_two_workers_share_a_sqlite_study_and_never_wait_for_each_other(tmp_path):
-    """Two joblib workers on one sqlite study. Trial 0 (enqueued: 30 epochs) is long, the others
+    """Two joblib workers on one sqlite study. Trial 0 (enqueued: 40 epochs) is long, trials 1-3
     (1 epoch) short: the worker without trial 0 goes on asking for trials while trial 0 runs, so
-    trials 2 and 3 start before it ends (a batch of two would wait for it). Exactly n_trials
-    trials, each claimed once, each a child run in a folder of its own."""
+    trials 2 and 3 start before it ends (a batch of two would wait for it). Then two sampled
+    trials: exactly n_trials in all, each claimed once, each a child run in its own folder."""
     import optuna
 
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = optuna.create_study(study_name="lmexp_tiny", storage=storage)
-    study.enqueue_trial({"dropout.dp_keep_prob": 0.9, "trainer.max_epochs": 30})
+    study.enqueue_trial({"dropout.dp_keep_prob": 0.9, "trainer.max_epochs": 40})
     for keep in (0.5, 0.6, 0.7):
         study.enqueue_trial({"dropout.dp_keep_prob": keep, "trainer.max_epochs": 1})
     proc = run_module(
-        *["lmexp.train", *SEARCH, "hydra.sweeper.n_trials=4", "hydra.sweeper.pruner=none"],
+        *["lmexp.train", *SEARCH, "hydra.sweeper.n_trials=6", "hydra.sweeper.pruner=none"],
         "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2",
-        f"hydra.sweeper.storage={storage}", "trainer.max_epochs=choice(1,30)",
+        f"hydra.sweeper.storage={storage}", "trainer.max_epochs=choice(1,40)",
         "hydra.sweep.dir=search", cwd=tmp_path,
     )  # fmt: skip
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     trials = sorted(_study(tmp_path).trials, key=lambda t: t.number)
-    assert [t.state.name for t in trials] == ["COMPLETE"] * 4  # no trial beyond n_trials
-    assert [t.params["trainer.max_epochs"] for t in trials] == [30, 1, 1, 1]
+    # Exactly n_trials: the last two sampled by whichever worker was free, never one too many.
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 6
+    assert [t.params["trainer.max_epochs"] for t in trials[:4]] == [40, 1, 1, 1]
     workers = [t.user_attrs["lmexp.worker"] for t in trials]
     assert set(workers) == {0, 1} and workers[1] == workers[2] == workers[3] != workers[0]
     long = trials[0]
-    assert all(t.datetime_start < long.datetime_complete for t in trials[2:]), [
+    assert all(t.datetime_start < long.datetime_complete for t in trials[2:4]), [
         (t.number, t.datetime_start, t.datetime_complete) for t in trials
     ]
     folders = [t.user_attrs["lmexp.folder"] for t in trials]
-    assert folders == [str((tmp_path / "search" / f"trial_{n}").resolve()) for n in range(4)]
+    assert folders == [str((tmp_path / "search" / f"trial_{n}").resolve()) for n in range(6)]
     _, children = _split(tmp_path / "mlflow.db")
     runs = _by_trial(children)
-    assert sorted(runs) == [0, 1, 2, 3] and all(r.info.status == "FINISHED" for r in children)
-    assert [runs[n].data.params["trainer.max_epochs"] for n in range(4)] == ["30", "1", "1", "1"]
+    assert sorted(runs) == list(range(6)) and all(r.info.status == "FINISHED" for r in children)
+    assert [runs[n].data.params["trainer.max_epochs"] for n in range(4)] == ["40", "1", "1", "1"]
 
 
 # --- resume ---------------------------------------------------------------------------------------
