@@ -71,6 +71,15 @@ def mlflow_runs(db: Path, experiment: str = "lmexp") -> list:
     return client.search_runs([exp.experiment_id], "", max_results=1000)
 
 
+def split_runs(db: Path) -> tuple[object, list]:
+    """A sweep's parent run and its children, from a sqlite store that holds only that sweep."""
+    runs = mlflow_runs(db)
+    (parent,) = [r for r in runs if r.data.tags.get("lmexp.kind") == "sweep"]
+    children = [r for r in runs if r is not parent]
+    assert all(r.data.tags.get("mlflow.parentRunId") == parent.info.run_id for r in children)
+    return parent, children
+
+
 def metric_history(db: Path, run_id: str, key: str) -> list[tuple[int, float]]:
     from mlflow.tracking import MlflowClient
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY, expect_sweep_refused, metric_history, mlflow_runs, run_module
+from conftest import TINY, expect_sweep_refused, metric_history, run_module, split_runs
 
 SEARCH = ["hparams_search=ptb_optuna", *TINY]
 
@@ -21,14 +21,6 @@ def _study(folder: Path, name: str = "lmexp_tiny"):
     import optuna
 
     return optuna.load_study(study_name=name, storage=f"sqlite:///{folder / 'optuna.db'}")
-
-
-def _split(db: Path) -> tuple[object, list]:
-    runs = mlflow_runs(db)
-    (parent,) = [r for r in runs if r.data.tags.get("lmexp.kind") == "sweep"]
-    children = [r for r in runs if r is not parent]
-    assert all(r.data.tags.get("mlflow.parentRunId") == parent.info.run_id for r in children)
-    return parent, children
 
 
 def _by_trial(children: list) -> dict[int, object]:
@@ -226,7 +218,7 @@ def test_a_search_prunes_some_trials_finishes_the_rest_and_says_which_is_which(t
     done = [n for n, s in states.items() if s == TrialState.COMPLETE]
     assert {0, 1} <= set(done) and 2 in pruned and len(pruned) + len(done) == 6, states
 
-    parent, children = _split(db)
+    parent, children = split_runs(db)
     runs = _by_trial(children)
     assert sorted(runs) == list(range(6))
     for n in done:
@@ -299,7 +291,7 @@ def test_two_workers_share_a_sqlite_study_and_never_wait_for_each_other(tmp_path
     ]
     folders = [t.user_attrs["lmexp.folder"] for t in trials]
     assert folders == [str((tmp_path / "search" / f"trial_{n}").resolve()) for n in range(6)]
-    _, children = _split(tmp_path / "mlflow.db")
+    _, children = split_runs(tmp_path / "mlflow.db")
     runs = _by_trial(children)
     assert sorted(runs) == list(range(6)) and all(r.info.status == "FINISHED" for r in children)
     assert [runs[n].data.params["trainer.max_epochs"] for n in range(4)] == ["40", "1", "1", "1"]
@@ -339,7 +331,7 @@ def test_a_stopped_search_continues_its_study_and_resumes_the_interrupted_trial(
     folder, db = tmp_path / "search", tmp_path / "mlflow.db"
     states = {t.number: t.state for t in _study(folder).trials}
     assert states == {0: TrialState.COMPLETE, 1: TrialState.RUNNING}
-    parent, children = _split(db)
+    parent, children = split_runs(db)
     before = _by_trial(children)
     assert before[1].info.status == "KILLED" and parent.info.status == "KILLED"
     assert "SIGTERM" in before[1].data.tags["lmexp.failure_reason"]
@@ -352,7 +344,7 @@ def test_a_stopped_search_continues_its_study_and_resumes_the_interrupted_trial(
     trials = {t.number: t for t in _study(folder).trials}
     assert {n: t.state for n, t in trials.items()} == dict.fromkeys(range(3), TrialState.COMPLETE)
     assert trials[0].value == value_0
-    again, children = _split(db)
+    again, children = split_runs(db)
     runs = _by_trial(children)
     assert again.info.run_id == parent.info.run_id and again.info.status == "FINISHED"
     assert runs[1].info.run_id == before[1].info.run_id and runs[1].info.status == "FINISHED"

@@ -14,7 +14,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY, expect_sweep_refused, metric_history, mlflow_runs, run_module
+from conftest import (
+    TINY,
+    expect_sweep_refused,
+    metric_history,
+    mlflow_runs,
+    run_module,
+    split_runs,
+)
 
 pytestmark = pytest.mark.slow
 SWEEP = [*TINY, "trainer.max_epochs=2"]
@@ -23,14 +30,6 @@ SWEEP = [*TINY, "trainer.max_epochs=2"]
 def sweep_dir(cwd: Path) -> Path:
     (folder,) = [p.parent for p in (cwd / "multirun").glob("*/*/mlflow_sweep.json")]
     return folder
-
-
-def split_runs(db: Path) -> tuple[object, list]:
-    runs = mlflow_runs(db)
-    (parent,) = [r for r in runs if r.data.tags.get("lmexp.kind") == "sweep"]
-    children = [r for r in runs if r is not parent]
-    assert all(r.data.tags.get("mlflow.parentRunId") == parent.info.run_id for r in children)
-    return parent, children
 
 
 def assert_store_intact(db: Path) -> None:
