@@ -358,9 +358,10 @@ class Judge:
     trial: Any
     pruner: str
 
-    def __call__(self, epoch: int, valid_ppl: float) -> str | None:
+    def __call__(self, epoch: int, valid_ppl: float, last: bool) -> str | None:
         self.trial.report(valid_ppl, epoch)
-        if not self.trial.should_prune():
+        # After its last epoch a trial has cost all it will: it finishes (and is tested).
+        if last or not self.trial.should_prune():
             return None
         # Marked before its run is closed: if the worker dies before telling the study, the
         # next worker tells it PRUNED instead of training it on.

@@ -74,8 +74,9 @@ class RunContext:
     tracking_uri: str | None = None
     swept: list[str] = field(default_factory=list)  # the keys the sweep varies
     search_worker: bool = False  # a job of an Optuna search: it runs trials (lmexp.search)
-    # An Optuna trial's: told each epoch's validation perplexity, says why it should stop.
-    judge: Callable[[int, float], str | None] | None = None
+    # An Optuna trial's: told each epoch's validation perplexity (and whether it was the last),
+    # says why the trial should stop.
+    judge: Callable[[int, float, bool], str | None] | None = None
 
 
 def run_tags(device: torch.device, ctx: RunContext, cfg: TrainConfig) -> dict[str, str]:
@@ -372,7 +373,8 @@ def train_epochs(run: Run, position: Position) -> None:
             end_epoch(
                 run, position, ppl_record(epoch + 1, lr, progress, valid_ppl, progress.seconds)
             )
-            if run.ctx.judge is not None and (why := run.ctx.judge(epoch + 1, valid_ppl)):
+            last = epoch + 1 == t.max_epochs
+            if run.ctx.judge is not None and (why := run.ctx.judge(epoch + 1, valid_ppl, last)):
                 raise Pruned(why)
 
 

@@ -79,6 +79,27 @@ def _run(tmp_path: Path, train) -> float:
     return run_trials(cfg, tmp_path, 0, train)
 
 
+def test_the_judge_prunes_a_trailing_trial_but_never_after_its_last_epoch():
+    import optuna
+
+    from lmexp.search import PRUNED_ATTR, Judge
+
+    study = optuna.create_study(pruner=optuna.pruners.MedianPruner(n_startup_trials=1))
+    good = study.ask()
+    good.report(100.0, 1)
+    good.report(90.0, 2)
+    study.tell(good, 90.0)
+    trailing = study.ask()
+    judge = Judge(trailing, "median")
+    assert judge(1, 100.0, False) is None  # level with the median
+    assert judge(2, 300.0, True) is None  # worse, but its training is over: it finishes
+    assert PRUNED_ATTR not in trailing.user_attrs
+    assert judge(2, 300.0, False) == (
+        "pruned by Optuna's median pruner after epoch 2 (valid ppl 300.00, trial 1)"
+    )
+    assert study.trials[1].user_attrs[PRUNED_ATTR] == 2  # marked before its run is closed
+
+
 def test_a_trial_folder_stays_locked_until_the_study_knows_its_result(tmp_path, monkeypatch):
     """Between the end of a trial's training and the study being told, another worker must not
     see a RUNNING trial with a free folder (it would resume a finished trial)."""
