@@ -138,3 +138,27 @@ def test_readme_seed_section_shows_the_recorded_groups():
         assert shown in section, shown
     verdict = lines[-1]
     assert verdict in " ".join(section.split()), verdict
+
+
+def test_readme_pruning_section_shows_the_recorded_searches():
+    """The PTB search with and without pruning (results/ptb_small_optuna_pruning/comparison.json,
+    written by scripts/compare_searches.py from the searches' MLflow runs) is what the README's
+    table says, and the record adds up: its trials' epochs sum to the epochs trained."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "compare_searches", REPO / "scripts" / "compare_searches.py"
+    )
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    rows = json.loads(
+        (REPO / "results" / "ptb_small_optuna_pruning" / "comparison.json").read_text()
+    )
+    assert set(rows) == {"none", "median"}
+    for r in rows.values():
+        assert r["trials"] == r["finished"] + r["pruned"] + r["failed"] == len(r["trial_epochs"])
+        assert r["epochs_trained"] == sum(epochs for _, epochs, _ in r["trial_epochs"])
+        assert sum(status == "PRUNED" for _, _, status in r["trial_epochs"]) == r["pruned"]
+    assert rows["none"]["pruned"] == 0 and rows["none"]["trials"] == rows["median"]["trials"]
+    section = (REPO / "README.md").read_text().split("**Pruning on PTB.**", 1)[1]
+    assert compare.table(rows) in section
