@@ -1,14 +1,14 @@
 """The Hydra side of lmexp's Optuna search: its config schema and the Sweeper that checks the
 search, creates the study and launches the workers (see lmexp.search for the rest)."""
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: Hydra's plugin scan runs this module before it
+# is in sys.modules, where dataclasses look string annotations up (and fail).
 import logging
 import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.plugins import Plugins
@@ -24,7 +24,7 @@ class LmexpOptunaSweeperConf:
     _target_: str = "hydra_plugins.lmexp_optuna_sweeper.optuna_sweeper.LmexpOptunaSweeper"
     study_name: str = "lmexp"
     # Optuna's database URL; null: sqlite:///<sweep dir>/optuna.db.
-    storage: str | None = None
+    storage: Optional[str] = None  # noqa: UP045 - a structured config: OmegaConf reads the type
     direction: str = "minimize"
     n_trials: int = 20  # trials in the study, counting those of earlier runs of the search
     n_jobs: int = 1  # workers, each asking for trials until n_trials (launch them in parallel)
