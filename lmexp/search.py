@@ -351,6 +351,10 @@ class Pruned(Exception):
     """Raised by the training loop when the study's pruner stops a trial."""
 
 
+class StudyLost(LmexpError):
+    """The study's storage failed while a trial trained: the trial stops, to be resumed."""
+
+
 @dataclass
 class Judge:
     """Reports a trial's validation perplexity per epoch; says why, when the pruner stops it."""
@@ -359,13 +363,20 @@ class Judge:
     pruner: str
 
     def __call__(self, epoch: int, valid_ppl: float, last: bool) -> str | None:
-        self.trial.report(valid_ppl, epoch)
-        # After its last epoch a trial has cost all it will: it finishes (and is tested).
-        if last or not self.trial.should_prune():
-            return None
-        # Marked before its run is closed: if the worker dies before telling the study, the
-        # next worker tells it PRUNED instead of training it on.
-        self.trial.set_user_attr(PRUNED_ATTR, epoch)
+        try:
+            self.trial.report(valid_ppl, epoch)
+            # After its last epoch a trial has cost all it will: it finishes (and is tested).
+            if last or not self.trial.should_prune():
+                return None
+            # Marked before its run is closed: if the worker dies before telling the study,
+            # the next worker tells it PRUNED instead of training it on.
+            self.trial.set_user_attr(PRUNED_ATTR, epoch)
+        except Exception as err:  # noqa: BLE001 - the storage's errors are driver-specific
+            raise StudyLost(
+                f"Optuna's storage failed while trial {self.trial.number} reported epoch "
+                f"{epoch} ({first_line(err)}); once it works, rerun the same command with the "
+                "same hydra.sweep.dir: the trial resumes from this epoch's checkpoint."
+            ) from None
         return (
             f"pruned by Optuna's {self.pruner} pruner after epoch {epoch} (valid ppl "
             f"{valid_ppl:.2f}, trial {self.trial.number})"
@@ -497,7 +508,7 @@ def run_trials(
         except Pruned as why:
             log.info("Trial %d %s", trial.number, why)
             state = TrialState.PRUNED
-        except (TrackingLost, SystemExit, KeyboardInterrupt):
+        except (TrackingLost, StudyLost, SystemExit, KeyboardInterrupt):
             unlock_folder(folder)
             raise  # stopped, not failed: the trial stays RUNNING and a rerun resumes it
         except Exception as err:  # noqa: BLE001 - one trial's failure is recorded, not the search's

@@ -41,7 +41,7 @@ from lmexp.runtime import (
     select_device,
 )
 from lmexp.schedules import learning_rate
-from lmexp.search import SWEEPER_TARGET, Pruned, run_trials
+from lmexp.search import SWEEPER_TARGET, Pruned, StudyLost, run_trials
 from lmexp.stats import SEED_KEY
 from lmexp.tracking import (
     EPOCH_METRICS,
@@ -203,6 +203,9 @@ def run_training(cfg: TrainConfig, ctx: RunContext) -> float:
         except Pruned as why:
             tracker.set_tags({PRUNED_TAG: str(position.epoch)})
             tracker.finish("KILLED", str(why))
+            raise
+        except StudyLost as err:  # the epoch is checkpointed: stopped, not failed
+            tracker.finish("KILLED", f"{err}; resumable")
             raise
         except DivergenceError as err:
             log.error("Run diverged: %s", err)

@@ -100,6 +100,29 @@ def test_the_judge_prunes_a_trailing_trial_but_never_after_its_last_epoch():
     assert study.trials[1].user_attrs[PRUNED_ATTR] == 2  # marked before its run is closed
 
 
+def test_a_storage_failing_while_a_trial_reports_stops_it_to_be_resumed():
+    """The judge's storage calls failing (a database gone) is one sentence, as StudyLost, which
+    the worker lets through (the trial stays RUNNING) instead of telling the trial FAIL."""
+    import optuna
+
+    from lmexp.config import LmexpError
+    from lmexp.search import Judge, StudyLost
+
+    class Unreachable:  # the failure a PostgreSQL storage raises when its server is gone
+        number = 4
+
+        def report(self, value: float, step: int) -> None:
+            raise optuna.exceptions.StorageInternalError("server closed the connection\nmore")
+
+    with pytest.raises(StudyLost) as err:
+        Judge(Unreachable(), "median")(2, 150.0, False)
+    assert isinstance(err.value, LmexpError) and str(err.value) == (
+        "Optuna's storage failed while trial 4 reported epoch 2 (server closed the connection); "
+        "once it works, rerun the same command with the same hydra.sweep.dir: the trial resumes "
+        "from this epoch's checkpoint."
+    )
+
+
 def test_a_trial_folder_stays_locked_until_the_study_knows_its_result(tmp_path, monkeypatch):
     """Between the end of a trial's training and the study being told, another worker must not
     see a RUNNING trial with a free folder (it would resume a finished trial)."""
@@ -125,14 +148,15 @@ def test_a_trial_folder_stays_locked_until_the_study_knows_its_result(tmp_path, 
     assert trained == [t.params["dropout.dp_keep_prob"] for t in study.get_trials()]
 
 
-def test_a_failing_trial_is_told_fail_and_the_worker_goes_on(tmp_path):
+def test_a_failing_trial_is_told_fail_and_the_worker_goes_on_until_the_storage_fails(tmp_path):
     from lmexp.config import LmexpError
-    from lmexp.search import Pruned
+    from lmexp.search import Pruned, StudyLost
 
-    study = _search(tmp_path, n_trials=4)
+    study = _search(tmp_path, n_trials=5)
     outcomes = iter(
-        [RuntimeError("boom"), LmexpError("a bad checkpoint"), Pruned("pruned"), float("inf")]
-    )
+        [RuntimeError("boom"), LmexpError("a bad checkpoint"), Pruned("pruned"), float("inf"),
+         StudyLost("the storage failed")]
+    )  # fmt: skip
 
     def train(*_):
         outcome = next(outcomes)
@@ -140,8 +164,10 @@ def test_a_failing_trial_is_told_fail_and_the_worker_goes_on(tmp_path):
             raise outcome
         return outcome
 
-    assert _run(tmp_path, train) == float("inf")
-    assert [t.state.name for t in study.get_trials()] == ["FAIL", "FAIL", "PRUNED", "FAIL"]
+    with pytest.raises(StudyLost):
+        _run(tmp_path, train)
+    states = [t.state.name for t in study.get_trials()]
+    assert states == ["FAIL", "FAIL", "PRUNED", "FAIL", "RUNNING"]  # the last one to resume
 
 
 def test_a_dead_workers_trials_are_resumed_or_closed_by_the_next(tmp_path):
