@@ -140,6 +140,13 @@ def git_commit(*folders: Path) -> str:
     return "unknown"
 
 
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (it may hold a password in a database URL)."""
+    path.touch(mode=0o600)
+    path.chmod(0o600)  # touch's mode does not apply to a file that exists already
+    path.write_text(text)
+
+
 def check_writable(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)

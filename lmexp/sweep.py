@@ -28,7 +28,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from lmexp.config import LmexpError, first_line
-from lmexp.runtime import SWEEP_STOPPING, folder_in_use, held_here, lock_folder
+from lmexp.runtime import SWEEP_STOPPING, folder_in_use, held_here, lock_folder, write_private
 from lmexp.search import check_search, uses_search
 from lmexp.slurm import check_cluster, follow_jobs, uses_slurm
 from lmexp.stats import SEED_KEY
@@ -237,10 +237,7 @@ class MlflowSweepCallback(Callback):
             "experiment": config.logger.experiment_name,
             "swept_params": swept,
         }
-        path = sweep_dir / SWEEP_FILE  # the jobs read the store's URI here: this user's only
-        path.touch(mode=0o600)
-        path.chmod(0o600)
-        path.write_text(json.dumps(record))
+        write_private(sweep_dir / SWEEP_FILE, json.dumps(record))  # the jobs read the URI here
         log.info("MLflow sweep parent run %s in %s", parent, redact(uri))
         log.info("Compare its runs in the MLflow UI: %s", ui_url(uri, experiment_id, view=parent))
         self.parent = {**record, "sweep_dir": sweep_dir}

@@ -60,8 +60,10 @@ class LmexpOptunaSweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> Any:
         from lmexp.config import LmexpError
+        from lmexp.runtime import write_private
         from lmexp.search import STUDY_FILE, check_search, open_storage
         from lmexp.sweep import parse_sweep
+        from lmexp.tracking import redact
 
         assert self.config is not None
         config = self.config
@@ -72,15 +74,12 @@ class LmexpOptunaSweeper(Sweeper):
             sys.exit(2)
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        record = sweep_dir / STUDY_FILE  # the storage URL: this user's only, like MLflow's
-        record.touch(mode=0o600)
-        record.chmod(0o600)
-        record.write_text(search.to_json())
+        write_private(sweep_dir / STUDY_FILE, search.to_json())  # it holds the storage URL
         workers = int(config.hydra.sweeper.n_jobs)
         log.info(
             "Study %s in %s: %d trials over %s, %d worker(s), sampler %s, pruner %s",
             search.study_name,
-            redact_url(search.storage),
+            redact(search.storage),
             search.n_trials,
             ", ".join(search.space),
             workers,
@@ -101,12 +100,6 @@ class LmexpOptunaSweeper(Sweeper):
         return [returns]
 
 
-def redact_url(url: str) -> str:
-    from lmexp.tracking import redact
-
-    return redact(url)
-
-
 def write_results(study: Any, sweep_dir: Path) -> None:
     """optimization_results.yaml (as Hydra's Optuna sweeper writes it), with the trial counts."""
     from optuna.trial import TrialState
@@ -114,9 +107,8 @@ def write_results(study: Any, sweep_dir: Path) -> None:
     counts = {s.name.lower(): 0 for s in TrialState}
     for trial in study.get_trials(deepcopy=False):
         counts[trial.state.name.lower()] += 1
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
     results: dict[str, Any] = {"name": "lmexp_optuna", "trials": counts}
-    if done:
+    if counts["complete"]:
         best = study.best_trial
         results.update(best_params=dict(best.params), best_value=best.value)
         log.info("Best parameters: %s", best.params)
