@@ -460,6 +460,54 @@ def in_storage(search: Search, sweep_dir: Path, what: str, call: Callable[[], An
         ) from None
 
 
+def open_study(search: Search, sweep_dir: Path, worker: int) -> Any:
+    """The study as this worker samples it: seeded by worker and by how far the study is, so
+    that a rerun or a requeued worker does not propose the points it proposed before (a fresh
+    search with one worker is reproducible)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    storage = in_storage(search, sweep_dir, "open", lambda: open_storage(search.storage))
+    study = in_storage(
+        search, sweep_dir, "load the study",
+        lambda: optuna.load_study(study_name=search.study_name, storage=storage),
+    )  # fmt: skip
+    started = sum(t.state != TrialState.WAITING for t in study.get_trials(deepcopy=False))
+    study.sampler = make_sampler(search.sampler, worker + 1000 * started)
+    study.pruner = make_pruner(search.pruner)
+    return study
+
+
+def train_trial(
+    train: Callable[..., float],
+    cfg: DictConfig,
+    trial: Any,
+    params: dict[str, Any],
+    pruner: str,
+    folder: Path,
+) -> tuple[Any, float]:
+    """Train one trial; its outcome for the study: COMPLETE with its value, PRUNED or FAIL. A
+    signal, or a tracking store or study storage gone, propagates (the trial stays RUNNING)."""
+    from optuna.trial import TrialState
+
+    from lmexp.tracking import TrackingLost
+
+    judge = None if pruner == "none" else Judge(trial, pruner)
+    try:
+        value = train(trial_config(cfg, params), params, folder, trial.number, judge)
+    except Pruned as why:
+        log.info("Trial %d %s", trial.number, why)
+        return TrialState.PRUNED, math.inf
+    except (TrackingLost, StudyLost, SystemExit, KeyboardInterrupt):
+        raise  # stopped, not failed: a rerun resumes it
+    except Exception as err:  # noqa: BLE001 - one trial's failure is recorded, not the search's
+        log.error("Trial %d failed: %s", trial.number, first_line(err))
+        return TrialState.FAIL, math.inf
+    if not math.isfinite(value):
+        return TrialState.FAIL, value  # diverged: its run says so
+    return TrialState.COMPLETE, value
+
+
 def run_trials(
     cfg: DictConfig,
     sweep_dir: Path,
@@ -471,51 +519,26 @@ def run_trials(
     returns its best validation perplexity, raising Pruned when the judge stopped it. A trial
     that fails is told FAIL and the worker goes on; a signal, or a tracking store or study
     storage gone, stops the worker with the trial left RUNNING, for a rerun to resume."""
-    import optuna
     from optuna.trial import TrialState
 
     from lmexp.runtime import unlock_folder
-    from lmexp.tracking import TrackingLost
 
     search = read_search(sweep_dir)
     assert search is not None
-    storage = in_storage(search, sweep_dir, "open", lambda: open_storage(search.storage))
-    study = in_storage(
-        search, sweep_dir, "load the study",
-        lambda: optuna.load_study(study_name=search.study_name, storage=storage),
-    )  # fmt: skip
-    # Seeded by worker and by how far the study is: a rerun or a requeued worker does not
-    # propose the points it proposed before; a fresh search with one worker is reproducible.
-    started = sum(t.state != TrialState.WAITING for t in study.get_trials(deepcopy=False))
-    study.sampler = make_sampler(search.sampler, worker + 1000 * started)
-    study.pruner = make_pruner(search.pruner)
+    study = open_study(search, sweep_dir, worker)
     pruner = str(search.pruner.get("name"))
     best = math.inf
     claim = lambda: claim_trial(study, search, sweep_dir, worker)  # noqa: E731
     while (trial := in_storage(search, sweep_dir, "hand out a trial", claim)) is not None:
         folder = trial_dir(sweep_dir, trial)
         params = {key: trial.params[key] for key in search.space}
-        log.info(
-            "Trial %d (worker %d): %s",
-            trial.number,
-            worker,
-            " ".join(f"{k}={v}" for k, v in params.items()),
-        )
-        judge = None if pruner == "none" else Judge(trial, pruner)
-        state, value = TrialState.COMPLETE, math.inf
+        shown = " ".join(f"{k}={v}" for k, v in params.items())
+        log.info("Trial %d (worker %d): %s", trial.number, worker, shown)
         try:
-            value = train(trial_config(cfg, params), params, folder, trial.number, judge)
-        except Pruned as why:
-            log.info("Trial %d %s", trial.number, why)
-            state = TrialState.PRUNED
-        except (TrackingLost, StudyLost, SystemExit, KeyboardInterrupt):
+            state, value = train_trial(train, cfg, trial, params, pruner, folder)
+        except BaseException:
             unlock_folder(folder)
-            raise  # stopped, not failed: the trial stays RUNNING and a rerun resumes it
-        except Exception as err:  # noqa: BLE001 - one trial's failure is recorded, not the search's
-            log.error("Trial %d failed: %s", trial.number, first_line(err))
-            state = TrialState.FAIL
-        if state == TrialState.COMPLETE and not math.isfinite(value):
-            state = TrialState.FAIL  # diverged: its run says so
+            raise
         told = value if state == TrialState.COMPLETE else None
         # The folder stays locked until the study knows: no other worker resumes it meanwhile.
         in_storage(search, sweep_dir, "record a result", lambda: study.tell(trial, told, state))  # noqa: B023
