@@ -171,7 +171,7 @@ def build_variants(
         model = model.to(device)
         if name == "lmexp":
             model.flatten_parameters()
-            step = lmexp_step(TrainStep.from_config(model, t, cfg.lr_policy.lr))
+            step = lmexp_step(TrainStep.from_config(model, t, cfg.optimizer, cfg.lr_policy.lr))
         elif name == "stock":
             model.flatten_parameters()
             sum_steps = t.loss_reduction == "sum_steps"

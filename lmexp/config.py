@@ -87,6 +87,22 @@ class LrPolicyConfig:
 
 
 @dataclass
+class OptimizerConfig:
+    # fused_sgd: lmexp's clip + plain SGD in one pass (TF's and the 2017 port's update)
+    # sgd | asgd | adam: torch.optim's own, after clip_grad_norm_ (lmexp.optim.OPTIMIZERS)
+    # The learning rate is lr_policy.lr (the policy sets it each epoch); the clip norm is
+    # trainer.max_grad_norm. Each key below is read only by the optimizers named beside it.
+    kind: str = "fused_sgd"
+    weight_decay: float = 0.0  # sgd, asgd, adam: L2 penalty added to the gradient
+    momentum: float = 0.0  # sgd
+    t0: float = 0.0  # asgd: the step averaging starts at (AWD-LSTM: 0, from the switch on)
+    lambd: float = 0.0  # asgd: lr decay term (AWD-LSTM: 0, a constant lr)
+    beta1: float = 0.9  # adam
+    beta2: float = 0.999  # adam
+    eps: float = 1e-8  # adam
+
+
+@dataclass
 class DataConfig:
     name: str = _role(SHAPE, "ptb")  # ptb | tiny
     # Folder holding ptb.{train,valid,test}.txt. None: download into cache_dir and verify.
@@ -156,6 +172,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     dropout: DropoutConfig = field(default_factory=DropoutConfig)
     lr_policy: LrPolicyConfig = field(default_factory=LrPolicyConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -253,6 +270,28 @@ def _keep_prob(key: str, value: float | None) -> None:
         )
 
 
+def _check_optimizer(o: OptimizerConfig) -> None:
+    """A known optimizer, and no optimizer.* key set that the chosen one would ignore."""
+    from lmexp.optim import OPTIMIZERS
+
+    _choice("optimizer.kind", o.kind, tuple(OPTIMIZERS))
+    spec, defaults = OPTIMIZERS[o.kind], OptimizerConfig()
+    for f in dataclasses.fields(OptimizerConfig):
+        value = getattr(o, f.name)
+        if f.name == "kind" or value == getattr(defaults, f.name):
+            continue
+        readers = [n for n, s in OPTIMIZERS.items() if f.name in s.keys]
+        _check(
+            f.name in spec.keys,
+            f"optimizer.{f.name}",
+            value,
+            f"is not read by optimizer={o.kind}; it is a setting of optimizer="
+            f"{' or '.join(readers)} (choose one of those, or leave the key at its default)",
+        )
+        _check(value >= 0, f"optimizer.{f.name}", value, "must be >= 0")
+    _check(o.beta1 < 1 and o.beta2 < 1, "optimizer.beta1/beta2", (o.beta1, o.beta2), "must be < 1")
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Check ranges and choices; raise ConfigError naming the first bad key and how to fix it."""
     m, d, lr, data, t, lg = cfg.model, cfg.dropout, cfg.lr_policy, cfg.data, cfg.trainer, cfg.logger
@@ -283,6 +322,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         lr.plateau_patience >= 0, "lr_policy.plateau_patience", lr.plateau_patience, "must be >= 0"
     )
     _check(lr.min_lr >= 0, "lr_policy.min_lr", lr.min_lr, "must be >= 0")
+    _check_optimizer(cfg.optimizer)
     _choice("data.name", data.name, ("ptb", "tiny"))
     _check(data.tiny_vocab_size >= 4, "data.tiny_vocab_size", data.tiny_vocab_size, "must be >= 4")
     _check(

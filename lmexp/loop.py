@@ -1,8 +1,8 @@
 """Training and evaluation loops: tensors in, numbers out. No Hydra, no MLflow.
 
 The step keeps the loss on the device and reads it only at log intervals, so a GPU is never
-stalled by a per-batch host sync; gradients are set to None rather than zeroed; clipping and SGD
-use the multi-tensor (foreach) kernels.
+stalled by a per-batch host sync; gradients are set to None rather than zeroed; the update is
+whatever torch.optim.Optimizer lmexp.optim built (by default its fused, multi-tensor clip + SGD).
 """
 
 from __future__ import annotations
@@ -12,14 +12,16 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lmexp.config import TrainerConfig
+from lmexp.config import OptimizerConfig, TrainerConfig
 from lmexp.data import num_windows, windows
 from lmexp.model import State
+from lmexp.optim import build_optimizer, set_lr
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -73,32 +75,37 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 
 class TrainStep:
-    """One truncated-BPTT step: forward, loss, backward, clip, SGD. Exactly what `train` runs.
+    """One truncated-BPTT step: forward, loss, backward, clip, optimizer step. Exactly what
+    `train` runs.
 
     loss_reduction "sum_steps" scales the per-token mean by the window length, which is TF's loss
     (summed over time steps, averaged over the batch); "mean" is the per-token mean.
 
     Lean by construction: the loss stays on the device; gradients are dropped (set to None)
-    instead of zero-filled and then accumulated into; clipping and the SGD update are multi-tensor
-    (foreach) ops with the clip coefficient kept on the device; in fp32 the decoder and loss run
-    as `LinearCrossEntropy`. On the CPU the embedding gradient is sparse, so only the rows a batch
-    touches are normed and updated (on a GPU its coalesce would sync the host every batch).
+    instead of zero-filled and then accumulated into; in fp32 the decoder and loss run as
+    `LinearCrossEntropy`. The optimizer is any `torch.optim.Optimizer` (lmexp.optim): one that
+    fuses clipping (FusedSGD) clips in its own step, for the others the step calls torch's
+    clip_grad_norm_ first. On the CPU, with an optimizer that takes sparse gradients, the
+    embedding gradient is sparse, so only the rows a batch touches are updated (on a GPU its
+    coalesce would sync the host every batch). `state_dict()` holds the optimizer's and the fp16
+    grad scaler's state: what a checkpoint needs to continue the step exactly.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        lr: float,
+        optimizer: torch.optim.Optimizer,
         max_grad_norm: float,
         loss_reduction: str = "sum_steps",
         precision: str = "fp32",
         compile_model: bool = False,
         cuda_graphs: bool = False,
     ) -> None:
-        self.model = model
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.model, self.optimizer = model, optimizer
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
         device = self.params[0].device
-        self.lr, self.max_grad_norm = lr, max_grad_norm
+        self.max_grad_norm = max_grad_norm
+        self.clips_itself = getattr(optimizer, "fuses_clipping", False)
         self.sum_steps = loss_reduction == "sum_steps"
         self.device, self.precision = device, precision
         if cuda_graphs and device.type != "cuda":
@@ -111,16 +118,21 @@ class TrainStep:
         self.fused_head = precision == "fp32" and not compile_model
         self.forward = torch.compile(model, mode=mode) if compile_model else model
         tied = model.decoder.weight is model.embedding.weight
-        model.embedding.sparse = device.type == "cpu" and not tied and precision != "fp16"
+        model.embedding.sparse = (
+            device.type == "cpu"
+            and not tied
+            and precision != "fp16"
+            and getattr(optimizer, "supports_sparse_grads", False)
+        )
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-        # fp16 needs an optimizer object for the grad scaler's unscale/skip logic.
-        self.optimizer = torch.optim.SGD(self.params, lr=lr) if self.scaler is not None else None
 
     @classmethod
-    def from_config(cls, model: nn.Module, trainer: TrainerConfig, lr: float) -> TrainStep:
+    def from_config(
+        cls, model: nn.Module, trainer: TrainerConfig, optimizer: OptimizerConfig, lr: float
+    ) -> TrainStep:
         return cls(
             model,
-            lr,
+            build_optimizer(model, optimizer, lr, trainer.max_grad_norm),
             trainer.max_grad_norm,
             trainer.loss_reduction,
             trainer.precision,
@@ -129,10 +141,19 @@ class TrainStep:
         )
 
     def set_lr(self, lr: float) -> None:
-        self.lr = lr
-        if self.optimizer is not None:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+        set_lr(self.optimizer, lr)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's state and the grad scaler's (None without fp16)."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
 
     def __call__(
         self, inputs: torch.Tensor, targets: torch.Tensor, state: State
@@ -160,39 +181,20 @@ class TrainStep:
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
+            self.clip()
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
         else:
             loss.backward()
-            self.clip_and_update()
+            self.clip()
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         return mean_nll.detach() * targets.numel(), state
 
-    @torch.no_grad()
-    def clip_and_update(self) -> None:
-        """clip_grad_norm_ then plain SGD, sparse-aware; gradients are dropped afterwards.
-
-        Private torch._foreach_* ops because the public path cannot serve: clip_grad_norm_
-        raises on a sparse gradient (torch 2.13: no linalg_vector_norm for SparseCPU), and the
-        step as a whole earns its place: 11-16% more words/s than the stock step
-        (dense gradients, clip_grad_norm_ and SGD with foreach=True) at the small size in three
-        `lmexp.bench` runs on an AVX-512 AMD EPYC (docs/benchmarks.md), level at medium.
-        """
-        dense = [p for p in self.params if p.grad is not None and not p.grad.is_sparse]
-        grads = [p.grad for p in dense]
-        sparse = [
-            (p, p.grad.coalesce()) for p in self.params if p.grad is not None and p.grad.is_sparse
-        ]
-        norms = list(torch._foreach_norm(grads)) + [g.values().norm() for _, g in sparse]
-        total = torch.linalg.vector_norm(torch.stack(norms))
-        coef = (self.max_grad_norm / (total + 1e-6)).clamp(max=1.0)  # clip_grad_norm_'s rule
-        torch._foreach_mul_(grads, coef)
-        torch._foreach_add_(dense, grads, alpha=-self.lr)
-        for p, g in sparse:
-            p.index_add_(0, g.indices()[0], g.values() * coef, alpha=-self.lr)
-        for p in self.params:
-            p.grad = None
+    def clip(self) -> None:
+        """torch's clip_grad_norm_, unless the optimizer clips in its own step (FusedSGD)."""
+        if not self.clips_itself:
+            nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
 
 
 @dataclass

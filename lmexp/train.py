@@ -290,6 +290,7 @@ class Position:
     best_valid: float = math.inf
     partial: EpochProgress | None = None  # set while stopped inside an epoch
     state: State | None = None  # the LSTM state at that point
+    step_state: dict[str, Any] | None = None  # the optimizer's and grad scaler's, to continue
 
 
 def restore(run: Run, resume: dict[str, Any]) -> Position:
@@ -301,6 +302,11 @@ def restore(run: Run, resume: dict[str, Any]) -> Position:
         position.partial = EpochProgress(**resume["progress"])
         position.state = (resume["state"][0].to(device), resume["state"][1].to(device))
     checkpoint.set_rng_state(resume["rng"])
+    # The optimizer's state continues only under the same optimizer settings (a checkpoint of
+    # another run, given as trainer.ckpt_path, may have used another); checkpoints written
+    # before lmexp saved it hold none, and fused_sgd has none to lose.
+    if resume.get("step") and resume["config"].get("optimizer") == run.ctx.resolved["optimizer"]:
+        position.step_state = resume["step"]
     for key in EPOCH_METRICS:
         logged = run.tracker.logged_steps(key)
         for record in position.history:
@@ -311,7 +317,7 @@ def restore(run: Run, resume: dict[str, Any]) -> Position:
     return position
 
 
-def save_checkpoint(run: Run, name: str, position: Position) -> None:
+def save_checkpoint(run: Run, name: str, position: Position, step: TrainStep) -> None:
     state = position.state
     checkpoint.save(
         run.ckpt_dir / name,
@@ -323,6 +329,7 @@ def save_checkpoint(run: Run, name: str, position: Position) -> None:
             "history": position.history,
             "best_valid_ppl": position.best_valid,
             "rng": checkpoint.rng_state(),
+            "step": step.state_dict(),
             "mlflow_run_id": run.tracker.run_id,
             "config": run.ctx.resolved,
             "vocab": run.corpus.vocab,
@@ -337,7 +344,9 @@ def train_epochs(run: Run, position: Position) -> None:
     if run.data["train"].device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     model.flatten_parameters()
-    step = TrainStep.from_config(model, t, run.cfg.lr_policy.lr)
+    step = TrainStep.from_config(model, t, run.cfg.optimizer, run.cfg.lr_policy.lr)
+    if position.step_state is not None:
+        step.load_state_dict(position.step_state)
     preemption = Preemption()
     with preemption.installed():
         for epoch in range(position.epoch, t.max_epochs):
@@ -346,7 +355,7 @@ def train_epochs(run: Run, position: Position) -> None:
 
             def mid_epoch(partial: EpochProgress, state: State) -> None:
                 position.partial, position.state = partial, state
-                save_checkpoint(run, "last.pt", position)
+                save_checkpoint(run, "last.pt", position, step)
 
             progress, state, stopped = train_epoch(
                 step,
@@ -374,22 +383,25 @@ def train_epochs(run: Run, position: Position) -> None:
                     f"validation perplexity is {valid_ppl} after epoch {epoch + 1}"
                 )
             end_epoch(
-                run, position, ppl_record(epoch + 1, lr, progress, valid_ppl, progress.seconds)
+                run,
+                position,
+                ppl_record(epoch + 1, lr, progress, valid_ppl, progress.seconds),
+                step,
             )
             last = epoch + 1 == t.max_epochs
             if run.ctx.judge is not None and (why := run.ctx.judge(epoch + 1, valid_ppl, last)):
                 raise Pruned(why)
 
 
-def end_epoch(run: Run, position: Position, record: dict[str, float]) -> None:
+def end_epoch(run: Run, position: Position, record: dict[str, float], step: TrainStep) -> None:
     """Checkpoint first (MLflow is backfilled from it after a kill), then log the epoch."""
     improved = record["valid_ppl"] < position.best_valid
     position.history.append(record)
     position.epoch, position.partial, position.state = int(record["epoch"]), None, None
     position.best_valid = min(position.best_valid, record["valid_ppl"])
-    save_checkpoint(run, "last.pt", position)
+    save_checkpoint(run, "last.pt", position, step)
     if improved:
-        save_checkpoint(run, "best.pt", position)
+        save_checkpoint(run, "best.pt", position, step)
     run.tracker.log_metrics({k: record[k] for k in EPOCH_METRICS}, step=position.epoch)
     log.info(
         "Epoch %d: lr %.4g train ppl %.2f valid ppl %.2f, %.0f words/s, %.1f s",

@@ -57,6 +57,14 @@ def test_pytorch_port_experiment():
     assert (cfg.model.init_scale, cfg.trainer.loss_reduction) == (0.1, "mean")
 
 
+@pytest.mark.parametrize("name", ["fused_sgd", "sgd", "asgd", "adam"])
+def test_optimizer_group_selects_the_optimizer_and_keeps_the_recipe(name):
+    cfg = compose_typed("model=medium", f"optimizer={name}")
+    assert cfg.optimizer.kind == name
+    assert (cfg.lr_policy.lr, cfg.trainer.max_grad_norm) == (1.0, 5.0)  # still the recipe's
+    assert compose_typed("model=medium").optimizer.kind == "fused_sgd"  # the default
+
+
 def test_groups_override_only_what_they_name():
     cfg = compose_typed("model=medium", "dropout=none")
     assert cfg.dropout.kind == "none" and cfg.dropout.dp_keep_prob == 1.0
@@ -90,6 +98,25 @@ def test_unknown_key_and_wrong_type_name_the_key():
         ("lr_policy.kind=cosine", r"lr_policy\.kind=.cosine. is not one of"),
         ("dropout.weight_drop=1.0", r"dropout\.weight_drop=1\.0 must be in \[0, 1\)"),
         ("dropout=none dropout.weight_drop=0.5", r"dropout\.weight_drop=0\.5 needs dropout="),
+        (
+            "optimizer.kind=lion",
+            r"optimizer\.kind='lion' is not one of fused_sgd, sgd, asgd, adam\.",
+        ),
+        (
+            "optimizer.weight_decay=1e-6",
+            r"optimizer\.weight_decay=1e-06 is not read by optimizer=fused_sgd; it is a setting "
+            r"of optimizer=sgd or asgd or adam",
+        ),
+        (
+            "optimizer=adam optimizer.momentum=0.9",
+            r"optimizer\.momentum=0\.9 is not read by optimizer=adam; it is a setting of "
+            r"optimizer=sgd \(choose one",
+        ),
+        ("optimizer=sgd optimizer.momentum=-0.9", r"optimizer\.momentum=-0\.9 must be >= 0"),
+        (
+            "optimizer=adam optimizer.beta2=1.0",
+            r"optimizer\.beta1/beta2=\(0\.9, 1\.0\) must be < 1",
+        ),
     ],
 )
 def test_out_of_range_values_are_one_sentence_naming_the_key(override, message):

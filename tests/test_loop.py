@@ -19,9 +19,15 @@ from lmexp.loop import (
     train_epoch,
 )
 from lmexp.model import LSTMLanguageModel
+from lmexp.optim import FusedSGD
 from lmexp.runtime import cpu_bf16_lstm_supported
 
 CORPUS = tiny_corpus(50, 20000, 2000, 1234)
+
+
+def sgd_step(model, lr, clip, *args, **kwargs) -> TrainStep:
+    """The step lmexp.train runs by default: lmexp's FusedSGD with lr and clip norm."""
+    return TrainStep(model, FusedSGD(model.parameters(), lr, clip), clip, *args, **kwargs)
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -35,7 +41,7 @@ CPU_BF16 = pytest.mark.skipif(
 def curve(precision: str, epochs: int = 3, device: str = "cpu") -> list[float]:
     torch.manual_seed(0)
     model = LSTMLanguageModel(CORPUS.vocab_size, 32, 2, 0.1, DropoutConfig(kind="none"))
-    step = TrainStep(model.to(device), 1.0, 5.0, "sum_steps", precision)
+    step = sgd_step(model.to(device), 1.0, 5.0, "sum_steps", precision)
     train, valid = batchify(CORPUS.train, 10).to(device), batchify(CORPUS.valid, 10).to(device)
     out = []
     for _ in range(epochs):
@@ -68,7 +74,7 @@ def test_compiled_step_compiles_and_matches_eager():
     def one_epoch(compile_model: bool) -> float:
         torch.manual_seed(0)
         model = LSTMLanguageModel(CORPUS.vocab_size, 16, 2, 0.1, DropoutConfig(kind="none"))
-        step = TrainStep(model, 1.0, 5.0, compile_model=compile_model)
+        step = sgd_step(model, 1.0, 5.0, compile_model=compile_model)
         progress, _, _ = train_epoch(
             step, batchify(CORPUS.train, 10), 10, model.init_state(10), limit_batches=30
         )
@@ -120,7 +126,7 @@ def test_fp16_grad_scaler_tracks_fp32_on_cuda():  # pragma: no cover - GPU only
 def test_stop_request_returns_position_and_continuing_finishes_the_epoch():
     torch.manual_seed(0)
     model = LSTMLanguageModel(CORPUS.vocab_size, 16, 1, 0.1)
-    step = TrainStep(model, 1.0, 5.0)
+    step = sgd_step(model, 1.0, 5.0)
     data = batchify(CORPUS.train, 10)
     calls = iter(range(10**6))
     progress, state, stopped = train_epoch(
@@ -167,7 +173,7 @@ def test_lean_step_equals_the_textbook_step(clip, reduction, tie):
         )
 
     lean_model, ref_model = build(), build()
-    lean = TrainStep(lean_model, 1.0, clip, reduction)
+    lean = sgd_step(lean_model, 1.0, clip, reduction)
     ref = reference_step(ref_model, list(ref_model.parameters()), 1.0, clip, reduction)
     data = batchify(CORPUS.train, 10)
     s1, s2 = lean_model.init_state(10), ref_model.init_state(10)
@@ -189,7 +195,7 @@ def test_cuda_graphs_step_matches_eager_on_cuda():  # pragma: no cover - GPU onl
     def one_epoch(cuda_graphs: bool) -> float:
         torch.manual_seed(0)
         model = LSTMLanguageModel(CORPUS.vocab_size, 16, 2, 0.1, DropoutConfig(kind="none")).cuda()
-        step = TrainStep(model, 1.0, 5.0, cuda_graphs=cuda_graphs)
+        step = sgd_step(model, 1.0, 5.0, cuda_graphs=cuda_graphs)
         data = batchify(CORPUS.train, 10).cuda()
         progress, _, _ = train_epoch(step, data, 10, model.init_state(10), limit_batches=30)
         return progress.ppl
@@ -200,7 +206,7 @@ def test_cuda_graphs_step_matches_eager_on_cuda():  # pragma: no cover - GPU onl
 def test_cuda_graphs_on_cpu_is_refused():
     model = LSTMLanguageModel(CORPUS.vocab_size, 8, 1, 0.1)
     with pytest.raises(ValueError, match="cuda_graphs needs the model on a CUDA device"):
-        TrainStep(model, 1.0, 5.0, cuda_graphs=True)
+        sgd_step(model, 1.0, 5.0, cuda_graphs=True)
 
 
 def test_a_loss_too_large_for_exp_stops_at_the_next_log_interval():
@@ -209,7 +215,7 @@ def test_a_loss_too_large_for_exp_stops_at_the_next_log_interval():
     model = LSTMLanguageModel(CORPUS.vocab_size, 16, 1, 0.1)
     with torch.no_grad():
         model.decoder.bias.copy_(torch.arange(CORPUS.vocab_size) * 1000.0)  # finite, hopeless
-    step = TrainStep(model, 0.0, 5.0)  # lr 0: the loss stays where it is
+    step = sgd_step(model, 0.0, 5.0)  # lr 0: the loss stays where it is
     data = batchify(CORPUS.train, 10)
     with pytest.raises(DivergenceError, match=r"at epoch batch 5: lower lr_policy.lr") as err:
         train_epoch(step, data, 10, model.init_state(10), log_every=5)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import TINY, metric_history, mlflow_runs, run_module
 
 from lmexp import checkpoint
@@ -145,6 +146,50 @@ def test_unreachable_tracking_server_with_fallback_trains_and_says_where(tmp_pat
     assert "Logging to the fallback" in proc.stdout + proc.stderr
     (run,) = mlflow_runs(tmp_path / "fallback.db")
     assert run.info.status == "FINISHED"
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["optimizer=adam", "lr_policy.lr=0.003"],
+        ["optimizer=asgd", "optimizer.t0=50"],
+    ],
+    ids=["adam", "asgd"],
+)
+def test_sigkill_mid_epoch_resumes_bit_identically_whatever_the_optimizer(tmp_path, extra):
+    """Adam's moments and ASGD's average (which starts at step 50 here) are in the mid-epoch
+    checkpoint: the resumed run is the uninterrupted one, epoch for epoch and its test too."""
+    args = [*SLOW_TINY, *extra, "trainer.ckpt_every_n_batches=10"]
+    reference = run_module("lmexp.train", *args, "hydra.run.dir=ref", cwd=tmp_path)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    proc = start([*args, "hydra.run.dir=killed"], tmp_path)
+    wait_for_line(tmp_path / "killed" / "train.log", "Epoch 1:", proc)
+    time.sleep(0.5)  # into epoch 2, past a mid-epoch checkpoint or two
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    saved = checkpoint.load(tmp_path / "killed" / "checkpoints" / "last.pt")
+    assert saved["progress"], "killed at an epoch's end, not inside one"
+    assert saved["step"]["optimizer"]["state"], "the checkpoint holds no optimizer state"
+
+    resumed = run_module("lmexp.train", *args, "hydra.run.dir=killed", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resumed from" in (tmp_path / "killed" / "train.log").read_text()
+    db = tmp_path / "mlflow.db"
+    runs = {r.data.tags["output_dir"].rsplit("/", 1)[-1]: r for r in mlflow_runs(db)}
+    ref, killed = runs["ref"], runs["killed"]
+    assert histories(db, killed.info.run_id) == histories(db, ref.info.run_id)
+    assert killed.data.metrics["test_ppl"] == ref.data.metrics["test_ppl"]
+    # ASGD's average does not steer the weights, so it is compared where it lives: the final
+    # optimizer state, tensor for tensor (step count, eta, mu, ax; Adam's step and moments).
+    want, got = (
+        checkpoint.load(tmp_path / run / "checkpoints" / "last.pt")["step"]["optimizer"]["state"]
+        for run in ("ref", "killed")
+    )
+    assert want.keys() == got.keys()
+    for index, values in want.items():
+        for key, value in values.items():
+            assert torch.equal(value, got[index][key]), (index, key)
 
 
 @pytest.mark.parametrize("where", ["hydra.run.dir=afile/run", "hydra.run.dir=/proc/lmexp-run"])
