@@ -30,7 +30,7 @@ from torch import nn
 from lmexp.config import BenchConfig, LmexpError, flatten
 from lmexp.data import batchify, load_corpus, windows
 from lmexp.loop import TrainStep, detach, evaluate
-from lmexp.model import LSTMLanguageModel, State
+from lmexp.model import RNNLanguageModel, State
 from lmexp.runtime import check_device_support, configure_threads, device_name, select_device
 
 log = logging.getLogger("lmexp.bench")
@@ -41,7 +41,7 @@ Step = Callable[[torch.Tensor, torch.Tensor, State], State]
 class CellLoopLM(nn.Module):
     """The same network with one nn.LSTMCell per layer stepped in Python, as TF's RNNCell did."""
 
-    def __init__(self, reference: LSTMLanguageModel) -> None:
+    def __init__(self, reference: RNNLanguageModel) -> None:
         super().__init__()
         h, layers = reference.hidden_size, reference.num_layers
         self.num_layers, self.hidden_size = layers, h
@@ -52,7 +52,7 @@ class CellLoopLM(nn.Module):
         self.load_from(reference)
 
     @torch.no_grad()
-    def load_from(self, reference: LSTMLanguageModel) -> None:
+    def load_from(self, reference: RNNLanguageModel) -> None:
         self.embedding.weight.copy_(reference.embedding.weight)
         self.decoder.load_state_dict(reference.decoder.state_dict())
         for i, cell in enumerate(self.cells):
@@ -165,7 +165,7 @@ def build_variants(
     steps: dict[str, tuple[Step, nn.Module]] = {}
     for name in cfg.bench.variants:
         torch.manual_seed(t.seed)
-        model = LSTMLanguageModel.from_config(cfg.model, cfg.dropout, vocab_size)
+        model = RNNLanguageModel.from_config(cfg.model, cfg.dropout, vocab_size)
         if name == "cell_loop":
             model = CellLoopLM(model)
         model = model.to(device)
@@ -211,6 +211,11 @@ def run_bench(cfg: BenchConfig, device: torch.device) -> dict[str, Any]:
     if unknown:
         raise LmexpError(
             f"bench.variants has unknown {sorted(unknown)}; choose from {', '.join(VARIANTS)}."
+        )
+    if "cell_loop" in b.variants and cfg.model.cell != "lstm":
+        raise LmexpError(
+            f"bench.variants cell_loop is TF's LSTMCell loop, not model.cell={cfg.model.cell}; "
+            "leave cell_loop out of bench.variants for this cell."
         )
     check_device_support(t, device.type)
     threads = configure_threads(t.threads)

@@ -165,7 +165,7 @@ def load_model(
     Returns the model in eval mode, its vocabulary and the resolved config it was trained with.
     """
     from lmexp.config import DropoutConfig, ModelConfig
-    from lmexp.model import LSTMLanguageModel
+    from lmexp.model import CELLS, RNNLanguageModel
 
     state = load_any(path, map_location=device)
     missing = [k for k in ("model", "vocab", "config") if k not in state]
@@ -174,7 +174,13 @@ def load_model(
             f"{path} has no {', '.join(missing)}; pass a checkpoint or model.pt written by lmexp."
         )
     config, vocab = state["config"], state["vocab"]
-    model = LSTMLanguageModel.from_config(
+    cell = config.get("model", {}).get("cell", "lstm")  # configs before GRU had no cell: LSTM
+    if cell not in CELLS:
+        raise CheckpointError(
+            f"{path}: its config's model.cell={cell!r} is not one of {', '.join(CELLS)}; pass a "
+            "model written by lmexp.train, with its own config.json."
+        )
+    model = RNNLanguageModel.from_config(
         ModelConfig(**config["model"]), DropoutConfig(**config["dropout"]), len(vocab)
     )
     try:

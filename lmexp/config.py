@@ -53,6 +53,7 @@ class ModelConfig:
     num_layers: int = _role(SHAPE, 2)
     init_scale: float = _role(SHAPE, 0.1)
     tie_weights: bool = _role(SHAPE, False)
+    cell: str = _role(SHAPE, "lstm")  # lstm | gru (lmexp.model.CELLS); TF's recipes are LSTMs
 
 
 @dataclass
@@ -270,6 +271,12 @@ def _keep_prob(key: str, value: float | None) -> None:
         )
 
 
+def _check_cell(cell: str) -> None:
+    from lmexp.model import CELLS
+
+    _choice("model.cell", cell, tuple(CELLS))
+
+
 def _check_optimizer(o: OptimizerConfig) -> None:
     """A known optimizer, and no optimizer.* key set that the chosen one would ignore."""
     from lmexp.optim import OPTIMIZERS
@@ -298,6 +305,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(m.hidden_size >= 1, "model.hidden_size", m.hidden_size, "must be a positive integer")
     _check(m.num_layers >= 1, "model.num_layers", m.num_layers, "must be a positive integer")
     _check(m.init_scale > 0, "model.init_scale", m.init_scale, "must be positive")
+    _check_cell(m.cell)
     _choice("dropout.kind", d.kind, ("standard", "variational", "none"))
     for name in ("dp_keep_prob", "keep_prob_embedding", "keep_prob_between", "keep_prob_output"):
         _keep_prob(f"dropout.{name}", getattr(d, name))

@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from lmexp.config import OptimizerConfig, TrainerConfig
 from lmexp.data import num_windows, windows
-from lmexp.model import State
+from lmexp.model import State, map_state
 from lmexp.optim import build_optimizer, set_lr
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -39,7 +39,7 @@ def perplexity(loss_sum: float, tokens: int) -> float:
 
 
 def detach(state: State) -> State:
-    return state[0].detach(), state[1].detach()
+    return map_state(torch.Tensor.detach, state)
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -173,7 +173,7 @@ class TrainStep:
             with autocast(self.device, self.precision):
                 logits, state = self.forward(inputs, detach(state))
                 if self.cuda_graphs:  # the state lives in graph memory the next replay reuses
-                    state = (state[0].clone(), state[1].clone())
+                    state = map_state(torch.Tensor.clone, state)
                 mean_nll = F.cross_entropy(
                     logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1)
                 )

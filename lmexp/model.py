@@ -1,8 +1,11 @@
-"""The word-level LSTM language model: embedding -> dropout -> LSTM -> dropout -> linear."""
+"""The word-level recurrent language model: embedding -> dropout -> LSTM or GRU -> dropout ->
+linear. The recurrent cell is `model.cell`, one entry of CELLS; the rest of lmexp handles its
+state (an LSTM's (h, c), a GRU's h) only through map_state, pack_state and unpack_state."""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -10,7 +13,39 @@ from torch.nn import functional as F
 
 from lmexp.config import DropoutConfig, ModelConfig
 
-State = tuple[torch.Tensor, torch.Tensor]
+# A cell's recurrent state: one tensor (GRU) or a tuple of them (LSTM: h, c), each
+# (layers, batch, hidden).
+State = torch.Tensor | tuple[torch.Tensor, ...]
+
+# model.cell -> the fused torch module (cuDNN on a GPU). A cell here takes (input, state) and
+# returns (output, state) with its weights named weight_ih_l<k>/weight_hh_l<k>, as torch's do.
+CELLS: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU}
+STATE_TENSORS = {"lstm": 2, "gru": 1}
+
+
+def map_state(fn: Callable[[torch.Tensor], torch.Tensor], state: State) -> State:
+    """fn applied to each tensor of the state, keeping its structure."""
+    return tuple(fn(s) for s in state) if isinstance(state, tuple) else fn(state)
+
+
+def pack_state(state: State) -> list[torch.Tensor]:
+    """The state as a list of tensors (what a checkpoint stores)."""
+    return list(state) if isinstance(state, tuple) else [state]
+
+
+def unpack_state(tensors: list[torch.Tensor]) -> State:
+    """pack_state's inverse."""
+    return tensors[0] if len(tensors) == 1 else tuple(tensors)
+
+
+def layer_state(state: State, layer: int) -> State:
+    return map_state(lambda s: s[layer : layer + 1], state)
+
+
+def join_layers(states: list[State]) -> State:
+    if isinstance(states[0], tuple):
+        return tuple(torch.cat(parts) for parts in zip(*states, strict=True))
+    return torch.cat(states)  # type: ignore[arg-type]
 
 
 def locked_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -21,14 +56,16 @@ def locked_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return x * mask
 
 
-class LSTMLanguageModel(nn.Module):
-    """Zaremba et al.'s model. Time-major: tokens are (steps, batch), logits (steps, batch, vocab).
+class RNNLanguageModel(nn.Module):
+    """Zaremba et al.'s model (cell="lstm"), or the same with a GRU. Time-major: tokens are
+    (steps, batch), logits (steps, batch, vocab).
 
     With standard (or no) dropout the recurrence is one fused multi-layer `nn.LSTM` (cuDNN on
-    GPU). Variational dropout needs a mask between layers that is shared across time, so it runs
-    one fused single-layer `nn.LSTM` per layer; the recurrent path stays inside the fused kernel.
-    Weight drop (DropConnect on the hidden-to-hidden matrices) passes dropped copies of those
-    matrices to the same fused LSTM call, so it keeps the fused kernel too.
+    GPU), kept as the attribute named by the cell (`lstm`, `gru`), so an LSTM's state_dict keys
+    are those lmexp always wrote. Variational dropout needs a mask between layers that is shared
+    across time, so it runs one fused single-layer module per layer; the recurrent path stays
+    inside the fused kernel. Weight drop (DropConnect on the hidden-to-hidden matrices) passes
+    dropped copies of those matrices to the same fused call, so it keeps the fused kernel too.
     """
 
     def __init__(
@@ -39,10 +76,12 @@ class LSTMLanguageModel(nn.Module):
         init_scale: float,
         dropout: DropoutConfig | None = None,
         tie_weights: bool = False,
+        cell: str = "lstm",
     ) -> None:
         super().__init__()
         dropout = dropout or DropoutConfig(kind="none")
-        self.hidden_size, self.num_layers = hidden_size, num_layers
+        self.hidden_size, self.num_layers, self.cell = hidden_size, num_layers, cell
+        rnn = CELLS[cell]
         self.variational = dropout.kind == "variational"
         p = 0.0 if dropout.kind == "none" else 1.0 - dropout.dp_keep_prob
 
@@ -56,20 +95,18 @@ class LSTMLanguageModel(nn.Module):
 
         self.embedding = nn.Embedding(vocab_size, hidden_size)
         if self.variational:
-            self.layers = nn.ModuleList(
-                nn.LSTM(hidden_size, hidden_size) for _ in range(num_layers)
-            )
+            self.layers = nn.ModuleList(rnn(hidden_size, hidden_size) for _ in range(num_layers))
         else:
             between = self.p_between if num_layers > 1 else 0.0
-            self.lstm = nn.LSTM(hidden_size, hidden_size, num_layers, dropout=between)
+            self.add_module(cell, rnn(hidden_size, hidden_size, num_layers, dropout=between))
         self.decoder = nn.Linear(hidden_size, vocab_size)
         if tie_weights:
             # Embedding size equals hidden size here, so the shapes always match.
             self.decoder.weight = self.embedding.weight
         # TF's uniform initializer covers every variable except the LSTM biases, which
-        # BasicLSTMCell starts at zero (the tutorial sets forget_bias=0).
+        # BasicLSTMCell starts at zero (the tutorial sets forget_bias=0); a GRU's alike.
         for name, param in self.named_parameters():
-            if name.startswith(("lstm.bias", "layers.")) and ".bias" in name:
+            if name.startswith((f"{cell}.bias", "layers.")) and ".bias" in name:
                 nn.init.zeros_(param)
             else:
                 nn.init.uniform_(param, -init_scale, init_scale)
@@ -77,7 +114,7 @@ class LSTMLanguageModel(nn.Module):
     @classmethod
     def from_config(
         cls, model: ModelConfig, dropout: DropoutConfig, vocab_size: int
-    ) -> LSTMLanguageModel:
+    ) -> RNNLanguageModel:
         return cls(
             vocab_size,
             model.hidden_size,
@@ -85,53 +122,58 @@ class LSTMLanguageModel(nn.Module):
             model.init_scale,
             dropout=dropout,
             tie_weights=model.tie_weights,
+            cell=model.cell,
         )
+
+    @property
+    def rnn(self) -> nn.RNNBase:
+        """The multi-layer recurrent module (without variational dropout)."""
+        return getattr(self, self.cell)
 
     def init_state(self, batch_size: int) -> State:
         weight = self.decoder.weight
         shape = (self.num_layers, batch_size, self.hidden_size)
-        return weight.new_zeros(shape), weight.new_zeros(shape)
+        return unpack_state([weight.new_zeros(shape) for _ in range(STATE_TENSORS[self.cell])])
 
     def forward(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         hidden, state = self.features(tokens, state)
         return self.decoder(hidden), state
 
     def features(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        """Everything but the decoder: the (dropped-out) LSTM output, (steps, batch, hidden)."""
+        """Everything but the decoder: the (dropped-out) recurrent output, (steps, batch, hidden)."""
         x = self.embedding(tokens)
         if self.variational:
             x = locked_dropout(x, self.p_embedding, self.training)
-            hs, cs = [], []
+            states = []
             for i, layer in enumerate(self.layers):
                 if i > 0:
                     x = locked_dropout(x, self.p_between, self.training)
-                x, (h, c) = self._recur(layer, x, (state[0][i : i + 1], state[1][i : i + 1]))
-                hs.append(h)
-                cs.append(c)
+                x, layer_new = self._recur(layer, x, layer_state(state, i))
+                states.append(layer_new)
             x = locked_dropout(x, self.p_output, self.training)
-            new_state = (torch.cat(hs), torch.cat(cs))
+            new_state = join_layers(states)
         else:
             x = F.dropout(x, self.p_embedding, self.training)
-            x, new_state = self._recur(self.lstm, x, state)
+            x, new_state = self._recur(self.rnn, x, state)
             x = F.dropout(x, self.p_output, self.training)
         return x, new_state
 
-    def _recur(self, lstm: nn.LSTM, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        """lstm(x, state); while training with weight drop, on dropped hidden-to-hidden weights."""
+    def _recur(self, rnn: nn.RNNBase, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """rnn(x, state); while training with weight drop, on dropped hidden-to-hidden weights."""
         if not (self.training and self.p_weight):
-            return lstm(x, state)
+            return rnn(x, state)
         dropped = {
             name: F.dropout(weight, self.p_weight)
-            for name, weight in lstm.named_parameters()
+            for name, weight in rnn.named_parameters()
             if name.startswith("weight_hh")
         }
         with warnings.catch_warnings():
             # cuDNN packs weights that are not one flat buffer into one per call, and says so;
             # the dropped matrices are new tensors each batch, so the packing is expected here.
             warnings.filterwarnings("ignore", "RNN module weights are not part of single")
-            return torch.func.functional_call(lstm, dropped, (x, state))
+            return torch.func.functional_call(rnn, dropped, (x, state))
 
     def flatten_parameters(self) -> None:
-        """Make the LSTM weights one contiguous cuDNN buffer (call once, after .to(device))."""
-        for lstm in self.layers if self.variational else [self.lstm]:
-            lstm.flatten_parameters()
+        """Make the recurrent weights one contiguous cuDNN buffer (once, after .to(device))."""
+        for rnn in self.layers if self.variational else [self.rnn]:
+            rnn.flatten_parameters()

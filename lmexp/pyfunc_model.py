@@ -38,29 +38,33 @@ PARAMS: dict[str, Any] = {
 }
 
 
-class WordLSTM(nn.Module):
-    """lmexp's LSTM language model at inference (no dropout), rebuilt from its state_dict."""
+CELLS = {"lstm": nn.LSTM, "gru": nn.GRU}  # model.cell in config.json (lmexp.model.CELLS)
 
-    def __init__(self, weights: dict[str, torch.Tensor], num_layers: int) -> None:
+
+class WordRNN(nn.Module):
+    """lmexp's language model at inference (no dropout), rebuilt from its state_dict."""
+
+    def __init__(self, weights: dict[str, torch.Tensor], num_layers: int, cell: str) -> None:
         super().__init__()
         vocab_size, hidden_size = weights["embedding.weight"].shape
         self.embedding = nn.Embedding(vocab_size, hidden_size)
-        self.lstm = nn.LSTM(hidden_size, hidden_size, num_layers)
+        self.cell = cell
+        self.add_module(cell, CELLS[cell](hidden_size, hidden_size, num_layers))
         self.decoder = nn.Linear(hidden_size, vocab_size)
-        # A variational model keeps one single-layer LSTM per layer (layers.<i>.<name>_l0);
-        # without dropout that is exactly one multi-layer LSTM's layer i.
+        # A variational model keeps one single-layer module per layer (layers.<i>.<name>_l0);
+        # without dropout that is exactly one multi-layer module's layer i.
         renamed = {}
         for key, value in weights.items():
             if key.startswith("layers."):
                 _, layer, name = key.split(".")
-                key = f"lstm.{name.removesuffix('_l0')}_l{layer}"
+                key = f"{cell}.{name.removesuffix('_l0')}_l{layer}"
             renamed[key] = value
         self.load_state_dict(renamed)
         self.eval()
 
     def forward(self, tokens: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
-        """tokens (steps, batch) -> logits (steps, batch, vocab), and the new LSTM state."""
-        hidden, state = self.lstm(self.embedding(tokens), state)
+        """tokens (steps, batch) -> logits (steps, batch, vocab), and the new recurrent state."""
+        hidden, state = getattr(self, self.cell)(self.embedding(tokens), state)
         return self.decoder(hidden), state
 
 
@@ -72,7 +76,8 @@ class LanguageModel(mlflow.pyfunc.PythonModel):
         self.vocab = json.loads(Path(context.artifacts["vocab"]).read_text())
         self.index = {word: i for i, word in enumerate(self.vocab)}
         weights = torch.load(context.artifacts["model"], map_location="cpu", weights_only=True)
-        self.model = WordLSTM(weights, config["model"]["num_layers"])
+        model = config["model"]
+        self.model = WordRNN(weights, model["num_layers"], model.get("cell", "lstm"))
 
     # model_input: pd.DataFrame, a hint MLflow derives no schema from (the signature says what
     # predict takes) and converts a list or Series to, in a one-column frame.

@@ -25,7 +25,7 @@ from lmexp import checkpoint
 from lmexp.config import LmexpError, TrainConfig, flatten
 from lmexp.data import Corpus, batch_splits, load_corpus
 from lmexp.loop import DivergenceError, EpochProgress, TrainStep, evaluate, perplexity, train_epoch
-from lmexp.model import LSTMLanguageModel, State
+from lmexp.model import RNNLanguageModel, State, pack_state, unpack_state
 from lmexp.names import child_name, single_name
 from lmexp.resume import find_resume
 from lmexp.runtime import (
@@ -142,10 +142,10 @@ def progress_printer(epoch: int, lr: float) -> Any:
 
 def build_model(
     cfg: TrainConfig, corpus: Corpus, device: torch.device, resume: dict[str, Any] | None
-) -> LSTMLanguageModel:
+) -> RNNLanguageModel:
     """The model, with a checkpoint's (or an exported model's) weights when starting from one."""
     seed_everything(cfg.trainer.seed)
-    model = LSTMLanguageModel.from_config(cfg.model, cfg.dropout, corpus.vocab_size)
+    model = RNNLanguageModel.from_config(cfg.model, cfg.dropout, corpus.vocab_size)
     if resume is not None:
         try:
             model.load_state_dict(resume["model"])
@@ -276,7 +276,7 @@ class Run:
     ctx: RunContext
     corpus: Corpus
     data: dict[str, torch.Tensor]
-    model: LSTMLanguageModel
+    model: RNNLanguageModel
     tracker: Tracker
     ckpt_dir: Path
 
@@ -289,7 +289,7 @@ class Position:
     history: list[dict[str, float]] = field(default_factory=list)
     best_valid: float = math.inf
     partial: EpochProgress | None = None  # set while stopped inside an epoch
-    state: State | None = None  # the LSTM state at that point
+    state: State | None = None  # the recurrent state at that point
     step_state: dict[str, Any] | None = None  # the optimizer's and grad scaler's, to continue
 
 
@@ -300,7 +300,7 @@ def restore(run: Run, resume: dict[str, Any]) -> Position:
     position = Position(resume["epoch"], resume["history"], resume["best_valid_ppl"])
     if resume.get("progress"):
         position.partial = EpochProgress(**resume["progress"])
-        position.state = (resume["state"][0].to(device), resume["state"][1].to(device))
+        position.state = unpack_state([s.to(device) for s in resume["state"]])
     checkpoint.set_rng_state(resume["rng"])
     # The optimizer's state continues only under the same optimizer settings (a checkpoint of
     # another run, given as trainer.ckpt_path, may have used another); checkpoints written
@@ -325,7 +325,7 @@ def save_checkpoint(run: Run, name: str, position: Position, step: TrainStep) ->
             "model": run.model.state_dict(),
             "epoch": position.epoch,
             "progress": position.partial.to_dict() if position.partial else None,
-            "state": [s.detach().cpu() for s in state] if state is not None else None,
+            "state": [s.detach().cpu() for s in pack_state(state)] if state is not None else None,
             "history": position.history,
             "best_valid_ppl": position.best_valid,
             "rng": checkpoint.rng_state(),
@@ -451,7 +451,7 @@ def finish(run: Run, position: Position) -> None:
 
 
 def export_model(
-    model: LSTMLanguageModel,
+    model: RNNLanguageModel,
     corpus: Corpus,
     ctx: RunContext,
     tracker: Tracker,

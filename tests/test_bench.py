@@ -13,7 +13,7 @@ from conftest import REPO, mlflow_runs, run_module
 
 from lmexp.bench import CellLoopLM
 from lmexp.config import DropoutConfig
-from lmexp.model import LSTMLanguageModel
+from lmexp.model import RNNLanguageModel
 from lmexp.runtime import cpu_bf16_lstm_supported
 
 
@@ -49,9 +49,22 @@ def test_bench_rejects_unknown_variant(tmp_path):
     assert "bench.variants has unknown ['tf']" in proc.stdout + proc.stderr
 
 
+def test_bench_refuses_the_lstm_cell_loop_for_a_gru(tmp_path):
+    args = ["data=tiny", "model=tiny", "model.cell=gru", "bench.variants=[lmexp,cell_loop]"]
+    proc = run_module("lmexp.bench", *args, cwd=tmp_path)
+    assert proc.returncode == 2
+    out = proc.stdout + proc.stderr
+    assert "bench.variants cell_loop is TF's LSTMCell loop, not model.cell=gru" in out
+    assert "Traceback" not in out
+    ok = run_module(
+        "lmexp.bench", *args[:3], "bench.variants=[lmexp,port]", "bench.repeats=1", cwd=tmp_path
+    )
+    assert ok.returncode == 0, ok.stderr[-3000:]  # the other variants time a GRU
+
+
 def test_cell_loop_computes_the_same_function_as_the_fused_lstm():
     torch.manual_seed(0)
-    fused = LSTMLanguageModel(30, 12, 2, 0.1, DropoutConfig(kind="none")).eval()
+    fused = RNNLanguageModel(30, 12, 2, 0.1, DropoutConfig(kind="none")).eval()
     cells = CellLoopLM(fused).eval()
     tokens = torch.randint(0, 30, (7, 3))
     a, (ha, ca) = fused(tokens, fused.init_state(3))

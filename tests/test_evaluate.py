@@ -260,3 +260,37 @@ def test_report_of_one_run_covers_only_that_run(trained, tmp_path):
         "check the run id and --tracking-uri.\n"
     )
     assert not (tmp_path / "none").exists()
+
+
+@pytest.fixture(scope="module")
+def trained_gru(tmp_path_factory) -> tuple[Path, str, float]:
+    cwd = tmp_path_factory.mktemp("trained_gru")
+    args = [*TINY, "model.cell=gru", "lr_policy.lr=0.3", "trainer.max_epochs=2"]
+    proc = run_module("lmexp.train", *args, "hydra.run.dir=run", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = mlflow_runs(cwd / "mlflow.db")
+    return cwd, run.info.run_id, run.data.metrics["test_ppl"]
+
+
+def test_a_gru_model_evaluates_generates_and_serves_without_lmexp(trained_gru, tmp_path):
+    """model.cell=gru goes through export, lmexp.evaluate, lmexp.generate and the logged pyfunc
+    model (torch and MLflow only) as an LSTM does."""
+    cwd, run_id, logged = trained_gru
+    assert json.loads((cwd / "run" / "model" / "config.json").read_text())["model"]["cell"] == "gru"
+    assert any(k.startswith("gru.") for k in torch.load(cwd / "run" / "model" / "model.pt"))
+    by_path = run_module("lmexp.evaluate", "run/model/model.pt", cwd=cwd)
+    assert by_path.returncode == 0, by_path.stderr
+    assert ppl(by_path.stdout) == pytest.approx(logged, rel=1e-4)
+    (cwd / "test.txt").write_text(split_text(cwd, "test"))
+    (cwd / "rows.txt").write_text("w1 w2 w3 zebra\n")
+    store = {"MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
+    proc = run_without_lmexp(
+        PYFUNC_SCRIPT, f"runs:/{run_id}/model", cwd=cwd, scratch=tmp_path, env=store
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert out["perplexity"][0] == pytest.approx(logged, rel=1e-4)
+    args = ["--prompt", "w1 w2 zebra", "--words", "40", "--seed", "7"]
+    generate = run_module("lmexp.generate", "run/model/model.pt", *args, cwd=cwd)
+    assert generate.returncode == 0, generate.stderr
+    assert generate.stdout == out["text"] + "\n"

@@ -5,12 +5,15 @@ import torch
 from torch import nn
 
 from lmexp.config import DropoutConfig
-from lmexp.model import LSTMLanguageModel
+from lmexp.model import RNNLanguageModel
 
 
-def make(kind: str = "standard", keep: float = 0.5, tie: bool = False, **kw) -> LSTMLanguageModel:
+def make(
+    kind: str = "standard", keep: float = 0.5, tie: bool = False, cell: str = "lstm", **kw
+) -> RNNLanguageModel:
     torch.manual_seed(0)
-    return LSTMLanguageModel(50, 16, 2, 0.1, DropoutConfig(kind=kind, dp_keep_prob=keep, **kw), tie)
+    dropout = DropoutConfig(kind=kind, dp_keep_prob=keep, **kw)
+    return RNNLanguageModel(50, 16, 2, 0.1, dropout, tie, cell=cell)
 
 
 def test_shapes_and_state_carry():
@@ -20,16 +23,31 @@ def test_shapes_and_state_carry():
     assert logits.shape == (7, 3, 50) and h.shape == c.shape == (2, 3, 16)
 
 
+@pytest.mark.parametrize("kind", ["standard", "variational", "weight_drop"])
+def test_a_gru_has_one_state_tensor_carried_through_every_layout(kind):
+    extra = {"weight_drop": 0.5} if kind == "weight_drop" else {}
+    model = make("variational" if kind == "weight_drop" else kind, cell="gru", **extra)
+    assert isinstance(model.rnn if kind == "standard" else model.layers[0], nn.GRU)
+    tokens = torch.randint(0, 50, (7, 3))
+    state = model.init_state(3)
+    assert isinstance(state, torch.Tensor) and state.shape == (2, 3, 16)
+    logits, state = model(tokens, state)
+    assert logits.shape == (7, 3, 50) and state.shape == (2, 3, 16)
+    again, _ = model.eval()(tokens[3:], model(tokens[:3], model.init_state(3))[1])
+    torch.testing.assert_close(again, model(tokens, model.init_state(3))[0][3:])  # carried
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("kind", ["standard", "variational"])
-def test_uniform_init_within_scale_and_lstm_biases_zero(kind):
+def test_uniform_init_within_scale_and_recurrent_biases_zero(kind, cell):
     """TF's init: every LSTM bias zero (found by module type, so no name scheme hides one),
-    everything else uniform in [-init_scale, init_scale]; for both LSTM layouts."""
-    model = make(kind)
+    everything else uniform in [-init_scale, init_scale]; for both layouts and both cells."""
+    model = make(kind, cell=cell)
     biases = {
         id(p)
-        for lstm in model.modules()
-        if isinstance(lstm, nn.LSTM)
-        for name, p in lstm.named_parameters()
+        for rnn in model.modules()
+        if isinstance(rnn, nn.RNNBase)
+        for name, p in rnn.named_parameters()
         if name.startswith("bias")
     }
     assert len(biases) == 2 * 2  # bias_ih and bias_hh of each of the two layers
@@ -47,7 +65,7 @@ def test_tied_weights_share_storage_and_drop_vocab_times_hidden_parameters():
     assert count(untied) - count(tied) == 50 * 16
 
 
-def lstm_layer_io(model: LSTMLanguageModel, tokens: torch.Tensor) -> dict:
+def lstm_layer_io(model: RNNLanguageModel, tokens: torch.Tensor) -> dict:
     """One forward of a variational model; what each layer received ("in", i) and returned
     ("out", i), as seen by hooks on model.layers."""
     seen = {}

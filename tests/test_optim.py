@@ -10,7 +10,7 @@ from lmexp import checkpoint
 from lmexp.config import DropoutConfig, OptimizerConfig
 from lmexp.data import batchify, tiny_corpus, windows
 from lmexp.loop import TrainStep
-from lmexp.model import LSTMLanguageModel
+from lmexp.model import RNNLanguageModel
 from lmexp.optim import OPTIMIZERS, FusedSGD, build_optimizer
 
 CORPUS = tiny_corpus(50, 20000, 2000, 1234)
@@ -28,14 +28,14 @@ SETTINGS = {
 
 def model_and_step(
     name: str, clip: float = 5.0, seed: int = 0
-) -> tuple[LSTMLanguageModel, TrainStep]:
+) -> tuple[RNNLanguageModel, TrainStep]:
     torch.manual_seed(seed)
-    model = LSTMLanguageModel(CORPUS.vocab_size, 24, 2, 0.1, DropoutConfig(kind="none"))
+    model = RNNLanguageModel(CORPUS.vocab_size, 24, 2, 0.1, DropoutConfig(kind="none"))
     settings, lr = SETTINGS[name]
     return model, TrainStep(model, build_optimizer(model, settings, lr, clip), clip)
 
 
-def train(step: TrainStep, model: LSTMLanguageModel, start: int, stop: int, state=None):
+def train(step: TrainStep, model: RNNLanguageModel, start: int, stop: int, state=None):
     state = state if state is not None else model.init_state(10)
     for i, (x, y) in enumerate(windows(DATA, 10, drop_last=True, start=start), start=start):
         if i >= stop:
@@ -54,7 +54,7 @@ def test_torch_sgd_through_the_step_trains_the_weights_fused_sgd_trains(clip):
     update, with clipping active (0.05) and not (5.0): the step clips for torch's optimizers."""
     fused_model, fused = model_and_step("fused_sgd", clip)
     torch.manual_seed(0)
-    model = LSTMLanguageModel(CORPUS.vocab_size, 24, 2, 0.1, DropoutConfig(kind="none"))
+    model = RNNLanguageModel(CORPUS.vocab_size, 24, 2, 0.1, DropoutConfig(kind="none"))
     torch_sgd = TrainStep(
         model, build_optimizer(model, OptimizerConfig(kind="sgd"), 1.0, clip), clip
     )
@@ -115,7 +115,7 @@ def test_the_fp16_grad_scaler_state_goes_through_a_checkpoint(tmp_path):
     grad scaler is checked here: a scale backed off and a growth count carry over."""
 
     def fp16_step() -> TrainStep:
-        model = LSTMLanguageModel(CORPUS.vocab_size, 8, 1, 0.1)
+        model = RNNLanguageModel(CORPUS.vocab_size, 8, 1, 0.1)
         return TrainStep(model, FusedSGD(model.parameters(), 1.0, 5.0), 5.0, precision="fp16")
 
     step = fp16_step()

@@ -1,4 +1,4 @@
-"""The pyfunc model's own LSTM (torch only, no lmexp) against lmexp's model."""
+"""The pyfunc model's own network (torch only, no lmexp) against lmexp's model."""
 
 from __future__ import annotations
 
@@ -6,17 +6,18 @@ import pytest
 import torch
 
 from lmexp.config import DropoutConfig
-from lmexp.model import LSTMLanguageModel
-from lmexp.pyfunc_model import WordLSTM
+from lmexp.model import RNNLanguageModel
+from lmexp.pyfunc_model import WordRNN
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("kind", ["none", "standard", "variational"])
-def test_word_lstm_gives_lmexp_models_logits_for_every_dropout_kind(kind):
+def test_word_rnn_gives_lmexp_models_logits_for_every_cell_and_dropout_kind(kind, cell):
     torch.manual_seed(0)
     dropout = DropoutConfig(kind=kind, dp_keep_prob=0.5)
-    model = LSTMLanguageModel(20, 16, 3, 0.1, dropout=dropout).eval()
+    model = RNNLanguageModel(20, 16, 3, 0.1, dropout=dropout, cell=cell).eval()
     tokens = torch.randint(0, 20, (12, 2))
-    expected, (h, c) = model(tokens, model.init_state(2))
-    logits, (h_plain, c_plain) = WordLSTM(model.state_dict(), num_layers=3)(tokens)
+    expected, state = model(tokens, model.init_state(2))
+    logits, plain_state = WordRNN(model.state_dict(), num_layers=3, cell=cell)(tokens)
     torch.testing.assert_close(logits, expected)
-    torch.testing.assert_close((h_plain, c_plain), (h, c))
+    torch.testing.assert_close(plain_state, state)

@@ -153,12 +153,14 @@ def test_unreachable_tracking_server_with_fallback_trains_and_says_where(tmp_pat
     [
         ["optimizer=adam", "lr_policy.lr=0.003"],
         ["optimizer=asgd", "optimizer.t0=50"],
+        ["model.cell=gru", "lr_policy.lr=0.3"],
     ],
-    ids=["adam", "asgd"],
+    ids=["adam", "asgd", "gru"],
 )
-def test_sigkill_mid_epoch_resumes_bit_identically_whatever_the_optimizer(tmp_path, extra):
-    """Adam's moments and ASGD's average (which starts at step 50 here) are in the mid-epoch
-    checkpoint: the resumed run is the uninterrupted one, epoch for epoch and its test too."""
+def test_sigkill_mid_epoch_resumes_bit_identically_whatever_the_optimizer_or_cell(tmp_path, extra):
+    """Adam's moments, ASGD's average (which starts at step 50 here) and a GRU's one-tensor
+    state are in the mid-epoch checkpoint: the resumed run is the uninterrupted one, epoch for
+    epoch and its test too."""
     args = [*SLOW_TINY, *extra, "trainer.ckpt_every_n_batches=10"]
     reference = run_module("lmexp.train", *args, "hydra.run.dir=ref", cwd=tmp_path)
     assert reference.returncode == 0, reference.stderr[-3000:]
@@ -170,7 +172,8 @@ def test_sigkill_mid_epoch_resumes_bit_identically_whatever_the_optimizer(tmp_pa
     proc.wait(timeout=30)
     saved = checkpoint.load(tmp_path / "killed" / "checkpoints" / "last.pt")
     assert saved["progress"], "killed at an epoch's end, not inside one"
-    assert saved["step"]["optimizer"]["state"], "the checkpoint holds no optimizer state"
+    assert len(saved["state"]) == (1 if "model.cell=gru" in extra else 2)  # h, or h and c
+    assert saved["step"]["optimizer"]["state"] or "optimizer=" not in extra[0]
 
     resumed = run_module("lmexp.train", *args, "hydra.run.dir=killed", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
