@@ -234,15 +234,6 @@ def check_override_keys(overrides: list[str], schema: type, groups: set[str]) ->
         raise ConfigError(f"Unknown config key {key!r}{hint}")
 
 
-def register_configs() -> None:
-    """Register the schemas with Hydra's ConfigStore (entry points call this before composing)."""
-    from hydra.core.config_store import ConfigStore
-
-    cs = ConfigStore.instance()
-    cs.store(name="train_schema", node=TrainConfig)
-    cs.store(name="bench_schema", node=BenchConfig)
-
-
 def conf_dir() -> Path:
     """The conf/ folder: inside the installed package, or at the top of a source checkout."""
     here = Path(__file__).resolve().parent

@@ -75,12 +75,23 @@ def register_sweeper() -> None:
     Plugins.instance().register(LmexpOptunaSweeper)
 
 
+def register_configs() -> None:
+    """Register the schemas with Hydra's ConfigStore (entry points call this before composing)."""
+    from hydra.core.config_store import ConfigStore
+
+    from lmexp.config import BenchConfig, TrainConfig
+
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="bench_schema", node=BenchConfig)
+
+
 def launch(task: Callable[[Any], Any], config_name: str, argv: list[str], schema: type) -> None:
     """Run `task` under Hydra with lmexp's configs (`python -m lmexp.<entry> [overrides]`)."""
     logging.basicConfig(
         format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s", level=logging.INFO
     )
-    from lmexp.config import check_override_keys, conf_dir, register_configs
+    from lmexp.config import check_override_keys, conf_dir
 
     groups = {p.name for p in conf_dir().iterdir() if p.is_dir()}
     try:

@@ -5,7 +5,8 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from lmexp.config import ConfigError, TrainConfig, conf_dir, register_configs, to_typed
+from lmexp.config import ConfigError, TrainConfig, conf_dir, to_typed
+from lmexp.launch import register_configs
 
 register_configs()
 

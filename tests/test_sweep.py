@@ -313,7 +313,8 @@ def test_sweep_stopped_by_sigterm_closes_its_parent_and_resumes_in_the_same_fold
 def test_slurm_launcher_preset_composes_with_cluster_settings():
     from hydra import compose, initialize_config_dir
 
-    from lmexp.config import conf_dir, register_configs
+    from lmexp.config import conf_dir
+    from lmexp.launch import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
@@ -547,7 +548,8 @@ def test_slurm_sweep_without_sbatch_stops_before_any_job(tmp_path):
 def test_slurm_cpu_preset_asks_for_no_gpu():
     from hydra import compose, initialize_config_dir
 
-    from lmexp.config import conf_dir, register_configs
+    from lmexp.config import conf_dir
+    from lmexp.launch import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
