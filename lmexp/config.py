@@ -105,8 +105,9 @@ class OptimizerConfig:
 
 @dataclass
 class DataConfig:
-    name: str = _role(SHAPE, "ptb")  # ptb | tiny
-    # Folder holding ptb.{train,valid,test}.txt. None: download into cache_dir and verify.
+    name: str = _role(SHAPE, "ptb")  # ptb | text | tiny (lmexp.data.SOURCES)
+    # ptb: the folder holding ptb.{train,valid,test}.txt; None: download into cache_dir, verify.
+    # text: the folder holding a train, a valid and a test file (required).
     root: str | None = _role(BOOKKEEPING, None)
     cache_dir: str = _role(BOOKKEEPING, "~/.cache/lmexp")
     url: str = _role(BOOKKEEPING, "http://www.fit.vutbr.cz/~imikolov/rnnlm/simple-examples.tgz")
@@ -268,6 +269,12 @@ def _check_cell(cell: str) -> None:
     _choice("model.cell", cell, tuple(CELLS))
 
 
+def _check_source(name: str) -> None:
+    from lmexp.data import SOURCES
+
+    _choice("data.name", name, tuple(SOURCES))
+
+
 def _check_optimizer(o: OptimizerConfig) -> None:
     """A known optimizer, and no optimizer.* key set that the chosen one would ignore."""
     from lmexp.optim import OPTIMIZERS
@@ -322,7 +329,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     )
     _check(lr.min_lr >= 0, "lr_policy.min_lr", lr.min_lr, "must be >= 0")
     _check_optimizer(cfg.optimizer)
-    _choice("data.name", data.name, ("ptb", "tiny"))
+    _check_source(data.name)
     _check(data.tiny_vocab_size >= 4, "data.tiny_vocab_size", data.tiny_vocab_size, "must be >= 4")
     _check(
         data.tiny_train_tokens >= 100,

@@ -45,6 +45,12 @@ def find_resume(
     else:
         return None
     check_same_experiment(path, flatten(state.get("config", {})), flatten(resolved), same_run)
+    if "vocab" in state and state["vocab"] != vocab:
+        # data.root is a location for PTB, but for data=text it chooses the corpus itself.
+        raise checkpoint.CheckpointError(
+            f"{path} was trained on another vocabulary than this run's data; resume it on the "
+            "corpus it was trained on (data.name, data.root), or start a new run."
+        )
     state["path"] = str(path)
     return state
 

@@ -92,3 +92,18 @@ def ptb_dir() -> Path:
     if not all((PTB_DIR / f"ptb.{s}.txt").is_file() for s in ("train", "valid", "test")):
         pytest.skip(f"no PTB copy at {PTB_DIR}")
     return PTB_DIR
+
+
+def text_folder(root: Path, names: dict[str, str], words: int = 3000, seed: int = 5) -> Path:
+    """A folder of plain-text splits (from the tiny chain's words, 12 a line)."""
+    root.mkdir(parents=True)
+    from lmexp.data import tiny_corpus
+
+    corpus = tiny_corpus(30, words, words // 5, seed)
+    for split, name in names.items():
+        tokens = [
+            corpus.vocab[i] for i in corpus.split(split).tolist() if corpus.vocab[i] != "<eos>"
+        ]
+        lines = [" ".join(tokens[i : i + 12]) for i in range(0, len(tokens), 12)]
+        (root / name).write_text("\n".join(lines) + "\n")
+    return root

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import io
+import re
 import shutil
 import tarfile
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_module, text_folder
 
 from lmexp.config import DataConfig
 from lmexp.data import (
@@ -130,3 +132,99 @@ def test_offline_download_says_how_to_point_data_root(tmp_path):
     cfg = DataConfig(cache_dir=str(tmp_path), url="http://127.0.0.1:9/simple-examples.tgz")
     with pytest.raises(DataError, match=r"Could not download PTB .* set data\.root"):
         ptb_root(cfg)
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        {"train": "train.txt", "valid": "valid.txt", "test": "test.txt"},
+        {"train": "ptb.train.txt", "valid": "ptb.valid.txt", "test": "ptb.test.txt"},
+        {
+            "train": "wiki.train.tokens",
+            "valid": "wiki.validation.tokens",
+            "test": "wiki.test.tokens",
+        },
+    ],
+)
+def test_text_folder_finds_each_split_by_its_name_and_reads_it_as_ptb_is(tmp_path, names):
+    root = text_folder(tmp_path / "corpus", names)
+    (root / ".train.txt.swp").write_text("editor junk")  # hidden files are not splits
+    corpus = load_corpus(DataConfig(name="text", root=str(root)))
+    words = {s: tokenize((root / n).read_text()) for s, n in names.items()}
+    assert corpus.vocab == build_vocab(words["train"])
+    for split in ("train", "valid", "test"):
+        assert corpus.split(split).tolist() == encode(words[split], corpus.vocab).tolist()
+
+
+def test_text_folder_of_ptbs_files_is_ptb_token_for_token(ptb_dir, tmp_path):
+    """PTB's three files, renamed, read as data=text: the corpus data=ptb reads."""
+    root = tmp_path / "corpus"
+    root.mkdir()
+    for split in ("train", "valid", "test"):
+        shutil.copy(ptb_dir / f"ptb.{split}.txt", root / f"{split}.txt")
+    text = load_corpus(DataConfig(name="text", root=str(root)))
+    ptb = load_corpus(DataConfig(root=str(ptb_dir)))
+    assert text.vocab == ptb.vocab
+    assert all(torch.equal(text.split(s), ptb.split(s)) for s in ("train", "valid", "test"))
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (
+            "unset",
+            r"data=text needs data\.root: the folder holding the train, valid and test files",
+        ),
+        ("not_a_folder", r"data\.root='.*notes\.txt' is not a folder"),
+        (
+            "missing",
+            r"has no file for the test split; data=text needs one file per split named for it",
+        ),
+        (
+            "two",
+            r"has several files for the train split \(a\.train\.txt, b\.train\.txt\); keep one",
+        ),
+        ("empty", r"valid\.txt holds no words"),
+    ],
+)
+def test_a_text_folder_that_cannot_serve_is_one_sentence_naming_it(tmp_path, setup, message):
+    names = {"train": "train.txt", "valid": "valid.txt", "test": "test.txt"}
+    root = text_folder(tmp_path / "corpus", names)
+    if setup == "not_a_folder":
+        root = root / "notes.txt"
+        root.write_text("a b c\n")
+    elif setup == "missing":
+        (root / "test.txt").unlink()
+    elif setup == "two":
+        (root / "train.txt").rename(root / "a.train.txt")
+        shutil.copy(root / "a.train.txt", root / "b.train.txt")
+    elif setup == "empty":
+        (root / "valid.txt").write_text("\n \n")
+    cfg = DataConfig(name="text", root=None if setup == "unset" else str(root))
+    with pytest.raises(DataError, match=message):
+        load_corpus(cfg)
+
+
+@pytest.mark.slow
+def test_data_text_on_ptbs_files_trains_to_data_ptbs_numbers(ptb_dir, tmp_path):
+    """The real entry point, trainer=debug on PTB: data=text over PTB's renamed files logs the
+    same perplexities as data=ptb, to the last bit."""
+    root = tmp_path / "corpus"
+    root.mkdir()
+    for split in ("train", "valid", "test"):
+        shutil.copy(ptb_dir / f"ptb.{split}.txt", root / f"{split}.txt")
+    args = ["trainer=debug", "trainer.threads=1", "trainer.progress=false", "logger=none"]
+    for name, data in (("ptb", f"data.root={ptb_dir}"), ("text", f"data.root={root}")):
+        proc = run_module(
+            "lmexp.train", *args, f"data={name}", data, f"hydra.run.dir={name}", cwd=tmp_path
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    ppls = {
+        name: re.findall(
+            r"ppl [0-9.]+|perplexity [0-9.]+", (tmp_path / name / "train.log").read_text()
+        )
+        for name in ("ptb", "text")
+    }
+    assert len(ppls["ptb"]) == 5 and ppls["text"] == ppls["ptb"], ppls  # 2 epochs x 2, test
+    weights = {n: torch.load(tmp_path / n / "model" / "model.pt") for n in ("ptb", "text")}
+    assert all(torch.equal(weights["ptb"][k], weights["text"][k]) for k in weights["ptb"])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, metric_history, mlflow_runs, run_module
+from conftest import TINY, metric_history, mlflow_runs, run_module, text_folder
 
 from lmexp import checkpoint
 
@@ -193,6 +193,31 @@ def test_sigkill_mid_epoch_resumes_bit_identically_whatever_the_optimizer_or_cel
     for index, values in want.items():
         for key, value in values.items():
             assert torch.equal(value, got[index][key]), (index, key)
+
+
+def test_resuming_on_another_text_corpus_is_refused(tmp_path):
+    """For data=text, data.root chooses the corpus: a run continued on another folder's text
+    is refused in one sentence, before any training, and its checkpoint is left as it was."""
+    names = {"train": "train.txt", "valid": "valid.txt", "test": "test.txt"}
+    first, other = (text_folder(tmp_path / n, names, seed=s) for n, s in (("a", 1), ("b", 2)))
+    args = [*TINY, "data=text", "hydra.run.dir=run"]
+    proc = run_module(
+        "lmexp.train", *args, f"data.root={first}", "trainer.max_epochs=1", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+    proc = run_module(
+        "lmexp.train", *args, f"data.root={other}", "trainer.max_epochs=2", cwd=tmp_path
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert "last.pt was trained on another vocabulary than this run's data" in out
+    assert "Traceback" not in out and last.read_bytes() == before
+    again = run_module(
+        "lmexp.train", *args, f"data.root={first}", "trainer.max_epochs=2", cwd=tmp_path
+    )
+    assert again.returncode == 0 and "Resumed from" in (tmp_path / "run" / "train.log").read_text()
 
 
 @pytest.mark.parametrize("where", ["hydra.run.dir=afile/run", "hydra.run.dir=/proc/lmexp-run"])

@@ -1,0 +1,110 @@
+"""What every corpus source shares: the Corpus value, TF's reader (tokenize, vocabulary,
+encoding), one-sentence data errors and atomic file writes.
+
+Reading follows `ptb_word_lm`'s reader: words split on white space, `<eos>` at each line end,
+vocabulary from the train split sorted by count (descending) then word.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lmexp.config import LmexpError
+
+SPLITS = ("train", "valid", "test")
+EOS = "<eos>"
+UNK = "<unk>"
+
+
+class DataError(LmexpError):
+    """A corpus file or folder is missing, empty, corrupt or unreachable."""
+
+
+@dataclass
+class Corpus:
+    """A vocabulary and the three splits as 1-D int64 token-id tensors."""
+
+    vocab: list[str]
+    train: torch.Tensor
+    valid: torch.Tensor
+    test: torch.Tensor
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def split(self, name: str) -> torch.Tensor:
+        return {"train": self.train, "valid": self.valid, "test": self.test}[name]
+
+
+def tokenize(text: str) -> list[str]:
+    """Split on white space with `<eos>` at each line end, as TF's `_read_words` does."""
+    return text.replace("\n", f" {EOS} ").split()
+
+
+def read_text(path: Path) -> str:
+    """The file decoded as UTF-8; raise DataError naming it and the first invalid byte."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{path} is not UTF-8: the byte at offset {err.start} (0x{raw[err.start]:02x}) is "
+            "invalid; re-save it as UTF-8."
+        ) from err
+
+
+def read_words(path: Path) -> list[str]:
+    return tokenize(read_text(path))
+
+
+def build_vocab(words: Sequence[str]) -> list[str]:
+    """Words sorted by count (descending) then alphabetically; `<unk>` is always present."""
+    counts = collections.Counter(words)
+    vocab = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+    if UNK not in counts:
+        vocab.append(UNK)
+    return vocab
+
+
+def encode(words: Sequence[str], vocab: Sequence[str]) -> torch.Tensor:
+    """Map words to ids; words outside the vocabulary become `<unk>`."""
+    index = {w: i for i, w in enumerate(vocab)}
+    unk = index[UNK]
+    return torch.tensor([index.get(w, unk) for w in words], dtype=torch.long)
+
+
+def md5sum(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, rename: readers never see a partial file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def corpus_from_words(words: dict[str, list[str]]) -> Corpus:
+    """The corpus of three tokenized splits, its vocabulary built from the train split."""
+    vocab = build_vocab(words["train"])
+    return Corpus(vocab, *(encode(words[s], vocab) for s in SPLITS))
