@@ -27,7 +27,25 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class DivergenceError(RuntimeError):
-    """The training loss became NaN or infinite."""
+    """The training loss became NaN or infinite, or the model scores worse than guessing."""
+
+
+# A uniform guess over the vocabulary scores a perplexity of exactly its size, and an untrained
+# model about that. A model that scores worse than twice that after an epoch of training is
+# confidently wrong: diverged, however finite its loss (lr=25 on the tiny corpus ends near
+# 1e24 on 50 words). A rising validation perplexity alone is not divergence: the small recipe's
+# rises from 117.39 to 118.62 over epochs 6 to 9 as it overfits (results/ptb_small_cpu.json).
+DIVERGED_OVER_UNIFORM = 2.0
+
+
+def check_diverged(valid_ppl: float, vocab_size: int, epoch: int) -> None:
+    """Raise DivergenceError if an epoch's validation perplexity says the run diverged."""
+    if not math.isfinite(valid_ppl) or valid_ppl > DIVERGED_OVER_UNIFORM * vocab_size:
+        raise DivergenceError(
+            f"validation perplexity {valid_ppl:.4g} after epoch {epoch} is worse than "
+            f"{DIVERGED_OVER_UNIFORM:g}x a uniform guess over the {vocab_size}-word vocabulary; "
+            "lower lr_policy.lr or trainer.max_grad_norm"
+        )
 
 
 def perplexity(loss_sum: float, tokens: int) -> float:

@@ -24,7 +24,15 @@ import torch
 from lmexp import checkpoint
 from lmexp.config import LmexpError, TrainConfig, flatten
 from lmexp.data import Corpus, batch_splits, load_corpus
-from lmexp.loop import DivergenceError, EpochProgress, TrainStep, evaluate, perplexity, train_epoch
+from lmexp.loop import (
+    DivergenceError,
+    EpochProgress,
+    TrainStep,
+    check_diverged,
+    evaluate,
+    perplexity,
+    train_epoch,
+)
 from lmexp.model import RNNLanguageModel, State, pack_state, unpack_state
 from lmexp.names import child_name, single_name
 from lmexp.resume import find_resume
@@ -378,10 +386,7 @@ def train_epochs(run: Run, position: Position) -> None:
                     model, run.data["valid"], t.eval_num_steps, t.limit_eval_batches, t.precision
                 )
             )
-            if not math.isfinite(valid_ppl):
-                raise DivergenceError(
-                    f"validation perplexity is {valid_ppl} after epoch {epoch + 1}"
-                )
+            check_diverged(valid_ppl, run.corpus.vocab_size, epoch + 1)
             end_epoch(
                 run,
                 position,

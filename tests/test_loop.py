@@ -235,6 +235,16 @@ def test_a_loss_too_large_for_exp_stops_at_the_next_log_interval():
     assert "perplexity inf" in str(err.value)
 
 
+def test_worse_than_twice_a_uniform_guess_is_divergence_and_overfitting_is_not():
+    from lmexp.loop import check_diverged
+
+    check_diverged(118.62, 10000, 9)  # the small recipe overfitting: valid ppl rising, fine
+    check_diverged(99.0, 50, 1)  # just inside twice a uniform guess over 50 words
+    for ppl in (101.0, 1e24, float("inf"), float("nan")):
+        with pytest.raises(DivergenceError, match=r"after epoch 2 is worse than 2x a uniform"):
+            check_diverged(ppl, 50, 2)
+
+
 def test_cpu_bf16_support_follows_the_machine_and_onednn_isa():
     """The support check asks oneDNN itself: limited to AVX2 (what an AVX2-only CPU has) it says
     no, whatever this machine's own CPU can do."""

@@ -126,6 +126,21 @@ def test_divergence_fails_the_run_and_keeps_the_good_checkpoint(tmp_path):
     assert last.read_bytes() == before  # no NaN checkpoint replaced the good one
 
 
+def test_a_finite_but_hopeless_perplexity_fails_the_run_as_diverged(tmp_path):
+    """lr=25 on the tiny corpus: finite losses, validation perplexity far above the 50-word
+    vocabulary's. The run ends FAILED with the reason, not FINISHED as a result."""
+    proc = run_module(
+        "lmexp.train", *TINY, "trainer.max_epochs=2", "lr_policy.lr=25.0", "hydra.run.dir=run",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]  # +inf for a sweeper, as any divergence
+    (run,) = mlflow_runs(tmp_path / "mlflow.db")
+    assert run.info.status == "FAILED"
+    reason = run.data.tags["lmexp.failure_reason"]
+    assert "diverged: validation perplexity" in reason and "2x a uniform guess" in reason
+    assert "test_ppl" not in run.data.metrics
+
+
 def test_unreachable_tracking_server_fails_within_seconds_naming_it(tmp_path):
     started = time.monotonic()
     proc = run_module(
