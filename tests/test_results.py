@@ -19,6 +19,11 @@ REPO = Path(__file__).resolve().parents[1]
 # records made before dropout.weight_drop existed have no such key: it was 0).
 RECORDS = {
     "ptb_small_cpu.json": {"model.tie_weights": "False", "dropout.weight_drop": "0.0"},
+    "ptb_small_bf16_cpu.json": {
+        "model.tie_weights": "False",
+        "dropout.weight_drop": "0.0",
+        "trainer.precision": "bf16",
+    },
     "ptb_small_tied_cpu.json": {"model.tie_weights": "True", "dropout.weight_drop": "0.0"},
     "ptb_small_weight_drop_0.25_cpu.json": {
         "model.tie_weights": "False",
