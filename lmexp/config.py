@@ -28,6 +28,36 @@ def first_line(err: BaseException) -> str:
     return lines[0] if lines else type(err).__name__
 
 
+class RunStopped(Exception):
+    """A run stopped on purpose before its end: by a preemption signal, a pruner, a study that
+    stopped answering. Raised by the epoch loop or a callback orchestration gave it; the run
+    closes its tracking run as `status` with `reason` (and `tags`), calls after_close, and lets
+    it propagate to whoever launched it (the CLI exits with exit_code)."""
+
+    status = "KILLED"
+    exit_code = 1
+
+    def __init__(self, reason: str, tags: dict[str, str] | None = None) -> None:
+        super().__init__(reason)
+        self.reason, self.tags = reason, tags or {}
+
+    def after_close(self) -> None:
+        """What must happen once the tracking run is closed (nothing, unless overridden)."""
+
+
+class Preempted(RunStopped):
+    """A preemption signal stopped the run after its checkpoint: resumable. After the run is
+    closed, the handler installed before lmexp's runs (submitit requeues the job there)."""
+
+    def __init__(self, reason: str, preemption: Any) -> None:  # a runtime.Preemption
+        super().__init__(reason)
+        assert preemption.signum is not None
+        self.preemption, self.exit_code = preemption, 128 + preemption.signum
+
+    def after_close(self) -> None:
+        self.preemption.hand_over()
+
+
 class ConfigError(LmexpError):
     """A config key holds a value lmexp cannot use."""
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from lmexp.config import LmexpError, first_line
+from lmexp.config import LmexpError, Preempted, RunStopped, first_line
 
 log = logging.getLogger("lmexp.search")
 
@@ -347,12 +347,17 @@ def read_search(sweep_dir: Path) -> Search | None:
 # --- pruning -----------------------------------------------------------------------------------
 
 
-class Pruned(Exception):
-    """Raised by the training loop when the study's pruner stops a trial."""
+class Pruned(RunStopped):
+    """Raised by a trial's Judge when the study's pruner stops it: its run ends KILLED, tagged
+    with the epoch it was pruned after."""
 
 
-class StudyLost(LmexpError):
+class StudyLost(LmexpError, RunStopped):
     """The study's storage failed while a trial trained: the trial stops, to be resumed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.reason = f"{message}; resumable"  # its run's KILLED reason; the error stays as is
 
 
 @dataclass
@@ -362,7 +367,15 @@ class Judge:
     trial: Any
     pruner: str
 
-    def __call__(self, epoch: int, valid_ppl: float, last: bool) -> str | None:
+    def __call__(self, epoch: int, valid_ppl: float, last: bool) -> None:
+        """Called after each epoch; raises Pruned when the pruner stops the trial."""
+        from lmexp.tracking import PRUNED_TAG
+
+        why = self.verdict(epoch, valid_ppl, last)
+        if why is not None:
+            raise Pruned(why, tags={PRUNED_TAG: str(epoch)})
+
+    def verdict(self, epoch: int, valid_ppl: float, last: bool) -> str | None:
         try:
             self.trial.report(valid_ppl, epoch)
             # After its last epoch a trial has cost all it will: it finishes (and is tested).
@@ -498,7 +511,7 @@ def train_trial(
     except Pruned as why:
         log.info("Trial %d %s", trial.number, why)
         return TrialState.PRUNED, math.inf
-    except (TrackingLost, StudyLost, SystemExit, KeyboardInterrupt):
+    except (TrackingLost, StudyLost, Preempted, SystemExit, KeyboardInterrupt):
         raise  # stopped, not failed: a rerun resumes it
     except Exception as err:  # noqa: BLE001 - one trial's failure is recorded, not the search's
         log.error("Trial %d failed: %s", trial.number, first_line(err))

@@ -1,10 +1,15 @@
-"""`python -m lmexp.train [overrides]`: train the PTB LSTM language model, tracked in MLflow.
+"""`python -m lmexp.train [overrides]`: train the word-level language model, tracked in MLflow.
 
-Reads top to bottom: check the machine and the folder, load and batch the data, build the model
-(and restore a checkpoint), open the MLflow run, train epoch by epoch, test, export. Everything a
+One run, read top to bottom: `run_training` checks the machine and the folder, loads and
+batches the data, builds the model (and restores a checkpoint), opens the tracking run, trains
+epoch by epoch, tests and exports; the functions it calls follow it in that order. Everything a
 user can get wrong (config, device, data, output folder, checkpoint, tracking store) is refused
-in one sentence before the MLflow run is created. Returns the best validation perplexity, which
-Hydra's sweepers minimise.
+in one sentence before the tracking run is created. It returns the best validation perplexity,
+which Hydra's sweepers minimise.
+
+It knows nothing of searches, seed loops or Hydra: lmexp.jobs builds its RunContext, and adds
+epoch callbacks (an Optuna trial's pruner) that may stop it by raising RunStopped, as a
+preemption signal does; the run is then closed KILLED and the exception goes on to the caller.
 """
 
 from __future__ import annotations
@@ -15,14 +20,14 @@ import math
 import signal
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lmexp import checkpoint
-from lmexp.config import LmexpError, TrainConfig, flatten
+from lmexp.config import Preempted, RunStopped, TrainConfig, flatten
 from lmexp.data import Corpus, batch_splits, load_corpus
 from lmexp.loop import (
     DivergenceError,
@@ -37,7 +42,6 @@ from lmexp.model import RNNLanguageModel, State, pack_state, unpack_state
 from lmexp.names import child_name, single_name
 from lmexp.resume import find_resume
 from lmexp.runtime import (
-    SWEEP_STOPPING,
     Preemption,
     check_device_support,
     check_writable,
@@ -49,16 +53,12 @@ from lmexp.runtime import (
     select_device,
 )
 from lmexp.schedules import learning_rate
-from lmexp.search import SWEEPER_TARGET, Pruned, StudyLost, run_trials
-from lmexp.stats import SEED_KEY
 from lmexp.tracking import (
     EPOCH_METRICS,
     PARENT_TAG,
-    PRUNED_TAG,
     Tracker,
     TrackingLost,
     open_tracker,
-    read_sweep,
     redact,
     resolve_tracking_uri,
 )
@@ -67,10 +67,14 @@ log = logging.getLogger("lmexp.train")
 
 EVAL_SCOPE_TAG = "lmexp.eval_scope"
 
+# Called after each epoch is checkpointed and logged, with (epoch, valid_ppl, last epoch?); may
+# raise RunStopped to end the run there (an Optuna trial's pruner does).
+EpochCallback = Callable[[int, float, bool], None]
+
 
 @dataclass
 class RunContext:
-    """Where the run lives; built by the Hydra entry, so the rest never touches Hydra."""
+    """Where the run lives and who launched it; built by lmexp.jobs, so no Hydra here."""
 
     output_dir: Path
     launch_dir: Path
@@ -81,89 +85,32 @@ class RunContext:
     parent_run_id: str | None = None
     tracking_uri: str | None = None
     swept: list[str] = field(default_factory=list)  # the keys the sweep varies
-    search_worker: bool = False  # a job of an Optuna search: it runs trials (lmexp.search)
-    # An Optuna trial's: told each epoch's validation perplexity (and whether it was the last),
-    # says why the trial should stop.
-    judge: Callable[[int, float, bool], str | None] | None = None
+    on_epoch_end: list[EpochCallback] = field(default_factory=list)
 
 
-def run_tags(device: torch.device, ctx: RunContext, cfg: TrainConfig) -> dict[str, str]:
-    tags = {
-        "mlflow.source.git.commit": git_commit(Path(__file__).resolve().parent, ctx.launch_dir),
-        "mlflow.source.name": "lmexp.train",
-        "device": device_name(device),
-        "torch_version": torch.__version__,
-        "cudnn_version": str(torch.backends.cudnn.version() if device.type == "cuda" else None),
-        "hydra_overrides": " ".join(ctx.overrides),
-        "output_dir": str(ctx.output_dir),
-    }
-    if cfg.trainer.limit_eval_batches is not None:
-        tags[EVAL_SCOPE_TAG] = eval_scope(cfg.trainer.limit_eval_batches)
-    if ctx.parent_run_id:
-        tags[PARENT_TAG] = ctx.parent_run_id
-    if ctx.job_num is not None:
-        tags["job_num"] = str(ctx.job_num)
-    return tags
+@dataclass
+class Run:
+    """What the epochs of one run work with, built by run_training."""
+
+    cfg: TrainConfig
+    ctx: RunContext
+    corpus: Corpus
+    data: dict[str, torch.Tensor]
+    model: RNNLanguageModel
+    tracker: Tracker
+    ckpt_dir: Path
 
 
-def eval_scope(limit: int) -> str:
-    return (
-        f"valid_ppl and test_ppl cover only the first {limit} windows of each split "
-        f"(trainer.limit_eval_batches={limit}); lmexp.evaluate scores the whole split"
-    )
+@dataclass
+class Position:
+    """Where training stands: what a checkpoint saves and a resumed run restores."""
 
-
-def ppl_record(
-    epoch: int, lr: float, progress: EpochProgress, valid_ppl: float, elapsed: float
-) -> dict[str, float]:
-    return {
-        "epoch": epoch,
-        "train_ppl": progress.ppl,
-        "valid_ppl": valid_ppl,
-        "lr": lr,
-        "train_wps": progress.wps,
-        "epoch_time_s": elapsed,
-    }
-
-
-def progress_printer(epoch: int, lr: float) -> Any:
-    """A live line on a terminal; otherwise a log line at each tenth of the epoch."""
-    tty = sys.stderr.isatty()
-    last_tenth = -1
-
-    def on_log(progress: EpochProgress, total: int) -> None:
-        nonlocal last_tenth
-        line = (
-            f"epoch {epoch} [{progress.batch:>5}/{total}] ppl {progress.ppl:9.2f} "
-            f"{progress.wps:8.0f} words/s lr {lr:.4g}"
-        )
-        if tty:
-            print(
-                "\r" + line, end="" if progress.batch < total else "\n", file=sys.stderr, flush=True
-            )
-        elif progress.batch * 10 // total != last_tenth:
-            last_tenth = progress.batch * 10 // total
-            log.info(line)
-
-    return on_log
-
-
-def build_model(
-    cfg: TrainConfig, corpus: Corpus, device: torch.device, resume: dict[str, Any] | None
-) -> RNNLanguageModel:
-    """The model, with a checkpoint's (or an exported model's) weights when starting from one."""
-    seed_everything(cfg.trainer.seed)
-    model = RNNLanguageModel.from_config(cfg.model, cfg.dropout, corpus.vocab_size)
-    if resume is not None:
-        try:
-            model.load_state_dict(resume["model"])
-        except RuntimeError as err:
-            raise checkpoint.CheckpointError(
-                f"{resume['path']} does not fit model={cfg.model.name} with dropout="
-                f"{cfg.dropout.kind} ({str(err).splitlines()[0]}); start from a model of the "
-                "same size and dropout kind, or leave trainer.ckpt_path unset."
-            ) from err
-    return model.to(device)
+    epoch: int = 0  # epochs completed
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_valid: float = math.inf
+    partial: EpochProgress | None = None  # set while stopped inside an epoch
+    state: State | None = None  # the recurrent state at that point
+    step_state: dict[str, Any] | None = None  # the optimizer's and grad scaler's, to continue
 
 
 def run_training(cfg: TrainConfig, ctx: RunContext) -> float:
@@ -208,12 +155,10 @@ def run_training(cfg: TrainConfig, ctx: RunContext) -> float:
                 log.info("Run %s already finished all %d epochs.", tracker.run_id, t.max_epochs)
             tracker.finish("FINISHED")
             return position.best_valid
-        except Pruned as why:
-            tracker.set_tags({PRUNED_TAG: str(position.epoch)})
-            tracker.finish("KILLED", str(why))
-            raise
-        except StudyLost as err:  # the epoch is checkpointed: stopped, not failed
-            tracker.finish("KILLED", f"{err}; resumable")
+        except RunStopped as stop:  # preempted, pruned, the study lost: checkpointed, not failed
+            tracker.set_tags(stop.tags)
+            tracker.finish(stop.status, stop.reason)
+            stop.after_close()
             raise
         except DivergenceError as err:
             log.error("Run diverged: %s", err)
@@ -227,25 +172,27 @@ def run_training(cfg: TrainConfig, ctx: RunContext) -> float:
         except KeyboardInterrupt:
             tracker.finish("KILLED", "interrupted (KeyboardInterrupt)")
             raise
-        except SystemExit:
-            raise
         except BaseException as err:
             tracker.finish("FAILED", f"{type(err).__name__}: {err}")
             raise
 
 
-def resume_advice(last: Path, ctx: RunContext, run_id: str | None) -> str:
-    """How to go on with a run whose tracking store stopped answering."""
-    if not last.exists():
-        return "rerun once it answers again (no epoch was checkpointed yet)"
-    if ctx.job_num is not None:
-        return (
-            f"rerun the sweep with hydra.sweep.dir={ctx.output_dir.parent} once it answers "
-            f"again to continue MLflow run {run_id}"
-        )
-    return (
-        f"rerun with trainer.ckpt_path={last} once it answers again to continue MLflow run {run_id}"
-    )
+def build_model(
+    cfg: TrainConfig, corpus: Corpus, device: torch.device, resume: dict[str, Any] | None
+) -> RNNLanguageModel:
+    """The model, with a checkpoint's (or an exported model's) weights when starting from one."""
+    seed_everything(cfg.trainer.seed)
+    model = RNNLanguageModel.from_config(cfg.model, cfg.dropout, corpus.vocab_size)
+    if resume is not None:
+        try:
+            model.load_state_dict(resume["model"])
+        except RuntimeError as err:
+            raise checkpoint.CheckpointError(
+                f"{resume['path']} does not fit model={cfg.model.name} with dropout="
+                f"{cfg.dropout.kind} ({str(err).splitlines()[0]}); start from a model of the "
+                "same size and dropout kind, or leave trainer.ckpt_path unset."
+            ) from err
+    return model.to(device)
 
 
 def start_tracking(
@@ -276,29 +223,30 @@ def start_tracking(
     return tracker
 
 
-@dataclass
-class Run:
-    """What the epochs of one run work with, built by run_training."""
+def run_tags(device: torch.device, ctx: RunContext, cfg: TrainConfig) -> dict[str, str]:
+    tags = {
+        "mlflow.source.git.commit": git_commit(Path(__file__).resolve().parent, ctx.launch_dir),
+        "mlflow.source.name": "lmexp.train",
+        "device": device_name(device),
+        "torch_version": torch.__version__,
+        "cudnn_version": str(torch.backends.cudnn.version() if device.type == "cuda" else None),
+        "hydra_overrides": " ".join(ctx.overrides),
+        "output_dir": str(ctx.output_dir),
+    }
+    if cfg.trainer.limit_eval_batches is not None:
+        tags[EVAL_SCOPE_TAG] = eval_scope(cfg.trainer.limit_eval_batches)
+    if ctx.parent_run_id:
+        tags[PARENT_TAG] = ctx.parent_run_id
+    if ctx.job_num is not None:
+        tags["job_num"] = str(ctx.job_num)
+    return tags
 
-    cfg: TrainConfig
-    ctx: RunContext
-    corpus: Corpus
-    data: dict[str, torch.Tensor]
-    model: RNNLanguageModel
-    tracker: Tracker
-    ckpt_dir: Path
 
-
-@dataclass
-class Position:
-    """Where training stands: what a checkpoint saves and a resumed run restores."""
-
-    epoch: int = 0  # epochs completed
-    history: list[dict[str, float]] = field(default_factory=list)
-    best_valid: float = math.inf
-    partial: EpochProgress | None = None  # set while stopped inside an epoch
-    state: State | None = None  # the recurrent state at that point
-    step_state: dict[str, Any] | None = None  # the optimizer's and grad scaler's, to continue
+def eval_scope(limit: int) -> str:
+    return (
+        f"valid_ppl and test_ppl cover only the first {limit} windows of each split "
+        f"(trainer.limit_eval_batches={limit}); lmexp.evaluate scores the whole split"
+    )
 
 
 def restore(run: Run, resume: dict[str, Any]) -> Position:
@@ -325,29 +273,10 @@ def restore(run: Run, resume: dict[str, Any]) -> Position:
     return position
 
 
-def save_checkpoint(run: Run, name: str, position: Position, step: TrainStep) -> None:
-    state = position.state
-    checkpoint.save(
-        run.ckpt_dir / name,
-        {
-            "model": run.model.state_dict(),
-            "epoch": position.epoch,
-            "progress": position.partial.to_dict() if position.partial else None,
-            "state": [s.detach().cpu() for s in pack_state(state)] if state is not None else None,
-            "history": position.history,
-            "best_valid_ppl": position.best_valid,
-            "rng": checkpoint.rng_state(),
-            "step": step.state_dict(),
-            "mlflow_run_id": run.tracker.run_id,
-            "config": run.ctx.resolved,
-            "vocab": run.corpus.vocab,
-        },
-    )
-
-
 def train_epochs(run: Run, position: Position) -> None:
-    """Epochs from `position` to trainer.max_epochs: train, validate, checkpoint, log. A
-    preemption signal checkpoints at the next batch and ends the process (see stop)."""
+    """Epochs from `position` to trainer.max_epochs: train, validate, checkpoint, log, then the
+    epoch callbacks. A preemption signal checkpoints at the next batch and stops the run (see
+    stop)."""
     t, model = run.cfg.trainer, run.model
     if run.data["train"].device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -393,9 +322,43 @@ def train_epochs(run: Run, position: Position) -> None:
                 ppl_record(epoch + 1, lr, progress, valid_ppl, progress.seconds),
                 step,
             )
-            last = epoch + 1 == t.max_epochs
-            if run.ctx.judge is not None and (why := run.ctx.judge(epoch + 1, valid_ppl, last)):
-                raise Pruned(why)
+            for callback in run.ctx.on_epoch_end:
+                callback(epoch + 1, valid_ppl, epoch + 1 == t.max_epochs)
+
+
+def progress_printer(epoch: int, lr: float) -> Any:
+    """A live line on a terminal; otherwise a log line at each tenth of the epoch."""
+    tty = sys.stderr.isatty()
+    last_tenth = -1
+
+    def on_log(progress: EpochProgress, total: int) -> None:
+        nonlocal last_tenth
+        line = (
+            f"epoch {epoch} [{progress.batch:>5}/{total}] ppl {progress.ppl:9.2f} "
+            f"{progress.wps:8.0f} words/s lr {lr:.4g}"
+        )
+        if tty:
+            print(
+                "\r" + line, end="" if progress.batch < total else "\n", file=sys.stderr, flush=True
+            )
+        elif progress.batch * 10 // total != last_tenth:
+            last_tenth = progress.batch * 10 // total
+            log.info(line)
+
+    return on_log
+
+
+def ppl_record(
+    epoch: int, lr: float, progress: EpochProgress, valid_ppl: float, elapsed: float
+) -> dict[str, float]:
+    return {
+        "epoch": epoch,
+        "train_ppl": progress.ppl,
+        "valid_ppl": valid_ppl,
+        "lr": lr,
+        "train_wps": progress.wps,
+        "epoch_time_s": elapsed,
+    }
 
 
 def end_epoch(run: Run, position: Position, record: dict[str, float], step: TrainStep) -> None:
@@ -415,9 +378,29 @@ def end_epoch(run: Run, position: Position, record: dict[str, float], step: Trai
     )
 
 
+def save_checkpoint(run: Run, name: str, position: Position, step: TrainStep) -> None:
+    state = position.state
+    checkpoint.save(
+        run.ckpt_dir / name,
+        {
+            "model": run.model.state_dict(),
+            "epoch": position.epoch,
+            "progress": position.partial.to_dict() if position.partial else None,
+            "state": [s.detach().cpu() for s in pack_state(state)] if state is not None else None,
+            "history": position.history,
+            "best_valid_ppl": position.best_valid,
+            "rng": checkpoint.rng_state(),
+            "step": step.state_dict(),
+            "mlflow_run_id": run.tracker.run_id,
+            "config": run.ctx.resolved,
+            "vocab": run.corpus.vocab,
+        },
+    )
+
+
 def stop(run: Run, preemption: Preemption, epoch: int, batch: int) -> None:
-    """After a preemption signal's checkpoint: close the run as KILLED (resumable), let the
-    handler installed before ours run (submitit requeues the job there), and exit."""
+    """After a preemption signal's checkpoint: stop the run, resumable (run_training closes it
+    KILLED, then Preempted hands the signal to the handler installed before lmexp's)."""
     assert preemption.signum is not None
     name = signal.Signals(preemption.signum).name
     log.warning(
@@ -429,9 +412,7 @@ def stop(run: Run, preemption: Preemption, epoch: int, batch: int) -> None:
         run.ckpt_dir,
         run.ckpt_dir / "last.pt",
     )
-    run.tracker.finish("KILLED", f"stopped by {name} at epoch {epoch + 1}; resumable")
-    preemption.hand_over()
-    sys.exit(128 + preemption.signum)
+    raise Preempted(f"stopped by {name} at epoch {epoch + 1}; resumable", preemption)
 
 
 def finish(run: Run, position: Position) -> None:
@@ -473,115 +454,27 @@ def export_model(
     return out
 
 
-def hydra_context(cfg: Any) -> RunContext:
-    """Read what the run needs from Hydra's runtime config (entry-point only)."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-    from omegaconf import OmegaConf
-
-    hc = HydraConfig.get()
-    ctx = RunContext(
-        output_dir=Path(hc.runtime.output_dir),
-        launch_dir=Path(hc.runtime.cwd),
-        resolved=redact_logger(OmegaConf.to_container(cfg, resolve=True)),  # type: ignore[arg-type]
-        overrides=[redact(o) for o in hc.overrides.task],
+def resume_advice(last: Path, ctx: RunContext, run_id: str | None) -> str:
+    """How to go on with a run whose tracking store stopped answering."""
+    if not last.exists():
+        return "rerun once it answers again (no epoch was checkpointed yet)"
+    if ctx.job_num is not None:
+        return (
+            f"rerun the sweep with hydra.sweep.dir={ctx.output_dir.parent} once it answers "
+            f"again to continue MLflow run {run_id}"
+        )
+    return (
+        f"rerun with trainer.ckpt_path={last} once it answers again to continue MLflow run {run_id}"
     )
-    if hc.mode == RunMode.MULTIRUN:
-        ctx.job_num = ctx.slot = hc.job.num
-        ctx.search_worker = OmegaConf.select(hc, "sweeper._target_") == SWEEPER_TARGET
-        if (Path(hc.sweep.dir) / SWEEP_STOPPING).exists():
-            raise LmexpError(
-                f"Sweep {hc.sweep.dir} is stopping, so job {hc.job.num} was not started; rerun "
-                "the sweep into that folder to run it."
-            )
-        sweep = read_sweep(Path(hc.sweep.dir))
-        if sweep is not None:
-            ctx.parent_run_id, ctx.tracking_uri = sweep["parent_run_id"], sweep["tracking_uri"]
-            ctx.swept = list(sweep["swept_params"])
-    return ctx
-
-
-def redact_logger(resolved: dict[str, Any]) -> dict[str, Any]:
-    """The config as recorded (params, checkpoints, the exported config.json): a password in
-    logger.tracking_uri or logger.fallback_uri replaced by ***."""
-    logger = {k: redact(v) if isinstance(v, str) else v for k, v in resolved["logger"].items()}
-    return {**resolved, "logger": logger}
-
-
-def task(cfg: Any) -> float:
-    """The Hydra task: validate the composed config, then train. Module-level so that launchers
-    (joblib, submitit) pickle it by reference."""
-    from lmexp.config import to_typed
-
-    try:
-        typed, ctx = to_typed(cfg), hydra_context(cfg)
-        if ctx.search_worker:
-            return run_trials(cfg, ctx.output_dir.parent, ctx.job_num or 0, trial_runner(ctx))
-        return train_job(typed, ctx)
-    except LmexpError as err:
-        log.error("%s", err)
-        sys.exit(2)
-
-
-def train_job(cfg: TrainConfig, ctx: RunContext) -> float:
-    """One job of a sweep (or a single run): one seed, or trainer.seeds_per_job of them."""
-    if cfg.trainer.seeds_per_job == 1:
-        return run_training(cfg, ctx)
-    return over_seeds(cfg, ctx)
-
-
-def trial_runner(worker: RunContext) -> Callable[..., float]:
-    """How an Optuna worker (lmexp.search.run_trials) trains one trial: in its own folder, as a
-    child run named by its sampled values and numbered by the trial."""
-    from omegaconf import OmegaConf
-
-    from lmexp.config import to_typed
-
-    def train(cfg: Any, params: dict[str, Any], folder: Path, number: int, judge: Any) -> float:
-        resolved = redact_logger(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
-        ctx = replace(
-            worker,
-            output_dir=folder,
-            resolved=resolved,
-            overrides=[*worker.overrides, *(f"{k}={v}" for k, v in params.items())],
-            job_num=number,
-            judge=judge,
-        )
-        return train_job(to_typed(cfg), ctx)
-
-    return train
-
-
-def over_seeds(cfg: TrainConfig, ctx: RunContext) -> float:
-    """trainer.seeds_per_job=k: train the job's config with seeds seed .. seed+k-1, each a run
-    of its own (in <job dir>/seed_<s>, named with its seed) beside the sweep's other children,
-    and return the mean of their best validation perplexities: what an Optuna trial then
-    optimises. A diverged seed makes the mean +inf."""
-    results = []
-    for seed in range(cfg.trainer.seed, cfg.trainer.seed + cfg.trainer.seeds_per_job):
-        resolved = {**ctx.resolved, "trainer": {**ctx.resolved["trainer"], "seed": seed}}
-        one = replace(
-            ctx,
-            output_dir=ctx.output_dir / f"seed_{seed}",
-            resolved=resolved,
-            overrides=[*ctx.overrides, f"trainer.seed={seed}"],
-            swept=[*ctx.swept, SEED_KEY] if SEED_KEY not in ctx.swept else ctx.swept,
-        )
-        results.append(run_training(replace(cfg, trainer=replace(cfg.trainer, seed=seed)), one))
-    mean = sum(results) / len(results)
-    log.info("Mean best valid ppl over %d seeds: %.2f", len(results), mean)
-    return mean
 
 
 def main() -> None:
     """Console entry point (`lmexp-train`) and `python -m lmexp.train`."""
+    from lmexp.jobs import task
     from lmexp.launch import launch
 
     launch(task, "train", sys.argv[1:], TrainConfig)
 
 
 if __name__ == "__main__":
-    # Run the copy imported as lmexp.train, not this __main__ one, so `task` pickles by reference.
-    from lmexp.train import main as _main
-
-    _main()
+    main()

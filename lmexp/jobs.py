@@ -1,0 +1,123 @@
+"""What one Hydra job of `python -m lmexp.train` runs: one run, trainer.seeds_per_job runs with
+successive seeds, or, in an Optuna search, a worker's trials. The Hydra side of training: it
+reads Hydra's runtime config into the RunContext lmexp.train takes, and adds what a search
+needs (the trial's pruner as an epoch callback); lmexp.train knows none of this.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from lmexp.config import LmexpError, RunStopped, TrainConfig, to_typed
+from lmexp.runtime import SWEEP_STOPPING
+from lmexp.search import SWEEPER_TARGET, run_trials
+from lmexp.stats import SEED_KEY
+from lmexp.tracking import read_sweep, redact
+from lmexp.train import RunContext, run_training
+
+log = logging.getLogger("lmexp.train")
+
+
+def task(cfg: Any) -> float:
+    """The Hydra task: validate the composed config, then train. Module-level so that launchers
+    (joblib, submitit) pickle it by reference."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    try:
+        typed, ctx = to_typed(cfg), hydra_context(cfg)
+        if OmegaConf.select(HydraConfig.get(), "sweeper._target_") == SWEEPER_TARGET:
+            return run_trials(cfg, ctx.output_dir.parent, ctx.job_num or 0, trial_runner(ctx))
+        return train_job(typed, ctx)
+    except LmexpError as err:
+        log.error("%s", err)
+        sys.exit(2)
+    except RunStopped as stop:  # a preemption signal: the run is checkpointed and closed
+        sys.exit(stop.exit_code)
+
+
+def train_job(cfg: TrainConfig, ctx: RunContext) -> float:
+    """One job of a sweep (or a single run): one seed, or trainer.seeds_per_job of them."""
+    if cfg.trainer.seeds_per_job == 1:
+        return run_training(cfg, ctx)
+    return over_seeds(cfg, ctx)
+
+
+def over_seeds(cfg: TrainConfig, ctx: RunContext) -> float:
+    """trainer.seeds_per_job=k: train the job's config with seeds seed .. seed+k-1, each a run
+    of its own (in <job dir>/seed_<s>, named with its seed) beside the sweep's other children,
+    and return the mean of their best validation perplexities: what an Optuna trial then
+    optimises. A diverged seed makes the mean +inf."""
+    results = []
+    for seed in range(cfg.trainer.seed, cfg.trainer.seed + cfg.trainer.seeds_per_job):
+        resolved = {**ctx.resolved, "trainer": {**ctx.resolved["trainer"], "seed": seed}}
+        one = replace(
+            ctx,
+            output_dir=ctx.output_dir / f"seed_{seed}",
+            resolved=resolved,
+            overrides=[*ctx.overrides, f"trainer.seed={seed}"],
+            swept=[*ctx.swept, SEED_KEY] if SEED_KEY not in ctx.swept else ctx.swept,
+        )
+        results.append(run_training(replace(cfg, trainer=replace(cfg.trainer, seed=seed)), one))
+    mean = sum(results) / len(results)
+    log.info("Mean best valid ppl over %d seeds: %.2f", len(results), mean)
+    return mean
+
+
+def trial_runner(worker: RunContext) -> Callable[..., float]:
+    """How an Optuna worker (lmexp.search.run_trials) trains one trial: in its own folder, as a
+    child run named by its sampled values and numbered by the trial."""
+    from omegaconf import OmegaConf
+
+    def train(cfg: Any, params: dict[str, Any], folder: Path, number: int, judge: Any) -> float:
+        resolved = redact_logger(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+        ctx = replace(
+            worker,
+            output_dir=folder,
+            resolved=resolved,
+            overrides=[*worker.overrides, *(f"{k}={v}" for k, v in params.items())],
+            job_num=number,
+            on_epoch_end=[*worker.on_epoch_end, *([judge] if judge is not None else [])],
+        )
+        return train_job(to_typed(cfg), ctx)
+
+    return train
+
+
+def hydra_context(cfg: Any) -> RunContext:
+    """Read what the run needs from Hydra's runtime config (entry-point only)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    hc = HydraConfig.get()
+    ctx = RunContext(
+        output_dir=Path(hc.runtime.output_dir),
+        launch_dir=Path(hc.runtime.cwd),
+        resolved=redact_logger(OmegaConf.to_container(cfg, resolve=True)),  # type: ignore[arg-type]
+        overrides=[redact(o) for o in hc.overrides.task],
+    )
+    if hc.mode == RunMode.MULTIRUN:
+        ctx.job_num = ctx.slot = hc.job.num
+        if (Path(hc.sweep.dir) / SWEEP_STOPPING).exists():
+            raise LmexpError(
+                f"Sweep {hc.sweep.dir} is stopping, so job {hc.job.num} was not started; rerun "
+                "the sweep into that folder to run it."
+            )
+        sweep = read_sweep(Path(hc.sweep.dir))
+        if sweep is not None:
+            ctx.parent_run_id, ctx.tracking_uri = sweep["parent_run_id"], sweep["tracking_uri"]
+            ctx.swept = list(sweep["swept_params"])
+    return ctx
+
+
+def redact_logger(resolved: dict[str, Any]) -> dict[str, Any]:
+    """The config as recorded (params, checkpoints, the exported config.json): a password in
+    logger.tracking_uri or logger.fallback_uri replaced by ***."""
+    logger = {k: redact(v) if isinstance(v, str) else v for k, v in resolved["logger"].items()}
+    return {**resolved, "logger": logger}
