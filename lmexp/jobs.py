@@ -39,6 +39,12 @@ def task(cfg: Any) -> float:
         sys.exit(2)
     except RunStopped as stop:  # a preemption signal: the run is checkpointed and closed
         sys.exit(stop.exit_code)
+    except KeyboardInterrupt:  # a second Ctrl-C (or one before training): the run closed KILLED
+        log.warning(
+            "Interrupted: stopped at once; rerun the same command to resume from the last "
+            "checkpoint, if one was written."
+        )
+        sys.exit(130)
 
 
 def train_job(cfg: TrainConfig, ctx: RunContext) -> float:

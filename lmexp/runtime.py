@@ -242,11 +242,13 @@ def folder_in_use(folder: Path) -> bool:
 
 
 class Preemption:
-    """Turns SIGTERM/SIGUSR1/SIGUSR2 (what SLURM sends before preemption or a time limit) into a
-    flag the loop polls between batches; the previous handlers (submitit's requeue) run after the
-    checkpoint is written."""
+    """Turns SIGTERM/SIGUSR1/SIGUSR2 (what SLURM sends before preemption or a time limit) and a
+    first Ctrl-C (SIGINT) into a flag the loop polls between batches, so each is checkpointed
+    and resumable; a second Ctrl-C raises KeyboardInterrupt at once. The previous handlers
+    (submitit's requeue) run after the checkpoint is written, except Python's own for SIGINT,
+    whose KeyboardInterrupt would only undo the clean stop."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -257,6 +259,8 @@ class Preemption:
         return self.signum is not None
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.signum is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, not at the next batch
         self.signum = signum
         self.frame = frame
 
@@ -276,5 +280,5 @@ class Preemption:
     def hand_over(self) -> None:
         """Run the handler that was installed before ours (submitit requeues the job there)."""
         handler = self.previous.get(self.signum)
-        if callable(handler):
+        if callable(handler) and handler is not signal.default_int_handler:
             handler(self.signum, self.frame)

@@ -79,7 +79,10 @@ def test_sigkill_after_second_checkpoint_then_resume_equals_uninterrupted_run(tm
         assert [s for s, _ in metric_history(db, killed.info.run_id, key)] == [1, 2, 3, 4]
 
 
-def test_sigterm_mid_epoch_checkpoints_exits_cleanly_and_resume_finishes(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_sigterm_or_ctrl_c_mid_epoch_checkpoints_exits_cleanly_and_resume_finishes(tmp_path, sig):
+    """A first Ctrl-C is a SIGTERM: a checkpoint at the next batch, one line, exit 128 + signal,
+    the run KILLED and resumable."""
     args = [
         *SLOW_TINY,
         "trainer.max_epochs=2",
@@ -89,15 +92,17 @@ def test_sigterm_mid_epoch_checkpoints_exits_cleanly_and_resume_finishes(tmp_pat
     ]
     proc = start(args, tmp_path)
     wait_for_line(tmp_path / "run" / "train.log", "epoch 1 [", proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
-    assert "SIGTERM received: checkpoint saved at epoch 1" in out and "Traceback" not in out
+    name = signal.Signals(sig).name
+    assert proc.returncode == 128 + sig, out[-3000:]
+    assert f"{name} received: checkpoint saved at epoch 1" in out and "Traceback" not in out
+    assert "KeyboardInterrupt" not in out
     saved = checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")
     assert saved["epoch"] == 0 and saved["progress"]["batch"] > 0  # mid-epoch position
     db = tmp_path / "mlflow.db"
     (run,) = mlflow_runs(db)
-    assert run.info.status == "KILLED" and "SIGTERM" in run.data.tags["lmexp.failure_reason"]
+    assert run.info.status == "KILLED" and name in run.data.tags["lmexp.failure_reason"]
 
     resumed = run_module("lmexp.train", *args, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
