@@ -251,8 +251,10 @@ def check_override_keys(overrides: list[str], schema: type, groups: set[str]) ->
     keys = set(schema_roles(schema))
     known = keys | groups | {k.rsplit(".", 1)[0] for k in keys}
     for override in overrides:
-        key = override.split("=", 1)[0].lstrip("~")
-        if "=" not in override or key.startswith(("+", "hydra.", "hydra/")) or key in known:
+        # `+key=` and `++key=` add a key: the schema has no room for one it does not declare,
+        # so an added key would be accepted and ignored (+trainer.max_epoch=5 trained 1 epoch).
+        key = override.split("=", 1)[0].lstrip("~+")
+        if "=" not in override or key.startswith(("hydra.", "hydra/")) or key in known:
             continue
         if override.startswith("-"):
             continue

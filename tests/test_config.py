@@ -8,6 +8,9 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 from lmexp.config import ConfigError, TrainConfig, conf_dir, to_typed
 from lmexp.launch import register_configs
 
+# Fast, in-process tests of the library: the unit lane (pytest -m unit).
+pytestmark = pytest.mark.unit
+
 register_configs()
 
 # (init, lr, clip, layers, steps, hidden, max_epoch, max_max_epoch, keep_prob, lr_decay, batch)
@@ -206,4 +209,20 @@ def test_a_near_miss_key_gets_a_did_you_mean(override, message):
             ["-m", "model=medium", "hydra.run.dir=x", override], TrainConfig, groups
         )
     assert str(err.value).startswith(message)
-    check_override_keys(["model=medium", "trainer.max_epochs=1", "+extra=1"], TrainConfig, groups)
+    check_override_keys(
+        ["model=medium", "trainer.max_epochs=1", "+hparams_search=ptb_optuna"], TrainConfig, groups
+    )
+    check_override_keys(["+hydra.launcher.additional_parameters.mail=END"], TrainConfig, groups)
+
+
+@pytest.mark.parametrize("prefix", ["+", "++"])
+def test_an_added_key_the_schema_lacks_is_refused_not_ignored(prefix):
+    """+trainer.max_epoch=5 used to be accepted and ignored (the run trained 1 epoch)."""
+    from lmexp.config import check_override_keys
+
+    groups = {p.name for p in conf_dir().iterdir() if p.is_dir()}
+    with pytest.raises(ConfigError) as err:
+        check_override_keys([f"{prefix}trainer.max_epoch=5"], TrainConfig, groups)
+    assert str(err.value) == (
+        "Unknown config key 'trainer.max_epoch'; did you mean trainer.max_epochs?"
+    )
