@@ -8,6 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# In-process tests train tiny models: one thread each, as the subprocess runs get
+# (trainer.threads=1 in TINY). Torch's default, a thread per core, only contends: for the two
+# cores with each other, and with anything else the machine runs (3 minutes, not 10 seconds,
+# for one bf16 test beside a training run).
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 PTB_DIR = Path(os.environ.get("LMEXP_PTB_DIR", REPO.parent / "shared" / "data" / "ptb"))

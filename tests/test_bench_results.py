@@ -11,6 +11,9 @@ import pytest
 
 from lmexp.bench import VARIANTS
 
+# Fast, in-process tests of the library: the unit lane (pytest -m unit).
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = sorted((REPO / "results").glob("bench_cpu_*.json"))
 # The run settings a reader needs to reproduce a figure (records made before

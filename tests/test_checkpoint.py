@@ -9,6 +9,9 @@ import torch
 from lmexp import checkpoint
 from lmexp.checkpoint import CheckpointError
 
+# Fast, in-process tests of the library: the unit lane (pytest -m unit).
+pytestmark = pytest.mark.unit
+
 
 def payload() -> dict:
     return {

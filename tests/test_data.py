@@ -1,14 +1,13 @@
 from __future__ import annotations
 
 import io
-import re
 import shutil
 import tarfile
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_module, text_folder
+from conftest import text_folder
 
 from lmexp.config import DataConfig
 from lmexp.data import (
@@ -25,6 +24,9 @@ from lmexp.data import (
     tokenize,
     windows,
 )
+
+# Fast, in-process tests of the library: the unit lane (pytest -m unit).
+pytestmark = pytest.mark.unit
 
 
 def test_tokenize_puts_eos_at_each_line_end():
@@ -203,28 +205,3 @@ def test_a_text_folder_that_cannot_serve_is_one_sentence_naming_it(tmp_path, set
     cfg = DataConfig(name="text", root=None if setup == "unset" else str(root))
     with pytest.raises(DataError, match=message):
         load_corpus(cfg)
-
-
-@pytest.mark.slow
-def test_data_text_on_ptbs_files_trains_to_data_ptbs_numbers(ptb_dir, tmp_path):
-    """The real entry point, trainer=debug on PTB: data=text over PTB's renamed files logs the
-    same perplexities as data=ptb, to the last bit."""
-    root = tmp_path / "corpus"
-    root.mkdir()
-    for split in ("train", "valid", "test"):
-        shutil.copy(ptb_dir / f"ptb.{split}.txt", root / f"{split}.txt")
-    args = ["trainer=debug", "trainer.threads=1", "trainer.progress=false", "logger=none"]
-    for name, data in (("ptb", f"data.root={ptb_dir}"), ("text", f"data.root={root}")):
-        proc = run_module(
-            "lmexp.train", *args, f"data={name}", data, f"hydra.run.dir={name}", cwd=tmp_path
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    ppls = {
-        name: re.findall(
-            r"ppl [0-9.]+|perplexity [0-9.]+", (tmp_path / name / "train.log").read_text()
-        )
-        for name in ("ptb", "text")
-    }
-    assert len(ppls["ptb"]) == 5 and ppls["text"] == ppls["ptb"], ppls  # 2 epochs x 2, test
-    weights = {n: torch.load(tmp_path / n / "model" / "model.pt") for n in ("ptb", "text")}
-    assert all(torch.equal(weights["ptb"][k], weights["text"][k]) for k in weights["ptb"])

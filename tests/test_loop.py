@@ -22,6 +22,9 @@ from lmexp.model import RNNLanguageModel
 from lmexp.optim import FusedSGD
 from lmexp.runtime import cpu_bf16_lstm_supported
 
+# Fast, in-process tests of the library: the unit lane (pytest -m unit).
+pytestmark = pytest.mark.unit
+
 CORPUS = tiny_corpus(50, 20000, 2000, 1234)
 
 

@@ -7,6 +7,9 @@ from torch import nn
 from lmexp.config import DropoutConfig
 from lmexp.model import RNNLanguageModel
 
+# Fast, in-process tests of the library: the unit lane (pytest -m unit).
+pytestmark = pytest.mark.unit
+
 
 def make(
     kind: str = "standard", keep: float = 0.5, tie: bool = False, cell: str = "lstm", **kw

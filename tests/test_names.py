@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from lmexp.names import child_name, parent_name, single_name
+
+# Fast, in-process tests of the library: the unit lane (pytest -m unit).
+pytestmark = pytest.mark.unit
 
 
 def test_a_child_is_named_by_its_swept_values():

@@ -13,6 +13,9 @@ from lmexp.loop import TrainStep
 from lmexp.model import RNNLanguageModel
 from lmexp.optim import OPTIMIZERS, FusedSGD, build_optimizer
 
+# Fast, in-process tests of the library: the unit lane (pytest -m unit).
+pytestmark = pytest.mark.unit
+
 CORPUS = tiny_corpus(50, 20000, 2000, 1234)
 DATA = batchify(CORPUS.train, 10)
 

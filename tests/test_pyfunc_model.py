@@ -9,6 +9,9 @@ from lmexp.config import DropoutConfig
 from lmexp.model import RNNLanguageModel
 from lmexp.pyfunc_model import WordRNN
 
+# Fast, in-process tests of the library: the unit lane (pytest -m unit).
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("kind", ["none", "standard", "variational"])

@@ -9,6 +9,9 @@ import pytest
 
 from lmexp.runtime import Preemption
 
+# Fast, in-process tests of the library: the unit lane (pytest -m unit).
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize("sig", Preemption.SIGNALS, ids=lambda s: signal.Signals(s).name)
 def test_a_stop_signal_is_a_flag_the_loop_polls_and_the_handlers_come_back(sig):

@@ -5,6 +5,9 @@ import pytest
 from lmexp.config import LrPolicyConfig
 from lmexp.schedules import learning_rate
 
+# Fast, in-process tests of the library: the unit lane (pytest -m unit).
+pytestmark = pytest.mark.unit
+
 
 def lrs(policy: LrPolicyConfig, epochs: int, history=()) -> list[float]:
     return [learning_rate(policy, e, list(history)) for e in range(epochs)]

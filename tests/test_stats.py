@@ -9,6 +9,9 @@ import pytest
 from lmexp.config import LmexpError
 from lmexp.stats import Stat, check_comparable, group_runs, verdict
 
+# Fast, in-process tests of the library: the unit lane (pytest -m unit).
+pytestmark = pytest.mark.unit
+
 T975 = {2: 4.302652729911275, 3: 3.182446305284263}  # Student's t, 97.5% quantile, by df
 
 

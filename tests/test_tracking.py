@@ -6,6 +6,9 @@ import pytest
 
 from lmexp.tracking import redact
 
+# Fast, in-process tests of the library: the unit lane (pytest -m unit).
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize(
     ("text", "shown"),

@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -423,3 +424,28 @@ def test_a_postgres_store_without_its_driver_names_the_extra_to_install(tmp_path
         "'psycopg', which is not installed; pip install 'lmexp[server]'",
     )
     assert "hunter2-pw" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_data_text_on_ptbs_files_trains_to_data_ptbs_numbers(ptb_dir, tmp_path):
+    """The real entry point, trainer=debug on PTB: data=text over PTB's renamed files logs the
+    same perplexities as data=ptb, to the last bit."""
+    root = tmp_path / "corpus"
+    root.mkdir()
+    for split in ("train", "valid", "test"):
+        shutil.copy(ptb_dir / f"ptb.{split}.txt", root / f"{split}.txt")
+    args = ["trainer=debug", "trainer.threads=1", "trainer.progress=false", "logger=none"]
+    for name, data in (("ptb", f"data.root={ptb_dir}"), ("text", f"data.root={root}")):
+        proc = run_module(
+            "lmexp.train", *args, f"data={name}", data, f"hydra.run.dir={name}", cwd=tmp_path
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    ppls = {
+        name: re.findall(
+            r"ppl [0-9.]+|perplexity [0-9.]+", (tmp_path / name / "train.log").read_text()
+        )
+        for name in ("ptb", "text")
+    }
+    assert len(ppls["ptb"]) == 5 and ppls["text"] == ppls["ptb"], ppls  # 2 epochs x 2, test
+    weights = {n: torch.load(tmp_path / n / "model" / "model.pt") for n in ("ptb", "text")}
+    assert all(torch.equal(weights["ptb"][k], weights["text"][k]) for k in weights["ptb"])
