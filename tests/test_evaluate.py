@@ -131,18 +131,23 @@ print(json.dumps({**scores.to_dict(orient="list"), "text": generated["text"][0]}
 """
 
 
+def pyfunc_predictions(cwd: Path, run_id: str, test_text: str, rows: str, scratch: Path) -> dict:
+    """PYFUNC_SCRIPT's output for runs:/<run id>/model, run where lmexp cannot be imported."""
+    (cwd / "test.txt").write_text(test_text)
+    (cwd / "rows.txt").write_text(rows)
+    store = {"MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
+    proc = run_without_lmexp(
+        PYFUNC_SCRIPT, f"runs:/{run_id}/model", cwd=cwd, scratch=scratch, env=store
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
 def test_mlflow_pyfunc_model_loads_without_lmexp_and_agrees_with_lmexp(trained, tmp_path):
     """runs:/<run id>/model: a pyfunc model from code, so neither lmexp nor a pickle is needed."""
     cwd, run_id, logged = trained
     test_text = split_text(cwd, "test")
-    (cwd / "test.txt").write_text(test_text)
-    (cwd / "rows.txt").write_text("w1 w2 w3 zebra\nw4 w5 quux w6\n")
-    store = {"MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
-    proc = run_without_lmexp(
-        PYFUNC_SCRIPT, f"runs:/{run_id}/model", cwd=cwd, scratch=tmp_path, env=store
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.splitlines()[-1])
+    out = pyfunc_predictions(cwd, run_id, test_text, "w1 w2 w3 zebra\nw4 w5 quux w6\n", tmp_path)
     # The test split as one row is the stream the run's test_ppl was measured on (tiny:
     # trainer.test_batch_size=1), read in other windows: equal up to float rounding.
     assert out["tokens"][0] == len(tokenize(test_text)) - 1 and out["unknown"][0] == 0
@@ -281,14 +286,7 @@ def test_a_gru_model_evaluates_generates_and_serves_without_lmexp(trained_gru, t
     by_path = run_module("lmexp.evaluate", "run/model/model.pt", cwd=cwd)
     assert by_path.returncode == 0, by_path.stderr
     assert ppl(by_path.stdout) == pytest.approx(logged, rel=1e-4)
-    (cwd / "test.txt").write_text(split_text(cwd, "test"))
-    (cwd / "rows.txt").write_text("w1 w2 w3 zebra\n")
-    store = {"MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
-    proc = run_without_lmexp(
-        PYFUNC_SCRIPT, f"runs:/{run_id}/model", cwd=cwd, scratch=tmp_path, env=store
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.splitlines()[-1])
+    out = pyfunc_predictions(cwd, run_id, split_text(cwd, "test"), "w1 w2 w3 zebra\n", tmp_path)
     assert out["perplexity"][0] == pytest.approx(logged, rel=1e-4)
     args = ["--prompt", "w1 w2 zebra", "--words", "40", "--seed", "7"]
     generate = run_module("lmexp.generate", "run/model/model.pt", *args, cwd=cwd)
