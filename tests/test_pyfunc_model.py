@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lmexp import model as lmexp_model
+from lmexp import pyfunc_model
 from lmexp.config import DropoutConfig
 from lmexp.model import RNNLanguageModel
 from lmexp.pyfunc_model import WordRNN
@@ -13,7 +15,12 @@ from lmexp.pyfunc_model import WordRNN
 pytestmark = pytest.mark.unit
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_the_standalone_model_knows_every_cell_lmexp_trains():
+    """pyfunc_model.py cannot import lmexp, so it keeps its own cell table: the same one."""
+    assert pyfunc_model.CELLS == lmexp_model.CELLS
+
+
+@pytest.mark.parametrize("cell", sorted(lmexp_model.CELLS))
 @pytest.mark.parametrize("kind", ["none", "standard", "variational"])
 def test_word_rnn_gives_lmexp_models_logits_for_every_cell_and_dropout_kind(kind, cell):
     torch.manual_seed(0)
