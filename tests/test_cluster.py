@@ -459,6 +459,8 @@ def test_search_on_slurm_shares_a_postgres_study_between_workers(team, tmp_path)
         "hparams_search=ptb_optuna", *SLURM_CPU, *TINY_SLURM, *slower, "hydra.sweeper.n_trials=6",
         "hydra.sweeper.n_jobs=2", "hydra.sweeper.sampler.n_startup_trials=2",
         "hydra.sweeper.pruner.n_startup_trials=2", f"hydra.sweeper.storage={storage}",
+        # lr up to 2: higher ones can diverge on the tiny corpus (such a trial is a FAIL)
+        "lr_policy.lr=tag(log, interval(0.25, 2.0))",
         f"logger.tracking_uri={server.url}", f"logger.experiment_name={experiment}",
         "hydra.sweep.dir=sweep", cwd=tmp_path, env={**slurm.env, "PGPASSWORD": pg.password},
     )  # fmt: skip
@@ -470,7 +472,8 @@ def test_search_on_slurm_shares_a_postgres_study_between_workers(team, tmp_path)
     finally:
         del os.environ["PGPASSWORD"]
     assert sorted(t.number for t in trials) == list(range(6))
-    assert {t.state.name for t in trials} <= {"COMPLETE", "PRUNED"}, [t.state for t in trials]
+    assert {t.state.name for t in trials} <= {"COMPLETE", "PRUNED", "FAIL"}, trials
+    assert any(t.state.name == "COMPLETE" for t in trials), [t.state for t in trials]
     assert {t.user_attrs["lmexp.worker"] for t in trials} == {0, 1}
     parent, children = _children(server.url, experiment)
     assert parent.info.status == "FINISHED" and len(children) == 6
@@ -479,6 +482,9 @@ def test_search_on_slurm_shares_a_postgres_study_between_workers(team, tmp_path)
         run = runs[trial.number]
         if trial.state.name == "PRUNED":
             assert run.info.status == "KILLED" and "lmexp.pruned_after_epoch" in run.data.tags
+        elif trial.state.name == "FAIL":  # only a diverged trial fails here
+            assert run.info.status == "FAILED"
+            assert "diverged" in run.data.tags["lmexp.failure_reason"]
         else:
             assert run.info.status == "FINISHED"
             assert trial.value == pytest.approx(run.data.metrics["best_valid_ppl"])
