@@ -42,26 +42,27 @@ class FusedSGD(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if not params:
+        # Each group's gradients, dense and sparse (coalesced once); the norm is over them all.
+        groups = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            dense = [p for p in params if not p.grad.is_sparse]
+            sparse = [(p, p.grad.coalesce()) for p in params if p.grad.is_sparse]
+            groups.append((group["lr"], dense, sparse))
+        grads = [p.grad for _, dense, _ in groups for p in dense]
+        values = [g.values() for _, _, sparse in groups for _, g in sparse]
+        if not grads and not values:
             return loss
-        dense = [p for p in params if not p.grad.is_sparse]
-        grads = [p.grad for p in dense]
-        sparse = [(p, p.grad.coalesce()) for p in params if p.grad.is_sparse]
-        norms = list(torch._foreach_norm(grads)) + [g.values().norm() for _, g in sparse]
+        norms = list(torch._foreach_norm(grads)) + [v.norm() for v in values]
         total = torch.linalg.vector_norm(torch.stack(norms))
         max_norm = self.param_groups[0]["max_grad_norm"]
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)  # clip_grad_norm_'s rule
         torch._foreach_mul_(grads, coef)
-        for group in self.param_groups:
-            mine = {id(p) for p in group["params"]}
-            lr = group["lr"]
-            group_dense = [p for p in dense if id(p) in mine]
-            if group_dense:
-                torch._foreach_add_(group_dense, [p.grad for p in group_dense], alpha=-lr)
+        for lr, dense, sparse in groups:
+            if dense:
+                torch._foreach_add_(dense, [p.grad for p in dense], alpha=-lr)
             for p, g in sparse:
-                if id(p) in mine:
-                    p.index_add_(0, g.indices()[0], g.values() * coef, alpha=-lr)
+                p.index_add_(0, g.indices()[0], g.values() * coef, alpha=-lr)
         return loss
 
 
