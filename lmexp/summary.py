@@ -14,7 +14,7 @@ from lmexp.config import BOOKKEEPING, RECIPE, SHAPE, LmexpError, keys_with_role
 from lmexp.names import short_keys
 from lmexp.runtime import folder_in_use
 from lmexp.stats import METRICS as STAT_METRICS
-from lmexp.stats import SEED_KEY, Group, check_comparable, group_runs, verdict
+from lmexp.stats import SEED_KEY, Group, check_comparable, group_runs, verdict, words_per_second
 from lmexp.tracking import (
     EPOCH_METRICS,
     FAILURE_TAG,
@@ -30,8 +30,8 @@ from lmexp.tracking import (
 )
 
 HISTORY_KEYS = EPOCH_METRICS
-# The run's mean training speed is train_wps_mean (logged at the end; the mean of its epochs'
-# train_wps), never train_wps, which is one epoch's.
+# The run's training speed is train_wps_mean (total words over total training time, logged at the
+# end), never train_wps, which is one epoch's.
 RESULT_COLUMNS = ("train_ppl", "valid_ppl", "test_ppl", "train_wps_mean", "epochs", "status")
 # Params that differ between runs but say nothing about the experiment (config.py's roles).
 IGNORED_PARAMS = frozenset(keys_with_role(BOOKKEEPING))
@@ -54,8 +54,18 @@ def _last(record: RunRecord, key: str) -> float:
     return record.metrics.get(key, math.nan)
 
 
+def train_speed(record: RunRecord) -> float:
+    """Total training words over total training time, from the epochs' history when it holds
+    both (runs logged before lmexp summarised them so carry the mean of per-epoch rates as their
+    train_wps_mean metric), else that metric."""
+    seconds = dict(record.history.get("epoch_time_s", []))
+    epochs = [(wps, seconds.get(step)) for step, wps in record.history.get("train_wps", [])]
+    if epochs and all(t is not None for _, t in epochs):
+        return words_per_second(epochs)
+    return record.metrics.get("train_wps_mean", math.nan)
+
+
 def summarize(record: RunRecord) -> dict[str, Any]:
-    wps = [v for _, v in record.history.get("train_wps", [])]
     return {
         "run_id": record.run_id,
         "run": record.run_name,
@@ -63,9 +73,7 @@ def summarize(record: RunRecord) -> dict[str, Any]:
         "valid_ppl": _last(record, "valid_ppl"),
         "best_valid_ppl": record.metrics.get("best_valid_ppl", math.nan),
         "test_ppl": record.metrics.get("test_ppl", math.nan),
-        "train_wps_mean": record.metrics.get(
-            "train_wps_mean", sum(wps) / len(wps) if wps else math.nan
-        ),
+        "train_wps_mean": train_speed(record),
         "epochs": len(record.history.get("valid_ppl", [])),
         "status": record.status,
     }

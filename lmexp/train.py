@@ -53,6 +53,7 @@ from lmexp.runtime import (
     select_device,
 )
 from lmexp.schedules import learning_rate
+from lmexp.stats import words_per_second
 from lmexp.tracking import (
     EPOCH_METRICS,
     PARENT_TAG,
@@ -421,12 +422,12 @@ def finish(run: Run, position: Position) -> None:
     test_ppl = perplexity(
         *evaluate(run.model, run.data["test"], t.eval_num_steps, t.limit_eval_batches, t.precision)
     )
-    wps = [h["train_wps"] for h in position.history]
+    speed = words_per_second([(h["train_wps"], h["epoch_time_s"]) for h in position.history])
     run.tracker.log_metrics(
         {
             "test_ppl": test_ppl,
             "best_valid_ppl": position.best_valid,
-            "train_wps_mean": sum(wps) / max(len(wps), 1),
+            "train_wps_mean": speed,
         },
         step=t.max_epochs,
     )

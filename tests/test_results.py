@@ -94,6 +94,9 @@ def test_record_is_internally_consistent(record):
     )
     assert r["final"]["best_valid_ppl"] == min(e["valid_ppl"] for e in r["epochs"])
     assert r["train_time_s"] == pytest.approx(sum(e["epoch_time_s"] for e in r["epochs"]))
+    # The run's speed is all its words over all its time, not the mean of the epochs' rates.
+    words = sum(e["train_wps"] * e["epoch_time_s"] for e in r["epochs"])
+    assert r["train_wps_mean"] == pytest.approx(words / r["train_time_s"])
     c = r["config"]
     policy = LrPolicyConfig(
         kind=c.get("lr_policy.kind", c.get("lr_policy.name")),  # older records: lr_policy.name
@@ -122,6 +125,9 @@ def test_readme_results_table_shows_the_recorded_numbers():
         row = next(line for line in readme.splitlines() if f"results/{name}" in line)
         for key in ("train_ppl", "valid_ppl", "test_ppl"):
             assert f"{r['final'][key]:.2f}" in row, (name, key, row)
+        # The text beside the table quotes each run's training speed from its record.
+        speed = f"{round(r['train_wps_mean']):,}"
+        assert speed in " ".join(readme.split()), (name, speed)
 
 
 def test_readme_seed_section_shows_the_recorded_groups():

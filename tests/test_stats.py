@@ -7,7 +7,7 @@ import math
 import pytest
 
 from lmexp.config import LmexpError
-from lmexp.stats import Stat, check_comparable, group_runs, verdict
+from lmexp.stats import Stat, check_comparable, group_runs, verdict, words_per_second
 
 # Fast, in-process tests of the library: the unit lane (pytest -m unit).
 pytestmark = pytest.mark.unit
@@ -22,6 +22,14 @@ def run(keep: str, seed: int, valid: float, status: str = "FINISHED") -> dict:
 
 
 SWEPT = ["dropout.dp_keep_prob", "trainer.seed"]
+
+
+def test_a_runs_speed_is_its_words_over_its_time_not_the_mean_of_its_epochs_rates():
+    # The rates from issue 22: a slow long epoch, then two short fast ones.
+    epochs = [(1_863.0, 100.0), (10_188.0, 10.0), (55_652.0, 1.0)]
+    words = 1_863 * 100 + 10_188 * 10 + 55_652 * 1
+    assert words_per_second(epochs) == pytest.approx(words / 111)  # 3,097, not 22,568
+    assert math.isnan(words_per_second([])) and math.isnan(words_per_second([(5.0, 0.0)]))
 
 
 def test_mean_std_and_interval_match_a_hand_computation():

@@ -1,0 +1,34 @@
+"""Run summaries and tables built from run records (lmexp.summary), in-process."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmexp.summary import summarize
+from lmexp.tracking import RunRecord
+
+# Fast, in-process tests of the library: the unit lane (pytest -m unit).
+pytestmark = pytest.mark.unit
+
+
+def record(history: dict, metrics: dict | None = None) -> RunRecord:
+    return RunRecord("r1", "run", "FINISHED", {}, metrics or {}, {}, history)
+
+
+def test_a_runs_speed_comes_from_its_epochs_words_and_time():
+    # An old run's train_wps_mean metric was the mean of its epochs' rates (22,568 here); the
+    # summary recomputes total words over total time from the epochs whenever it has them.
+    history = {
+        "train_wps": [(1, 1_863.0), (2, 10_188.0), (3, 55_652.0)],
+        "epoch_time_s": [(1, 100.0), (2, 10.0), (3, 1.0)],
+        "valid_ppl": [(1, 300.0), (2, 200.0), (3, 150.0)],
+    }
+    summary = summarize(record(history, {"train_wps_mean": 22_567.7}))
+    words = 1_863 * 100 + 10_188 * 10 + 55_652
+    assert summary["train_wps_mean"] == pytest.approx(words / 111)
+    assert summary["epochs"] == 3 and summary["valid_ppl"] == 150.0
+
+
+def test_without_epoch_times_the_logged_speed_stands():
+    history = {"train_wps": [(1, 1_000.0), (2, 3_000.0)]}
+    assert summarize(record(history, {"train_wps_mean": 1_500.0}))["train_wps_mean"] == 1_500.0
