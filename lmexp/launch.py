@@ -35,6 +35,74 @@ def claim_output_dirs(argv: list[str], launch_dir: Path) -> None:
         sys.exit(2)
 
 
+# What a command line asks for that only an optional extra installs: (override prefix, module
+# that must import, what it is).
+EXTRAS = (
+    ("hparams_search=", "optuna", "The Optuna search"),
+    ("hydra/sweeper=lmexp_optuna", "optuna", "The Optuna search"),
+    ("hydra/launcher=joblib", "hydra_plugins.hydra_joblib_launcher", "The joblib launcher"),
+    ("hydra/launcher=submitit", "hydra_plugins.hydra_submitit_launcher", "The SLURM launcher"),
+)
+
+
+def check_extras(argv: list[str]) -> None:
+    """A search or launcher whose package is missing, in one sentence naming the extra, before
+    Hydra composes anything (else: a ModuleNotFoundError traceback, or Hydra's 'Could not find
+    hydra/launcher/joblib')."""
+    import importlib
+
+    for prefix, module, what in EXTRAS:
+        if not any(a.lstrip("+~").startswith(prefix) for a in argv):
+            continue
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise LmexpError(
+                f"{what} needs lmexp's sweep extra ({module.split('.')[-1]} is not installed); "
+                "pip install 'lmexp[sweep]'."
+            ) from None
+
+
+def check_sweeper_settings(argv: list[str]) -> None:
+    """A misspelt pruner or sampler setting (hydra.sweeper.pruner.n_warmup_step=2) in one
+    sentence with the nearest settings Optuna's pruners (samplers) take, instead of Hydra's
+    six-line 'not in struct'. A setting of some other pruner passes on to be checked there."""
+    import difflib
+    import inspect
+
+    for arg in argv:
+        key = arg.split("=", 1)[0]
+        parts = key.split(".")
+        if arg.startswith(("+", "~")) or len(parts) != 4 or parts[:2] != ["hydra", "sweeper"]:
+            continue
+        what, setting = parts[2], parts[3]
+        if what not in ("pruner", "sampler") or setting == "name":
+            continue
+        try:
+            import optuna
+
+            from lmexp.search import PRUNERS, SAMPLERS
+        except ImportError:
+            return  # check_extras says what is missing
+        module, names = (
+            (optuna.pruners, PRUNERS.values())
+            if what == "pruner"
+            else (optuna.samplers, SAMPLERS.values())
+        )
+        known = {p for n in names for p in inspect.signature(getattr(module, n)).parameters}
+        if setting in known:
+            continue
+        close = difflib.get_close_matches(setting, sorted(known), n=3, cutoff=0.7)
+        hint = (
+            f"did you mean {' or '.join(close)}?"
+            if close
+            else f"they are {', '.join(sorted(known))}."
+        )
+        raise LmexpError(
+            f"hydra.sweeper.{what}.{setting} is a setting none of lmexp's {what}s takes; {hint}"
+        )
+
+
 def unique_dir(root: str) -> str:
     """`root/<date>/<time>`, made here and now, that no other launch can get: the folder is
     created with an exclusive mkdir, and a launch in the same second takes `<time>_1`, `_2`, ...
@@ -96,6 +164,8 @@ def launch(task: Callable[[Any], Any], config_name: str, argv: list[str], schema
     groups = {p.name for p in conf_dir().iterdir() if p.is_dir()}
     try:
         check_override_keys(argv, schema, groups)
+        check_extras(argv)
+        check_sweeper_settings(argv)
     except LmexpError as err:
         log.error("%s", err)
         sys.exit(2)

@@ -154,8 +154,14 @@ def make_sampler(node: Any, worker: int = 0) -> Any:
             f"hydra.sweeper.sampler.name={name or '(empty)'} is not a sampler lmexp knows; "
             f"use one of {', '.join(SAMPLERS)}."
         )
-    if kwargs.get("seed") is not None:
-        kwargs["seed"] = int(kwargs["seed"]) + worker
+    seed = kwargs.get("seed")
+    if seed is not None:
+        if type(seed) is not int:  # Hydra reads abc as a string and 1.7 as a float
+            raise LmexpError(
+                f"hydra.sweeper.sampler.seed={seed} is not a whole number; give an integer "
+                "seed, or null for a random one."
+            )
+        kwargs["seed"] = seed + worker
     return _build(getattr(optuna.samplers, SAMPLERS[name]), kwargs, "sampler", name)
 
 
@@ -212,11 +218,13 @@ def open_storage(url: str) -> Any:
 
 
 def direction(config: DictConfig) -> str:
+    """minimize: a trial's value is its best validation perplexity, lower is better. maximize
+    would make the worst model the study's best (and disagree with the MLflow parent's)."""
     value = str(OmegaConf.select(config, "hydra.sweeper.direction"))
-    if value not in ("minimize", "maximize"):
+    if value != "minimize":
         raise LmexpError(
-            f"hydra.sweeper.direction={value} is neither minimize nor maximize; lmexp's "
-            "trials return their best validation perplexity, which a search minimizes."
+            f"hydra.sweeper.direction={value} does not fit the objective: each trial returns "
+            "its best validation perplexity, where lower is better; leave it at minimize."
         )
     return value
 

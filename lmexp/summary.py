@@ -32,7 +32,9 @@ from lmexp.tracking import (
 HISTORY_KEYS = EPOCH_METRICS
 # The run's training speed is train_wps_mean (total words over total training time, logged at the
 # end), never train_wps, which is one epoch's.
-RESULT_COLUMNS = ("train_ppl", "valid_ppl", "test_ppl", "train_wps_mean", "epochs", "status")
+RESULT_COLUMNS = (
+    "train_ppl", "valid_ppl", "best_valid_ppl", "test_ppl", "train_wps_mean", "epochs", "status"
+)  # fmt: skip
 # Params that differ between runs but say nothing about the experiment (config.py's roles).
 IGNORED_PARAMS = frozenset(keys_with_role(BOOKKEEPING))
 FIGSIZE, DPI = (8, 5), 120  # 960 x 600 pixels
@@ -87,7 +89,9 @@ def differing_params(records: list[RunRecord]) -> list[str]:
 def build_table(
     records: list[RunRecord], swept: list[str] | None = None
 ) -> tuple[list[str], list[dict[str, Any]]]:
-    """Columns and rows, best validation perplexity first (failed and unfinished runs last)."""
+    """Columns and rows, best validation perplexity first (failed and unfinished runs last): the
+    objective a search minimizes and the parent's best_run_id is chosen by, so the first row is
+    the study's best trial and the parent's best run, even where the last epoch was not the best."""
     params = list(swept or []) + [k for k in differing_params(records) if k not in (swept or [])]
     rows = []
     for record in records:
@@ -98,7 +102,8 @@ def build_table(
         rows.append(row)
 
     def key(row: dict[str, Any]) -> tuple[int, float]:
-        v = row["valid_ppl"]
+        v = row["best_valid_ppl"]
+        v = v if v is not None and math.isfinite(v) else row["valid_ppl"]  # unfinished: no best
         return (row["status"] != "FINISHED", v if math.isfinite(v) else math.inf)
 
     rows.sort(key=key)

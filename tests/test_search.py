@@ -303,7 +303,10 @@ def test_a_search_prunes_some_trials_finishes_the_rest_and_says_which_is_which(t
     rows = (folder / "report" / "runs.md").read_text()
     assert rows.count("| PRUNED |") == len(pruned) and rows.count("| FINISHED |") == len(done)
     best = min(done, key=lambda n: trials[n].value)
+    # The study, the parent's tags and the report name the same best trial.
+    assert _study(folder).best_trial.number == best
     assert tags["best_run_id"] == runs[best].info.run_id
+    assert rows.splitlines()[2].split("|")[2].strip() == runs[best].info.run_id
     results = yaml.safe_load((folder / "optimization_results.yaml").read_text())
     assert results["best_value"] == pytest.approx(trials[best].value)
     assert results["trials"]["pruned"] == len(pruned) and results["trials"]["complete"] == len(done)
@@ -440,6 +443,22 @@ def test_a_stopped_search_continues_its_study_and_resumes_the_interrupted_trial(
         (
             ["+hydra.sweeper.pruner.patience=2"],
             "hydra.sweeper.pruner median cannot be built with",
+        ),
+        (
+            ["hydra.sweeper.direction=maximize"],
+            "hydra.sweeper.direction=maximize does not fit the objective: each trial returns its "
+            "best validation perplexity, where lower is better; leave it at minimize.",
+        ),
+        (
+            ["hydra.sweeper.sampler.seed=abc"],
+            "hydra.sweeper.sampler.seed=abc is not a whole number; give an integer seed, or null "
+            "for a random one.",
+        ),
+        (["hydra.sweeper.sampler.seed=1.7"], "hydra.sweeper.sampler.seed=1.7 is not a whole"),
+        (
+            ["hydra.sweeper.pruner.n_warmup_step=2"],
+            "hydra.sweeper.pruner.n_warmup_step is a setting none of lmexp's pruners takes; did "
+            "you mean n_warmup_steps?",
         ),
         (
             ["model=choice(tiny,small)"],

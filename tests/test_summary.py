@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lmexp.summary import summarize
+from lmexp.summary import build_table, summarize
 from lmexp.tracking import RunRecord
 
 # Fast, in-process tests of the library: the unit lane (pytest -m unit).
@@ -32,3 +32,16 @@ def test_a_runs_speed_comes_from_its_epochs_words_and_time():
 def test_without_epoch_times_the_logged_speed_stands():
     history = {"train_wps": [(1, 1_000.0), (2, 3_000.0)]}
     assert summarize(record(history, {"train_wps_mean": 1_500.0}))["train_wps_mean"] == 1_500.0
+
+
+def test_the_table_ranks_runs_by_best_validation_perplexity_the_searchs_objective():
+    # b's last epoch is worse than a's, but its best epoch is better: b is the best run, as
+    # the study (best valid ppl) and the parent's best_run_id have it.
+    a = record({"valid_ppl": [(1, 130.0), (2, 120.0)]}, {"best_valid_ppl": 120.0})
+    b = record({"valid_ppl": [(1, 110.0), (2, 125.0)]}, {"best_valid_ppl": 110.0})
+    a.run_id, b.run_id = "a", "b"
+    dead = record({"valid_ppl": [(1, 100.0)]})
+    dead.run_id, dead.status = "dead", "KILLED"
+    columns, rows = build_table([a, dead, b])
+    assert [r["run_id"] for r in rows] == ["b", "a", "dead"]
+    assert columns.index("best_valid_ppl") == columns.index("valid_ppl") + 1
