@@ -1,0 +1,62 @@
+"""The entry points' first checks (lmexp.launch), in-process: what is refused before Hydra
+composes a config or a folder is touched."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import pytest
+
+from lmexp.config import LmexpError, TrainConfig
+from lmexp.launch import check_sweeper_settings, launch
+
+# Fast, in-process tests of the library: the unit lane (pytest -m unit).
+pytestmark = pytest.mark.unit
+
+
+def _never(cfg):  # the task: must not be reached
+    raise AssertionError("the task ran")
+
+
+@pytest.mark.parametrize(
+    ("argv", "what", "module"),
+    [
+        (["hparams_search=ptb_optuna"], "The Optuna search", "optuna"),
+        (["hydra/launcher=joblib"], "The joblib launcher", "hydra_plugins.hydra_joblib_launcher"),
+        (
+            ["hydra/launcher=submitit_slurm"],
+            "The SLURM launcher",
+            "hydra_plugins.hydra_submitit_launcher",
+        ),
+    ],
+)
+def test_a_search_or_launcher_without_its_extra_is_one_sentence(
+    argv, what, module, monkeypatch, caplog, tmp_path
+):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed: importing it fails
+    with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as stop:
+        launch(_never, "train", ["-m", *argv, "data=tiny"], TrainConfig)
+    assert stop.value.code == 2
+    name = module.split(".")[-1]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{what} needs lmexp's sweep extra ({name} is not installed); pip install 'lmexp[sweep]'."
+    ]
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_a_misspelt_pruner_or_sampler_setting_is_refused_with_the_nearest_ones():
+    with pytest.raises(LmexpError, match=r"pruner\.n_warmup_step is a setting none of .* did you mean n_warmup_steps\?"):  # fmt: skip
+        check_sweeper_settings(["hydra.sweeper.pruner.n_warmup_step=2"])
+    with pytest.raises(LmexpError, match=r"sampler\.n_startup_trial is .* n_startup_trials"):
+        check_sweeper_settings(["hydra.sweeper.sampler.n_startup_trial=2"])
+    # A setting some pruner takes, an added one (+) and the name pass on, to Optuna's own check.
+    check_sweeper_settings(
+        [
+            "hydra.sweeper.pruner.n_min_trials=2",
+            "+hydra.sweeper.pruner.patience=2",
+            "hydra.sweeper.pruner.name=asha",
+            "hydra.sweeper.sampler.seed=3",
+        ]
+    )
