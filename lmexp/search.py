@@ -22,6 +22,7 @@ import fcntl
 import json
 import logging
 import math
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,15 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from lmexp.config import LmexpError, Preempted, RunStopped, first_line
+from lmexp.config import (
+    RECIPE,
+    SHAPE,
+    LmexpError,
+    Preempted,
+    RunStopped,
+    first_line,
+    keys_with_role,
+)
 
 log = logging.getLogger("lmexp.search")
 
@@ -41,6 +50,13 @@ WORKER_ATTR = "lmexp.worker"  # and the worker that started it
 PRUNED_ATTR = "lmexp.pruned_after_epoch"  # set before a pruned trial's run is closed
 SWEEP_DIR_ATTR = "lmexp.sweep_dir"  # a study's: the search it belongs to
 SPACE_ATTR = "lmexp.space"  # and the space it samples
+RECIPE_ATTR = "lmexp.recipe"  # and the recipe its trials share (every key it does not sample)
+UID_ATTR = "lmexp.study_uid"  # and an id of its own: a study made anew under the same name differs
+OWNER_FILE = "lmexp_study.json"  # in a trial folder: the study (uid, name) the trial belongs to
+# The settings every trial of one study must share: what a single run's resume also refuses to
+# change (config.py's roles), and its length (a run may be extended, but trials of 3 and of 6
+# epochs compared on their best valid ppl is no search), less the keys the search samples.
+RECIPE_KEYS = frozenset(keys_with_role(SHAPE) | keys_with_role(RECIPE) | {"trainer.max_epochs"})
 
 SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "qmc": "QMCSampler"}
 PRUNERS = {
@@ -281,9 +297,77 @@ def create_study(config: DictConfig, space: dict[str, Any]) -> Any:
             f"Study {name} searches another space than this command ({', '.join(changed)} "
             f"differ); use the same hydra.sweeper.params to continue it, {other}."
         )
+    recipe = recipe_of(config, space)
+    stored_recipe = attrs.get(RECIPE_ATTR)
+    if stored_recipe is not None and stored_recipe != recipe:
+        changed = sorted(k for k in stored_recipe.keys() | recipe.keys()
+                         if stored_recipe.get(k) != recipe.get(k))  # fmt: skip
+        shown = ", ".join(
+            f"{k}={stored_recipe.get(k, '(unset)')} (now {recipe.get(k, '(unset)')})"
+            for k in changed
+        )
+        raise LmexpError(
+            f"Study {name} was run with {shown}; continuing it would mix two recipes in one "
+            "study, so rerun it with its own settings, or start this search in a folder of its "
+            "own (another hydra.sweep.dir) with its own hydra.sweeper.study_name."
+        )
+    uid = attrs.get(UID_ATTR) or uuid.uuid4().hex
+    check_trial_folders(Path(folder), study, uid, name)
     study.set_user_attr(SWEEP_DIR_ATTR, folder)
     study.set_user_attr(SPACE_ATTR, {k: d.distribution_to_json(v) for k, v in space.items()})
+    study.set_user_attr(RECIPE_ATTR, recipe)
+    study.set_user_attr(UID_ATTR, uid)
     return study
+
+
+def recipe_of(config: DictConfig, space: dict[str, Any]) -> dict[str, str]:
+    """The settings a study's trials share, as text: every recipe or shape key not sampled."""
+    return {
+        key: json.dumps(OmegaConf.select(config, key, default=None))
+        for key in sorted(RECIPE_KEYS - space.keys())
+    }
+
+
+def check_trial_folders(sweep_dir: Path, study: Any, uid: str, name: str) -> None:
+    """Refuse a study that does not own the trial folders already in its sweep folder: a new
+    study there (optuna.db deleted or lost, another study_name) would otherwise resume, retrain
+    or copy the old trials as its own. A folder is this study's when its owner file names the
+    study's uid, or (folders made before owner files) when one of the study's trials names it."""
+    known = {str(t.user_attrs.get(TRIAL_FOLDER_ATTR)) for t in study.get_trials(deepcopy=False)}
+    foreign = []
+    for folder in sorted(sweep_dir.glob("trial_*"), key=lambda f: (len(f.name), f.name)):
+        owner = read_owner(folder)
+        if owner.get("uid") != uid and not (not owner and str(folder.resolve()) in known):
+            foreign.append((folder.name, owner.get("study")))
+    if not foreign:
+        return
+    names = ", ".join(n for n, _ in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+    other = foreign[0][1]
+    whose = (
+        f"of an earlier study named {name}, which its storage no longer holds (deleted or replaced)"
+        if other in (None, name)
+        else f"of study {other}, not of {name}; continue that one with its own "
+        "hydra.sweeper.study_name and storage"
+    )
+    raise LmexpError(
+        f"{sweep_dir} holds the trials ({names}) {whose}; or start this search in a new folder "
+        "with another hydra.sweep.dir."
+    )
+
+
+def read_owner(folder: Path) -> dict[str, str]:
+    try:
+        owner = json.loads((folder / OWNER_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return owner if isinstance(owner, dict) else {}
+
+
+def claim_folder(folder: Path, study: Any) -> None:
+    """Mark a trial's folder as its study's (see check_trial_folders)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    owner = {"uid": study.user_attrs.get(UID_ATTR, ""), "study": study.study_name}
+    (folder / OWNER_FILE).write_text(json.dumps(owner))
 
 
 @dataclass
@@ -447,6 +531,7 @@ def claim_trial(study: Any, search: Search, sweep_dir: Path, worker: int) -> Any
         trial = study.ask(search.space)  # an enqueued (WAITING) trial first, else a sampled one
         folder = trial_dir(sweep_dir, trial)
         lock_folder(folder)
+        claim_folder(folder, study)
         trial.set_user_attr(TRIAL_FOLDER_ATTR, str(folder))
         trial.set_user_attr(WORKER_ATTR, worker)
         return trial

@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY, expect_sweep_refused, metric_history, run_module, split_runs
+from conftest import (
+    TINY,
+    expect_sweep_refused,
+    metric_history,
+    mlflow_runs,
+    run_module,
+    split_runs,
+)
 
 SEARCH = ["hparams_search=ptb_optuna", *TINY]
 
@@ -234,6 +241,11 @@ def test_a_study_belongs_to_one_search_folder_and_space(tmp_path):
         LmexpError, match=r"searches another space than this command \(lr_policy.lr differ\)"
     ):
         create_study(_study_config(tmp_path, "a"), {"lr_policy.lr": d.FloatDistribution(0.25, 4.0)})
+    # The same search, its recipe changed: refused, naming the key, the old value and the new.
+    changed = _study_config(tmp_path, "a")
+    changed.model = {"num_layers": 1}
+    with pytest.raises(LmexpError, match=r"^Study team was run with model.num_layers=null \(now 1\); continuing it would mix two recipes"):  # fmt: skip
+        create_study(changed, space)
 
 
 # --- a search with pruning -----------------------------------------------------------------------
@@ -408,6 +420,49 @@ def test_a_stopped_search_continues_its_study_and_resumes_the_interrupted_trial(
     for n in range(3):  # every epoch once, the resumed trial's too
         assert [s for s, _ in metric_history(db, runs[n].info.run_id, "valid_ppl")] == [1, 2, 3]
     assert trials[1].value == pytest.approx(runs[1].data.metrics["best_valid_ppl"])
+
+
+@pytest.mark.slow
+def test_a_search_continues_only_its_own_study_over_its_own_recipe(tmp_path):
+    """A finished search, then: the same folder with another recipe, with another study name,
+    and with its optuna.db deleted. Each is refused in one sentence before any trial, and the
+    old trials' folders are left as they were (a new study would otherwise resume, retrain or
+    copy them as its own; a changed recipe would mix 2- and 1-layer trials in one study)."""
+    args = [*SEARCH, "trainer.max_epochs=1", "hydra.sweeper.n_trials=2"]
+    args += ["hydra.sweeper.pruner=none", "hydra.sweep.dir=search"]
+    first = run_module("lmexp.train", *args, cwd=tmp_path)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
+    folder = tmp_path / "search"
+    before = {p: p.read_bytes() for p in folder.glob("trial_*/checkpoints/*.pt")}
+    assert len(before) >= 2
+    runs = len(mlflow_runs(tmp_path / "mlflow.db"))
+
+    def refused(extra: list[str], sentence: str) -> None:
+        proc = run_module("lmexp.train", *args, "hydra.sweeper.n_trials=3", *extra, cwd=tmp_path)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 2 and sentence in out, out[-3000:]
+        assert "Traceback" not in out and "Trial " not in out
+        assert {p: p.read_bytes() for p in folder.glob("trial_*/checkpoints/*.pt")} == before
+        assert sorted(p.name for p in folder.glob("trial_*")) == ["trial_0", "trial_1"]
+        assert len(mlflow_runs(tmp_path / "mlflow.db")) == runs
+
+    refused(
+        ["model.num_layers=1"],
+        "Study lmexp_tiny was run with model.num_layers=2 (now 1); continuing it would mix two "
+        "recipes in one study",
+    )
+    refused(
+        ["hydra.sweeper.study_name=other"],
+        f"{folder.resolve()} holds the trials (trial_0, trial_1) of study lmexp_tiny, not of "
+        "other; continue that one with its own hydra.sweeper.study_name and storage; or start "
+        "this search in a new folder with another hydra.sweep.dir.",
+    )
+    (folder / "optuna.db").unlink()
+    refused(
+        [],
+        f"{folder.resolve()} holds the trials (trial_0, trial_1) of an earlier study named "
+        "lmexp_tiny, which its storage no longer holds (deleted or replaced)",
+    )
 
 
 # --- bad input: one sentence before any trial ----------------------------------------------------
