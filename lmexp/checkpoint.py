@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmexp.config import LmexpError
+from lmexp.config import LmexpError, first_line
 from lmexp.data import atomic_write_bytes
 
 MAGIC = b"LMEXP-CHECKPOINT v1\n"
@@ -53,6 +53,11 @@ def save(path: Path, payload: dict[str, Any]) -> None:
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Verify and load a checkpoint; raise CheckpointError saying what is wrong with which file."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(
+            f"Checkpoint {path} is a folder; pass a file in it (checkpoints/last.pt or best.pt, "
+            "or model/model.pt)."
+        )
     if not path.is_file():
         raise CheckpointError(f"Checkpoint {path} does not exist; check trainer.ckpt_path.")
     raw = path.read_bytes()
@@ -130,7 +135,13 @@ def _load_exported(path: Path, map_location: str | torch.device) -> dict[str, An
                 f"{beside} is missing: an exported model.pt needs the {key}.json lmexp.train "
                 "wrote beside it; copy the whole model/ folder."
             )
-        state[key] = json.loads(beside.read_text())
+        try:
+            state[key] = json.loads(beside.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise CheckpointError(
+                f"{beside} is not valid JSON ({first_line(err)}); copy it again from the "
+                "model/ folder lmexp.train wrote."
+            ) from None
     return state
 
 
@@ -174,19 +185,42 @@ def load_model(
             f"{path} has no {', '.join(missing)}; pass a checkpoint or model.pt written by lmexp."
         )
     config, vocab = state["config"], state["vocab"]
-    cell = config.get("model", {}).get("cell", "lstm")  # configs before GRU had no cell: LSTM
-    if cell not in CELLS:
+    if not isinstance(vocab, list) or not all(isinstance(w, str) for w in vocab):
+        raise CheckpointError(
+            f"{path}: its vocabulary is not a list of words; pass a model written by "
+            "lmexp.train, with its own vocab.json."
+        )
+    model_cfg = config.get("model") if isinstance(config, dict) else None
+    cell = model_cfg.get("cell", "lstm") if isinstance(model_cfg, dict) else "lstm"
+    if cell not in CELLS:  # configs from before GRU had no cell: LSTM
         raise CheckpointError(
             f"{path}: its config's model.cell={cell!r} is not one of {', '.join(CELLS)}; pass a "
             "model written by lmexp.train, with its own config.json."
         )
-    model = RNNLanguageModel.from_config(
-        ModelConfig(**config["model"]), DropoutConfig(**config["dropout"]), len(vocab)
-    )
+    try:
+        model = RNNLanguageModel.from_config(
+            ModelConfig(**config["model"]), DropoutConfig(**config["dropout"]), len(vocab)
+        )
+    except (TypeError, ValueError, KeyError, AttributeError) as err:
+        # A hand-edited config.json: a key missing or unknown, a number written as text.
+        raise CheckpointError(
+            f"{path}: its config does not describe an lmexp model ({type(err).__name__}: "
+            f"{first_line(err)}); pass a model written by lmexp.train, with its own config.json."
+        ) from None
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
         raise CheckpointError(
-            f"{path}: weights do not fit its own config ({str(err).splitlines()[0]})."
+            f"{path}: weights do not fit its own config ({state_dict_mismatch(err)})."
         ) from err
     return model.to(device).eval(), vocab, config
+
+
+def state_dict_mismatch(err: RuntimeError, limit: int = 3) -> str:
+    """torch's load_state_dict error without its header line: which tensors are missing,
+    unexpected or of another shape (the first `limit` of them, and how many more)."""
+    lines = [ln.strip() for ln in str(err).splitlines()[1:] if ln.strip()]
+    if not lines:
+        return first_line(err)
+    more = f"; and {len(lines) - limit} more" if len(lines) > limit else ""
+    return "; ".join(ln.rstrip(".") for ln in lines[:limit]) + more

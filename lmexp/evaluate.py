@@ -34,11 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
+        if args.text is not None and not args.text.is_file():  # before the model is loaded
+            what = "is a folder; pass a text file" if args.text.is_dir() else "does not exist"
+            raise LmexpError(f"--text {args.text} {what}.")
         model, vocab, config = resolve_model(args.model, args.tracking_uri, args.device)
         trainer = config["trainer"]
         if args.text is not None:
-            if not args.text.is_file():
-                raise LmexpError(f"--text {args.text} does not exist.")
             words = read_words(args.text)
             if not words:
                 raise LmexpError(f"--text {args.text} holds no words.")

@@ -41,6 +41,11 @@ def resolve_model(
     path = Path(source)
     if path.is_file():
         return checkpoint.load_model(path, device)
+    if path.is_dir():
+        raise LmexpError(
+            f"{source} is a folder; pass the model.pt (or checkpoint) inside it, or an MLflow "
+            "run id."
+        )
     if path.suffix or "/" in source:
         raise LmexpError(
             f"{source} does not exist; pass a model.pt or checkpoint path, or an MLflow run id."
@@ -48,7 +53,7 @@ def resolve_model(
     from lmexp.tracking import check_store, download_model, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri, Path.cwd())
-    check_store(uri)
+    check_store(uri, read_only=True)
     with tempfile.TemporaryDirectory() as tmp:
         return checkpoint.load_model(download_model(uri, source, Path(tmp)), device)
 

@@ -22,7 +22,13 @@ from lmexp.summary import (
     report_all,
     results_record,
 )
-from lmexp.tracking import SWEEP_FILE, fetch_run, read_sweep, resolve_tracking_uri
+from lmexp.tracking import (
+    SWEEP_FILE,
+    check_store,
+    fetch_run,
+    read_sweep,
+    resolve_tracking_uri,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     uri = resolve_tracking_uri(args.tracking_uri, Path.cwd())
     try:
+        if not args.sweep_dir:
+            check_store(uri, read_only=True)  # (a sweep folder names its own store, below)
         if args.record:
             if not args.run:
                 raise LmexpError(
@@ -80,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                 sweep["swept_params"],
                 sweep["tracking_uri"],
             )
+            check_store(uri, read_only=True)
             args.experiment = sweep.get("experiment", args.experiment or "lmexp")
             if close_stale_sweep(uri, {"experiment": args.experiment, **sweep}, args.sweep_dir):
                 print(f"closed the sweep's parent run {parent} as KILLED: its process is gone")

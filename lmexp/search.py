@@ -215,22 +215,42 @@ def storage_url(config: DictConfig) -> str:
     return f"sqlite:///{Path(config.hydra.sweep.dir).resolve() / 'optuna.db'}"
 
 
-def open_storage(url: str) -> Any:
+def open_storage(url: str, default: bool = False) -> Any:
     """Optuna's database storage (sqlite waits up to a minute for another writer), or one
-    sentence when it cannot be opened."""
+    sentence when it cannot be opened. default: the url is the sweep folder's own optuna.db
+    (hydra.sweeper.storage null), whose fix is another than a storage the user named."""
     import optuna
 
+    from lmexp.runtime import sqlite_problem
     from lmexp.tracking import redact
 
-    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
-    except Exception as err:  # noqa: BLE001 - a bad URL, no driver, no server, no password
+    db = Path(url[len("sqlite:///") :]) if url.startswith("sqlite:///") else None
+    reason = sqlite_problem(db) if db is not None and db.is_file() and db.stat().st_size else None
+    if reason is None:
+        kwargs = {"connect_args": {"timeout": 60}} if db is not None else {}
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        except Exception as err:  # noqa: BLE001 - a bad URL, no driver, no server, no password
+            reason = first_line(root_cause(err))
+    if default:
         raise LmexpError(
-            f"hydra.sweeper.storage={redact(url)} cannot be opened ({first_line(err)}); give a "
-            "database URL Optuna can reach (sqlite:///path/optuna.db, postgresql://user@host/db) "
-            "or leave it null for a sqlite file in the sweep folder."
-        ) from None
+            f"The search's study database {db} is unusable ({reason}); restore it from a "
+            "backup, or start the search afresh in a new folder (another hydra.sweep.dir): the "
+            "trials in this one belong to the study it held."
+        )
+    raise LmexpError(
+        f"hydra.sweeper.storage={redact(url)} cannot be opened ({reason}); give a database URL "
+        "Optuna can reach (sqlite:///path/optuna.db, postgresql://user@host/db), or leave it "
+        "null for a sqlite file in the sweep folder."
+    )
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The error under a library's wrapper: Optuna reports any failed commit (a corrupt page, a
+    read-only file) as 'invalid data in the commit, e.g. exceeding max length'."""
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__  # type: ignore[assignment]
+    return err
 
 
 def direction(config: DictConfig) -> str:
@@ -263,9 +283,10 @@ def create_study(config: DictConfig, space: dict[str, Any]) -> Any:
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     name = str(config.hydra.sweeper.study_name)
+    default = not OmegaConf.select(config, "hydra.sweeper.storage")
     try:
         study = optuna.create_study(
-            storage=open_storage(url),
+            storage=open_storage(url, default),
             study_name=name,
             direction=direction(config),
             load_if_exists=True,
@@ -274,9 +295,10 @@ def create_study(config: DictConfig, space: dict[str, Any]) -> Any:
     except LmexpError:
         raise
     except Exception as err:  # noqa: BLE001 - storage that opens but cannot hold a study
+        where = "The search's study database" if default else "hydra.sweeper.storage="
         raise LmexpError(
-            f"hydra.sweeper.storage={redact(url)} cannot hold study {name} ({first_line(err)}); "
-            "check the database and its permissions."
+            f"{where}{' ' if default else ''}{redact(url)} cannot hold study {name} "
+            f"({first_line(root_cause(err))}); check the database and its permissions."
         ) from None
     other = "or give this search its own hydra.sweeper.study_name"
     if study.direction.name.lower() != direction(config):

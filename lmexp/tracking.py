@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from lmexp.config import LmexpError, first_line
+from lmexp.runtime import sqlite_problem
 
 PARENT_TAG = "mlflow.parentRunId"
 FAILURE_TAG = "lmexp.failure_reason"
@@ -84,10 +85,27 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
 
 
-def check_store(uri: str, timeout: float = 5.0) -> None:
-    """Fail within `timeout` seconds, naming the URI, when the store cannot be used."""
+def check_store(uri: str, timeout: float = 5.0, read_only: bool = False) -> None:
+    """Fail within `timeout` seconds, naming the URI, when the store cannot be used. read_only:
+    for reports, which only read: a sqlite store must already exist (else reading would create
+    an empty one, and its folder), and need not be writable."""
     scheme = urllib.parse.urlparse(uri).scheme
     db = sqlite_path(uri)
+    if db is not None and read_only:
+        if not db.is_file() or db.stat().st_size == 0:
+            what = (
+                "is a folder"
+                if db.is_dir()
+                else "holds no store"
+                if db.exists()
+                else "does not exist"
+            )
+            raise TrackingError(
+                f"Tracking store {redact(uri)}: {db} {what}, so there are no runs to read; pass "
+                "--tracking-uri (or set MLFLOW_TRACKING_URI) to the store the runs were logged to."
+            )
+        check_sqlite(uri, db, timeout, write=False)
+        return
     if db is not None:
         if not db.parent.is_dir():
             raise TrackingError(
@@ -99,12 +117,6 @@ def check_store(uri: str, timeout: float = 5.0) -> None:
                 f"Tracking store {redact(uri)}: folder {db.parent} is not writable."
             )
         if db.exists() and db.stat().st_size > 0:
-            with open(db, "rb") as f:
-                if f.read(16) != b"SQLite format 3\x00":
-                    raise TrackingError(
-                        f"Tracking store {redact(uri)}: {db} is not an SQLite database; move it away "
-                        "or point logger.tracking_uri elsewhere."
-                    )
             check_sqlite(uri, db, timeout)
     elif is_database(uri):
         check_database(uri, timeout)
@@ -179,24 +191,21 @@ def check_database(uri: str, timeout: float) -> None:
         engine.dispose()
 
 
-def check_sqlite(uri: str, db: Path, timeout: float) -> None:
-    """Read every page's structure and make (and roll back) one write, as MLflow will: a store
-    that is corrupt or read-only fails here in one sentence, not in SQLAlchemy tracebacks."""
-    import sqlite3
-
-    try:
-        con = sqlite3.connect(db, timeout=max(timeout, 10.0), isolation_level=None)
-        try:
-            problems = [row[0] for row in con.execute("PRAGMA quick_check")]
-            if problems != ["ok"]:
-                raise sqlite3.DatabaseError(f"database disk image is malformed: {problems[0]}")
-            con.execute("BEGIN IMMEDIATE")
-            con.execute("CREATE TABLE lmexp_write_probe (x INTEGER)")  # journaled, rolled back
-            con.execute("ROLLBACK")
-        finally:
-            con.close()
-    except sqlite3.Error as err:
-        reason = str(err).splitlines()[0]
+def check_sqlite(uri: str, db: Path, timeout: float, write: bool = True) -> None:
+    """A store that is not a database, corrupt or read-only fails here in one sentence, not in
+    SQLAlchemy tracebacks (write=False, for reports: its structure only)."""
+    reason = sqlite_problem(db, timeout, write)
+    if reason == "not an SQLite database":
+        raise TrackingError(
+            f"Tracking store {redact(uri)}: {db} is not an SQLite database; move it away "
+            "or point logger.tracking_uri elsewhere."
+        )
+    if reason is not None and not write:
+        raise TrackingError(
+            f"Tracking store {redact(uri)} is unreadable ({reason}); restore {db} from a backup, "
+            "or pass --tracking-uri of another store."
+        )
+    if reason is not None:
         fix = (
             f"make {db} and its folder writable for this user"
             if "readonly" in reason or "unable to open" in reason
@@ -205,7 +214,7 @@ def check_sqlite(uri: str, db: Path, timeout: float) -> None:
         raise TrackingError(
             f"Tracking store {redact(uri)} is unusable ({reason}); {fix}, or point logger.tracking_uri "
             "elsewhere."
-        ) from err
+        )
 
 
 @contextlib.contextmanager

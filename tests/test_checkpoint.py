@@ -109,3 +109,54 @@ def test_exported_model_pt_that_would_run_code_is_refused_and_nothing_runs(tmp_p
         "written by lmexp.train."
     )
     assert not os.path.exists(MARKER)
+
+
+def _exported(folder):
+    """A real (tiny) model, exported as lmexp.train exports one."""
+    from dataclasses import asdict
+
+    from lmexp.config import DropoutConfig, ModelConfig
+    from lmexp.model import RNNLanguageModel
+
+    model_cfg, dropout_cfg = ModelConfig(hidden_size=8, num_layers=1), DropoutConfig()
+    model = RNNLanguageModel.from_config(model_cfg, dropout_cfg, 5)
+    config = {"model": asdict(model_cfg), "dropout": asdict(dropout_cfg)}
+    checkpoint.export(folder, model.state_dict(), config, ["a", "b", "c", "d", "<unk>"])
+    return folder / "model.pt"
+
+
+def test_a_folder_given_as_a_checkpoint_is_called_a_folder(tmp_path):
+    with pytest.raises(CheckpointError) as err:
+        checkpoint.load_any(tmp_path)
+    assert str(err.value) == (
+        f"Checkpoint {tmp_path} is a folder; pass a file in it (checkpoints/last.pt or best.pt, "
+        "or model/model.pt)."
+    )
+
+
+def test_a_hand_damaged_config_json_is_one_sentence_naming_it(tmp_path):
+    path = _exported(tmp_path / "model")
+    assert checkpoint.load_model(path)[1][-1] == "<unk>"
+    config = path.with_name("config.json")
+    good = config.read_text()
+    config.write_text(good[:-5])  # broken JSON
+    with pytest.raises(CheckpointError, match=rf"^{config} is not valid JSON \(.*line"):
+        checkpoint.load_model(path)
+    config.write_text(good.replace('"hidden_size": 8', '"hidden_size": "8"'))  # a wrong type
+    with pytest.raises(
+        CheckpointError,
+        match=rf"^{path}: its config does not describe an lmexp model \(TypeError: .*\); pass",
+    ):
+        checkpoint.load_model(path)
+
+
+def test_weights_that_do_not_fit_name_the_tensors(tmp_path):
+    path = _exported(tmp_path / "model")
+    config = path.with_name("config.json")
+    config.write_text(config.read_text().replace('"hidden_size": 8', '"hidden_size": 16'))
+    with pytest.raises(CheckpointError) as err:
+        checkpoint.load_model(path)
+    text = str(err.value)
+    assert text.startswith(f"{path}: weights do not fit its own config (size mismatch for ")
+    assert "embedding.weight: copying a param with shape torch.Size([5, 8])" in text
+    assert "the shape in current model is torch.Size([5, 16])" in text and "more)." in text

@@ -119,6 +119,23 @@ def test_evaluate_names_a_bad_model_source(trained, tmp_path):
     assert proc.returncode == 2 and "has no model/model.pt artifact" in proc.stderr
 
 
+def test_a_folder_given_for_a_file_is_called_a_folder(trained, monkeypatch, capsys):
+    from lmexp.evaluate import main
+
+    cwd, _, _ = trained
+    monkeypatch.chdir(cwd)
+    assert main(["run/model/model.pt", "--text", "run"]) == 2
+    assert (
+        capsys.readouterr().err
+        == "lmexp.evaluate: error: --text run is a folder; pass a text file.\n"
+    )
+    assert main(["run/model"]) == 2
+    assert capsys.readouterr().err == (
+        "lmexp.evaluate: error: run/model is a folder; pass the model.pt (or checkpoint) inside "
+        "it, or an MLflow run id.\n"
+    )
+
+
 PYFUNC_SCRIPT = """
 import json, sys
 

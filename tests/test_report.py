@@ -32,6 +32,9 @@ def test_report_without_arguments_groups_by_experiment_and_recipe_and_keeps_old_
 
 
 def test_report_of_a_store_without_runs_is_one_sentence(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments()
     proc = run_module("lmexp.report", "--out", "rep", cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().endswith(
@@ -39,3 +42,38 @@ def test_report_of_a_store_without_runs_is_one_sentence(tmp_path):
         "store that has them."
     ), proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_report_of_a_missing_or_damaged_store_is_one_sentence_and_creates_nothing(tmp_path):
+    """A store path in a folder that does not exist is not created (with an empty store in it);
+    a truncated store is named, not 80 lines of SQLAlchemy."""
+    from mlflow.tracking import MlflowClient
+
+    missing = tmp_path / "nope" / "mlflow.db"
+    proc = run_module(
+        "lmexp.report", "--tracking-uri", f"sqlite:///{missing}", "--out", "rep", cwd=tmp_path
+    )
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"lmexp.report: error: Tracking store sqlite:///{missing}: {missing} does not exist, so "
+        "there are no runs to read; pass --tracking-uri (or set MLFLOW_TRACKING_URI) to the "
+        "store the runs were logged to."
+    ), proc.stderr
+    assert not (tmp_path / "nope").exists() and not (tmp_path / "rep").exists()
+
+    db = tmp_path / "mlflow.db"
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    run = client.create_run(client.create_experiment("lmexp"))
+    for step in range(200):
+        client.log_metric(run.info.run_id, "valid_ppl", 100.0 + step, step=step)
+    with open(db, "r+b") as f:
+        f.truncate(db.stat().st_size // 3)
+    proc = run_module("lmexp.report", "--out", "rep", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip().startswith(
+        f"lmexp.report: error: Tracking store sqlite:///{db} is unreadable (database disk image "
+        f"is malformed"
+    ), proc.stderr
+    assert proc.stderr.strip().endswith(
+        f"restore {db} from a backup, or pass --tracking-uri of another store."
+    )
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "rep").exists()

@@ -248,6 +248,35 @@ def test_a_study_belongs_to_one_search_folder_and_space(tmp_path):
         create_study(changed, space)
 
 
+@pytest.mark.unit
+def test_a_damaged_study_database_is_named_with_the_way_out_that_fits(tmp_path):
+    """The sweep folder's own optuna.db, truncated or with a page overwritten: named, with what
+    to do (not Optuna's 'exceeding max length', nor advice to leave a null storage null)."""
+    import optuna.distributions as d
+
+    from lmexp.config import LmexpError
+    from lmexp.search import create_study
+
+    cfg = _study_config(tmp_path, "search")
+    cfg.hydra.sweeper.storage = None
+    space = {"lr_policy.lr": d.FloatDistribution(0.25, 4.0, log=True)}
+    create_study(cfg, space)
+    db = tmp_path / "search" / "optuna.db"
+    good = db.read_bytes()
+    for damaged in (good[: len(good) // 3], good[:5000] + b"\xff" * 4000 + good[9000:]):
+        db.write_bytes(damaged)
+        with pytest.raises(LmexpError) as err:
+            create_study(cfg, space)
+        assert str(err.value).startswith(
+            f"The search's study database {db} is unusable (database disk image is malformed"
+        )
+        assert str(err.value).endswith(
+            "); restore it from a backup, or start the search afresh in a new folder (another "
+            "hydra.sweep.dir): the trials in this one belong to the study it held."
+        )
+        assert "\n" not in str(err.value) and "max length" not in str(err.value)
+
+
 # --- a search with pruning -----------------------------------------------------------------------
 
 
