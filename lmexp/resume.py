@@ -3,6 +3,7 @@ trainer.ckpt_path, or from the weights of an exported model.pt; and which settin
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,36 @@ from lmexp.config import BOOKKEEPING, EXECUTION, SHAPE, TrainerConfig, flatten, 
 # a run may change when it continues in its own folder.
 SHAPE_KEYS = frozenset(keys_with_role(SHAPE))
 FREE_ON_RESUME = frozenset(keys_with_role(EXECUTION) | keys_with_role(BOOKKEEPING))
+EXECUTION_KEYS = frozenset(keys_with_role(EXECUTION))
+# In a run folder: the tracking run its first attempt opened, so that a rerun that finds no
+# checkpoint (killed before its first) continues that run instead of leaving it orphaned.
+RUN_FILE = "tracking_run.json"
+
+
+def remember_run(output_dir: Path, run_id: str, store: str) -> None:
+    (output_dir / RUN_FILE).write_text(json.dumps({"run_id": run_id, "store": store}))
+
+
+def remembered_run(output_dir: Path, store: str) -> str | None:
+    """The run an earlier attempt in this folder opened in this store (store: redacted URI)."""
+    try:
+        record = json.loads((output_dir / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("store") != store:
+        return None
+    return str(record["run_id"]) if record.get("run_id") else None
+
+
+def changed_on_resume(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple]:
+    """The execution settings a resumed run changed (trainer.max_epochs raised, threads,
+    precision): allowed, and recorded, since the run's params still show the first values."""
+    old, new = flatten(saved), flatten(current)
+    return {
+        k: (old[k], new[k])
+        for k in sorted(EXECUTION_KEYS & old.keys() & new.keys())
+        if old[k] != new[k]
+    }
 
 
 def is_exported_model(state: dict[str, Any]) -> bool:

@@ -596,6 +596,33 @@ def open_tracker(
     return tracker, note
 
 
+def rerun_decision(
+    uri: str, earlier: str, params: dict[str, Any], resume: bool
+) -> tuple[bool, str]:
+    """Whether a rerun that found no checkpoint continues the MLflow run its earlier attempt
+    opened (killed before its first checkpoint: one job stays one run), and the line that says
+    what happens. Not when that run finished, is gone, was made with other settings, or the
+    rerun asked for a new run (trainer.resume=false)."""
+    found = run_status(uri, earlier)
+    if found is None:
+        return False, f"its earlier MLflow run {earlier} is not in {redact(uri)}"
+    status, logged = found
+    changed = sorted(k for k, v in params.items() if k in logged and logged[k] != str(v))
+    if resume and status != "FINISHED" and not changed:
+        return True, f"MLflow run {earlier}, interrupted before its first checkpoint, starts again"
+    if status == "RUNNING":  # its process was killed outright: close it, it will not go on
+        status = "KILLED"
+        end_run(uri, earlier, status, "superseded by a new run in the same folder")
+    why = (
+        "trainer.resume=false"
+        if not resume
+        else "it finished"
+        if found[0] == "FINISHED"
+        else f"the settings changed ({', '.join(changed[:3])})"
+    )
+    return False, f"{why}: starting a new run; the earlier MLflow run {earlier} stays {status}"
+
+
 def usable_store(
     uri: str, timeout: float = 5.0, fallback_uri: str | None = None
 ) -> tuple[str, str | None]:
@@ -770,6 +797,17 @@ def _record(client: Any, run: Any, history_keys: tuple[str, ...]) -> RunRecord:
         history,
         run.info.experiment_id,
     )
+
+
+def run_status(uri: str, run_id: str) -> tuple[str, dict[str, str]] | None:
+    """A run's status and params, or None when the store does not hold it."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = _client(uri).get_run(run_id)
+    except MlflowException:
+        return None
+    return run.info.status, dict(run.data.params)
 
 
 def end_run(uri: str, run_id: str, status: str, reason: str) -> None:

@@ -19,6 +19,7 @@ import logging
 import math
 import signal
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,7 @@ from lmexp.loop import (
 )
 from lmexp.model import RNNLanguageModel, State, pack_state, unpack_state
 from lmexp.names import child_name, single_name
-from lmexp.resume import find_resume
+from lmexp.resume import changed_on_resume, find_resume, remember_run, remembered_run
 from lmexp.runtime import (
     Preemption,
     check_device_support,
@@ -61,6 +62,7 @@ from lmexp.tracking import (
     TrackingLost,
     open_tracker,
     redact,
+    rerun_decision,
     resolve_tracking_uri,
 )
 
@@ -126,12 +128,16 @@ def run_training(cfg: TrainConfig, ctx: RunContext) -> float:
         ckpt_dir = ctx.output_dir / "checkpoints"
         check_writable(ckpt_dir)
         resume = find_resume(t, ckpt_dir, ctx.resolved, corpus.vocab)
+        if resume is None and not t.resume:
+            set_aside(ctx.output_dir)
         model = build_model(cfg, corpus, device, resume)
         tags = run_tags(device, ctx, cfg)
         if resume is not None and resume.get("init_only"):
             log.info("Starting a new run from the weights of %s", resume["path"])
             tags["init_from"], resume = resume["path"], None
         tracker = start_tracking(cfg, ctx, tags, resume["mlflow_run_id"] if resume else None)
+        if tracker.uri:
+            remember_run(ctx.output_dir, tracker.run_id, redact(tracker.uri))
         run = Run(cfg, ctx, corpus, data, model, tracker, ckpt_dir)
         try:
             if resume is None:
@@ -178,6 +184,24 @@ def run_training(cfg: TrainConfig, ctx: RunContext) -> float:
             raise
 
 
+def set_aside(output_dir: Path) -> None:
+    """trainer.resume=false in a folder that holds a run: its checkpoints and model are moved
+    into earlier-<time>/ there, not overwritten by the new run."""
+    if not (output_dir / "checkpoints" / "last.pt").exists():
+        return
+    kept = output_dir / time.strftime("earlier-%Y%m%d-%H%M%S")
+    kept.mkdir()
+    for name in ("checkpoints", "model"):
+        if (output_dir / name).exists():
+            (output_dir / name).rename(kept / name)
+    log.warning(
+        "trainer.resume=false: a new run in %s; the earlier run's checkpoints and model are kept "
+        "in %s, not overwritten.",
+        output_dir,
+        kept,
+    )
+
+
 def build_model(
     cfg: TrainConfig, corpus: Corpus, device: torch.device, resume: dict[str, Any] | None
 ) -> RNNLanguageModel:
@@ -190,7 +214,7 @@ def build_model(
         except RuntimeError as err:
             raise checkpoint.CheckpointError(
                 f"{resume['path']} does not fit model={cfg.model.name} with dropout="
-                f"{cfg.dropout.kind} ({str(err).splitlines()[0]}); start from a model of the "
+                f"{cfg.dropout.kind} ({checkpoint.state_dict_mismatch(err)}); start from a model of the "
                 "same size and dropout kind, or leave trainer.ckpt_path unset."
             ) from err
     return model.to(device)
@@ -208,9 +232,17 @@ def start_tracking(
     else:
         name = single_name(cfg.model.name, ctx.overrides)
     system_metrics = lg.system_metrics if lg.system_metrics is not None else cfg.data.name != "tiny"
+    uri = ctx.tracking_uri or resolve_tracking_uri(lg.tracking_uri, ctx.launch_dir)
+    earlier = remembered_run(ctx.output_dir, redact(uri)) if run_id is None else None
+    if earlier is not None and lg.kind != "none":
+        # Killed before its first checkpoint: continue that run (one job, one run), or say why not.
+        params = flatten(ctx.resolved)
+        again, why = rerun_decision(uri, earlier, params, cfg.trainer.resume)
+        log.warning("No checkpoint in %s: %s.", ctx.output_dir / "checkpoints", why)
+        run_id = earlier if again else None
     tracker, note = open_tracker(
         lg.kind,
-        ctx.tracking_uri or resolve_tracking_uri(lg.tracking_uri, ctx.launch_dir),
+        uri,
         lg.experiment_name,
         run_id=run_id,
         run_name=name,
@@ -271,6 +303,11 @@ def restore(run: Run, resume: dict[str, Any]) -> Position:
                 run.tracker.log_metrics({key: record[key]}, step=int(record["epoch"]))
     batch = position.partial.batch if position.partial else 0
     log.info("Resumed from %s at epoch %d, batch %d", resume["path"], position.epoch + 1, batch)
+    changed = changed_on_resume(resume["config"], run.ctx.resolved)
+    if changed:  # the run's params keep the first values: the tag says what changed, and when
+        what = "; ".join(f"{k}={new} (was {old})" for k, (old, new) in changed.items())
+        run.tracker.set_tags({f"lmexp.changed_at_epoch_{position.epoch}": what})
+        log.info("Resumed with changed settings: %s", what)
     return position
 
 

@@ -288,6 +288,57 @@ def test_resuming_in_a_run_folder_with_other_hyperparameters_is_refused(tmp_path
         cwd=tmp_path,
     )  # fmt: skip
     assert more.returncode == 0 and "Resumed from" in more.stdout + more.stderr
+    # Its params keep the first values (MLflow cannot change a param); a tag says what changed.
+    (run,) = mlflow_runs(tmp_path / "mlflow.db")
+    assert run.data.params["trainer.max_epochs"] == "1"
+    assert "trainer.max_epochs=2 (was 1)" in run.data.tags["lmexp.changed_at_epoch_1"]
+    assert "trainer.threads=2 (was " in run.data.tags["lmexp.changed_at_epoch_1"]
+
+
+def test_a_rerun_after_a_kill_before_the_first_checkpoint_continues_the_same_mlflow_run(tmp_path):
+    """SIGKILL in epoch 1, before any checkpoint: the same command starts over, says so in one
+    line, and does it in the run the killed attempt opened: one job stays one MLflow run."""
+    args = [*SLOW_TINY, "trainer.max_epochs=1", "trainer.progress=true", "hydra.run.dir=run"]
+    proc = start(args, tmp_path)
+    wait_for_line(tmp_path / "run" / "train.log", "epoch 1 [", proc)  # a tenth of epoch 1 done
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+    (killed,) = mlflow_runs(tmp_path / "mlflow.db")
+    assert killed.info.status == "RUNNING"  # SIGKILL: nobody could close it
+
+    rerun = run_module("lmexp.train", *args, cwd=tmp_path)
+    text = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, text[-3000:]
+    assert (
+        f"No checkpoint in {tmp_path / 'run' / 'checkpoints'}: MLflow run {killed.info.run_id}, "
+        "interrupted before its first checkpoint, starts again." in text
+    )
+    (run,) = mlflow_runs(tmp_path / "mlflow.db")
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+    assert [s for s, _ in metric_history(tmp_path / "mlflow.db", run.info.run_id, "valid_ppl")] == [
+        1
+    ]
+
+
+def test_resume_false_in_a_folder_with_a_run_keeps_that_runs_checkpoints(tmp_path):
+    args = [*TINY, "trainer.max_epochs=1", "hydra.run.dir=run"]
+    first = run_module("lmexp.train", *args, cwd=tmp_path)
+    assert first.returncode == 0
+    saved = {p.name: p.read_bytes() for p in (tmp_path / "run" / "checkpoints").iterdir()}
+    again = run_module("lmexp.train", *args, "trainer.resume=false", cwd=tmp_path)
+    text = again.stdout + again.stderr
+    assert again.returncode == 0, text[-3000:]
+    (kept,) = (tmp_path / "run").glob("earlier-*")
+    assert (
+        f"trainer.resume=false: a new run in {tmp_path / 'run'}; the earlier run's checkpoints "
+        f"and model are kept in {kept}, not overwritten." in text
+    )
+    assert {p.name: p.read_bytes() for p in (kept / "checkpoints").iterdir()} == saved
+    assert (kept / "model" / "model.pt").is_file()
+    assert "the earlier MLflow run" in text and "stays FINISHED" in text
+    runs = mlflow_runs(tmp_path / "mlflow.db")
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
 
 
 def test_tampered_checkpoint_passed_by_path_is_refused(tmp_path):
