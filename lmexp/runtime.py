@@ -100,20 +100,43 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({cpu_description()}; {torch.get_num_threads()} threads)"
 
 
+# Set by a local parallel sweep for its jobs: how many of them train at once on this machine.
+LOCAL_JOBS_ENV = "LMEXP_LOCAL_JOBS"
+
+
+def physical_cores() -> int:
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except (
+        ImportError
+    ):  # psutil comes with lmexp; a bare GPU box running only the bench may lack it
+        return os.cpu_count() or 1
+
+
+def local_jobs_at_once(launcher: str, launcher_jobs: int | None, jobs: int) -> int:
+    """How many of a sweep's `jobs` its launcher runs at once on this machine: joblib's n_jobs
+    (-1: one per core), all of them for submitit's local launcher, one for the basic launcher
+    (one after the other) and for SLURM (each job has a node's CPUs of its own)."""
+    if "joblib" in launcher:
+        n = launcher_jobs if launcher_jobs is not None and launcher_jobs > 0 else os.cpu_count()
+        return max(1, min(n or 1, jobs))
+    if "submitit" in launcher and "Local" in launcher:
+        return max(1, jobs)
+    return 1
+
+
 def configure_threads(threads: int) -> int:
     """torch intra-op threads: the configured number, else the CPUs SLURM gave the job, else
+    the physical cores shared among the local jobs that train at once (a local parallel sweep:
+    cores // jobs, at least 1; all jobs on all cores made each of two jobs 2.4x slower), else
     one per physical core (a SLURM job sees the whole node's cores)."""
     if threads == 0 and os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
         threads = int(os.environ["SLURM_CPUS_PER_TASK"])
     if threads == 0:
-        try:
-            import psutil
-
-            threads = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-        except (
-            ImportError
-        ):  # psutil comes with lmexp; a bare GPU box running only the bench may lack it
-            threads = os.cpu_count() or 1
+        at_once = os.environ.get(LOCAL_JOBS_ENV, "")
+        threads = max(1, physical_cores() // (int(at_once) if at_once.isdigit() else 1))
     torch.set_num_threads(threads)
     return threads
 

@@ -28,7 +28,16 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from lmexp.config import LmexpError, first_line
-from lmexp.runtime import SWEEP_STOPPING, folder_in_use, held_here, lock_folder, write_private
+from lmexp.runtime import (
+    LOCAL_JOBS_ENV,
+    SWEEP_STOPPING,
+    folder_in_use,
+    held_here,
+    local_jobs_at_once,
+    lock_folder,
+    physical_cores,
+    write_private,
+)
 from lmexp.search import check_search, uses_search
 from lmexp.slurm import check_cluster, follow_jobs, uses_slurm
 from lmexp.stats import SEED_KEY
@@ -156,6 +165,24 @@ def stop_local_jobs(sweep_dir: Path, signum: int, grace_s: float = JOB_GRACE_S) 
         time.sleep(0.2)
 
 
+def share_cores(config: DictConfig, jobs: int) -> None:
+    """With trainer.threads unset, local jobs that train at once share the physical cores
+    (lmexp.runtime.configure_threads reads how many from the environment they inherit)."""
+    launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default=""))
+    at_once = local_jobs_at_once(launcher, OmegaConf.select(config, "hydra.launcher.n_jobs"), jobs)
+    os.environ.pop(LOCAL_JOBS_ENV, None)
+    if at_once > 1 and OmegaConf.select(config, "trainer.threads", default=0) == 0:
+        os.environ[LOCAL_JOBS_ENV] = str(at_once)
+        cores = physical_cores()
+        log.info(
+            "%d jobs train at once on this machine's %d physical cores: each uses %d thread(s) "
+            "(trainer.threads=N to choose).",
+            at_once,
+            cores,
+            max(1, cores // at_once),
+        )
+
+
 class MlflowSweepCallback(Callback):
     def __init__(self) -> None:
         self.parent: dict[str, Any] | None = None  # set while the parent run is open
@@ -168,7 +195,9 @@ class MlflowSweepCallback(Callback):
         # each error here ends the process itself, in one sentence.
         redact_log_records()
         params, task = parse_sweep(config)
-        check_sweep(config, sweep_jobs(params, task))
+        jobs = sweep_jobs(params, task)
+        check_sweep(config, jobs)
+        share_cores(config, int(config.hydra.sweeper.n_jobs) if uses_search(config) else len(jobs))
         try:
             if uses_search(config):
                 check_search(config, params, task)  # before the parent run: nothing to undo

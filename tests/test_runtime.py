@@ -6,6 +6,7 @@ import os
 import signal
 
 import pytest
+import torch
 
 from lmexp.runtime import Preemption
 
@@ -52,3 +53,35 @@ def test_hand_over_runs_the_previous_handler_but_not_pythons_keyboard_interrupt(
         ctrl_c.hand_over()
     except KeyboardInterrupt:
         pytest.fail("hand_over ran Python's SIGINT handler, undoing the clean stop")
+
+
+def test_local_jobs_at_once_follow_the_launcher():
+    from lmexp.runtime import local_jobs_at_once
+
+    joblib = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
+    assert local_jobs_at_once(joblib, 3, 8) == 3 and local_jobs_at_once(joblib, 3, 2) == 2
+    assert local_jobs_at_once(joblib, -1, 64) == os.cpu_count()
+    assert (
+        local_jobs_at_once("hydra._internal.core_plugins.basic_launcher.BasicLauncher", None, 8)
+        == 1
+    )
+    local = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"
+    slurm = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert local_jobs_at_once(local, None, 4) == 4 and local_jobs_at_once(slurm, None, 4) == 1
+
+
+def test_threads_unset_share_the_cores_among_local_jobs(monkeypatch):
+    from lmexp.runtime import LOCAL_JOBS_ENV, configure_threads, physical_cores
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+        monkeypatch.setenv(LOCAL_JOBS_ENV, "2")
+        assert configure_threads(0) == max(1, physical_cores() // 2) == torch.get_num_threads()
+        monkeypatch.setenv(LOCAL_JOBS_ENV, "64")
+        assert configure_threads(0) == 1
+        assert configure_threads(3) == 3  # an explicit trainer.threads wins
+        monkeypatch.delenv(LOCAL_JOBS_ENV)
+        assert configure_threads(0) == physical_cores()
+    finally:
+        torch.set_num_threads(before)

@@ -119,11 +119,23 @@ def assert_pngs_have_content(folder: Path) -> None:
 
 
 def test_joblib_two_workers_four_jobs_into_fresh_store(tmp_path):
+    """Two joblib workers, trainer.threads unset: they share the cores instead of each taking
+    all of them (on 2 cores that made each of two jobs 2.4x slower), and the sweep says so."""
+    import psutil
+
     proc = run_module(
         "lmexp.train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *SWEEP,
-        "dropout.dp_keep_prob=0.35,0.5,0.65,0.8", cwd=tmp_path,
+        "trainer.threads=0", "dropout.dp_keep_prob=0.35,0.5,0.65,0.8", cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    cores = psutil.cpu_count(logical=False)
+    each = max(1, cores // 2)
+    assert (
+        f"2 jobs train at once on this machine's {cores} physical cores: each uses {each} "
+        "thread(s) (trainer.threads=N to choose)." in proc.stdout + proc.stderr
+    )
+    logs = list(sweep_dir(tmp_path).glob("*/train.log"))
+    assert len(logs) == 4 and all(f"device cpu, {each} threads" in p.read_text() for p in logs)
     db = tmp_path / "mlflow.db"
     _, children = split_runs(db)
     assert len(children) == 4 and all(r.info.status == "FINISHED" for r in children)
