@@ -429,11 +429,35 @@ def state_counts(records: list[RunRecord]) -> dict[str, int]:
     }
 
 
+# MLflow cuts a tag's value at 8,000 characters (a 196-run sweep's description lost its table):
+# the parent's description stays under this, its full tables are artifacts.
+NOTE_LIMIT = 7_500
+
+
+def fitted_note(records: list[RunRecord], swept: list[str], best: dict[str, Any] | None,
+                status: str, groups_part: str = "") -> str:  # fmt: skip
+    """The parent's description within NOTE_LIMIT: the whole table when it fits, else the best
+    rows that fit and a line naming the artifact that holds them all (the groups table, when
+    there is one, is kept whole first; it has a row per setting, not per run)."""
+    full = sweep_note(records, swept, best, status) + groups_part
+    if len(full) <= NOTE_LIMIT:
+        return full
+    for rows in (50, 20, 10, 5, 0):
+        note = sweep_note(records, swept, best, status, max_rows=rows) + groups_part
+        if len(note) <= NOTE_LIMIT:
+            return note
+    return note[: NOTE_LIMIT - 80] + "\n\n(cut here: the full tables are runs.md and groups.md)"
+
+
 def sweep_note(
-    records: list[RunRecord], swept: list[str], best: dict[str, Any] | None, status: str
+    records: list[RunRecord],
+    swept: list[str],
+    best: dict[str, Any] | None,
+    status: str,
+    max_rows: int | None = None,
 ) -> str:
     """The parent run's description (its Overview page): the outcome, the best child, the table
-    with links to each child's page."""
+    with links to each child's page (its best max_rows rows, when given)."""
     keys = ", ".join(f"`{k}`" for k in swept) or "nothing"
     counts = ", ".join(f"{n} {state.lower()}" for state, n in state_counts(records).items())
     lines = [f"**Sweep over {keys}**: {len(records)} runs, {counts or 'none'}; {status}.", ""]
@@ -446,6 +470,13 @@ def sweep_note(
     columns, rows = build_table(records, swept)
     experiment = {r.run_id: r.experiment_id for r in records}
     link = lambda run_id: f"#/experiments/{experiment[run_id]}/runs/{run_id}"  # noqa: E731
+    if max_rows is not None and len(rows) > max_rows:
+        lines.append(
+            f"The best {max_rows} of {len(rows)} runs; all of them are in this run's artifact "
+            "runs.md."
+        )
+        lines.append("")
+        rows = rows[:max_rows]
     lines.append(format_markdown(columns, rows, link))
     lines.append("The table and plots are this run's artifacts (runs.md, *.png).")
     return "\n".join(lines)
@@ -523,13 +554,14 @@ def summarize_sweep(
         tags["best_run_id"] = best["run_id"]
         by_id = {r.run_id: r for r in records}
         tags.update({f"best.{k}": by_id[best["run_id"]].params.get(k, "") for k in swept})
-    tags[NOTE_TAG] = sweep_note(records, swept, best, status)
+    groups_part = ""
     if SEED_KEY in swept:
         groups = seed_groups(records, swept)
         tags["groups.verdict"] = _verdict_text(groups)
         columns, rows = group_table(groups)
-        tags[NOTE_TAG] += "\n\n**Over seeds**\n\n" + format_markdown(columns, rows)
-        tags[NOTE_TAG] += "\n" + tags["groups.verdict"]
+        groups_part = "\n\n**Over seeds**\n\n" + format_markdown(columns, rows)
+        groups_part += "\n" + tags["groups.verdict"]
+    tags[NOTE_TAG] = fitted_note(records, swept, best, status, groups_part)
     set_run_outcome(uri, parent_run_id, tags, files, status=status)
     print(text, end="")
 

@@ -45,3 +45,28 @@ def test_the_table_ranks_runs_by_best_validation_perplexity_the_searchs_objectiv
     columns, rows = build_table([a, dead, b])
     assert [r["run_id"] for r in rows] == ["b", "a", "dead"]
     assert columns.index("best_valid_ppl") == columns.index("valid_ppl") + 1
+
+
+def test_a_large_sweeps_description_fits_mlflows_limit_and_names_the_full_table():
+    """196 runs made a description of 38,212 characters, which MLflow cut at 8,000 (the table
+    lost). It keeps the best rows that fit, says how many, and where the rest are."""
+    from lmexp.summary import NOTE_LIMIT, fitted_note
+
+    records = []
+    for i in range(196):
+        r = record({"valid_ppl": [(1, 200.0 - i / 10)]}, {"best_valid_ppl": 200.0 - i / 10})
+        r.run_id, r.run_name, r.experiment_id = f"{i:032x}", f"dp_keep_prob={i / 196:.4f}", "1"
+        r.params = {"dropout.dp_keep_prob": f"{i / 196:.4f}"}
+        records.append(r)
+    best = summarize(records[-1])
+    note = fitted_note(records, ["dropout.dp_keep_prob"], best, "FINISHED", "\n\n**Over seeds**")
+    assert len(note) <= NOTE_LIMIT < 8_000
+    shown = [line for line in note.splitlines() if line.startswith("| dp_keep_prob=")]
+    assert 5 <= len(shown) < 196 and shown[0].startswith(f"| {records[-1].run_name} |")
+    assert (
+        f"The best {len(shown)} of 196 runs; all of them are in this run's artifact runs.md."
+        in note
+    )
+    assert note.endswith("**Over seeds**")  # the groups part kept whole
+    small = fitted_note(records[:3], ["dropout.dp_keep_prob"], None, "FINISHED")
+    assert "The best" not in small and small.count("| dp_keep_prob=") == 3
