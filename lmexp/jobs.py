@@ -7,14 +7,18 @@ needs (the trial's pruner as an epoch callback); lmexp.train knows none of this.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from lmexp.config import LmexpError, RunStopped, TrainConfig, to_typed
-from lmexp.runtime import SWEEP_STOPPING
+from lmexp.runtime import SWEEP_STOPPING, SWEEPER_PID_ENV
 from lmexp.search import SWEEPER_TARGET, run_trials
 from lmexp.stats import SEED_KEY
 from lmexp.tracking import read_sweep, redact
@@ -29,6 +33,8 @@ def task(cfg: Any) -> float:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
+    watch_sweeper()
+    _running.set()
     try:
         typed, ctx = to_typed(cfg), hydra_context(cfg)
         if OmegaConf.select(HydraConfig.get(), "sweeper._target_") == SWEEPER_TARGET:
@@ -45,6 +51,35 @@ def task(cfg: Any) -> float:
             "checkpoint, if one was written."
         )
         sys.exit(130)
+    finally:
+        _running.clear()
+
+
+_running = threading.Event()  # set while this process runs a job
+_watching: list[int] = []
+
+
+def watch_sweeper(poll_s: float = 1.0) -> None:
+    """In a launcher's worker process (joblib's): end it once the sweeper that started it is
+    gone (killed with SIGKILL, its workers were left alive and idle for minutes). A job running
+    then gets SIGTERM, as from the sweeper: it checkpoints and closes its run KILLED, resumable;
+    an idle worker exits at once."""
+    sweeper = os.environ.get(SWEEPER_PID_ENV, "")
+    if not sweeper.isdigit() or int(sweeper) != os.getppid() or _watching:
+        return  # not a worker of a live sweeper (an in-process job, SLURM), or watched already
+    _watching.append(int(sweeper))
+
+    def watch() -> None:
+        while os.getppid() == int(sweeper):
+            time.sleep(poll_s)
+        if _running.is_set():
+            log.warning("The sweeper (pid %s) is gone: stopping this job, resumable.", sweeper)
+            os.kill(os.getpid(), signal.SIGTERM)
+            while _running.is_set():
+                time.sleep(poll_s)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="lmexp-sweeper-watch", daemon=True).start()
 
 
 def train_job(cfg: TrainConfig, ctx: RunContext) -> float:

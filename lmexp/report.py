@@ -90,8 +90,11 @@ def main(argv: list[str] | None = None) -> int:
             )
             check_store(uri, read_only=True)
             args.experiment = sweep.get("experiment", args.experiment or "lmexp")
-            if close_stale_sweep(uri, {"experiment": args.experiment, **sweep}, args.sweep_dir):
-                print(f"closed the sweep's parent run {parent} as KILLED: its process is gone")
+            closed = close_stale_sweep(
+                uri, {"experiment": args.experiment, **sweep}, args.sweep_dir
+            )
+            if closed:
+                print(f"closed the sweep's parent run {parent} as {closed}: its process is gone")
         if args.out.exists() and any(args.out.iterdir()) and not args.force:
             raise LmexpError(
                 f"{args.out} already holds files (an earlier report?); pass --out for another "

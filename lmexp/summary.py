@@ -568,19 +568,26 @@ def summarize_sweep(
 
 def close_stale_sweep(uri: str, sweep: dict[str, Any], sweep_dir: Path) -> bool:
     """A sweep whose parent is still RUNNING though no process holds its folder (the sweeper was
-    killed with SIGKILL): close it, and its dead jobs' runs, as KILLED with the report so far."""
+    killed with SIGKILL): close it, and its dead jobs' runs, with the report so far. FINISHED
+    when every run the sweep was to make ended (finished, failed or pruned), as a sweeper alive
+    at the end would have closed it; else KILLED, resumable. Returns the status, or None."""
     if folder_in_use(sweep_dir) or fetch_run(uri, sweep["parent_run_id"]).status != "RUNNING":
-        return False
+        return None
+    records = fetch_runs(uri, sweep["experiment"], sweep["parent_run_id"])
+    ended = [r for r in records if r.status in ("FINISHED", "FAILED", "PRUNED")]
+    complete = bool(sweep.get("runs")) and len(ended) == len(records) >= sweep["runs"]
     summarize_sweep(
         uri,
         sweep["experiment"],
         sweep["parent_run_id"],
         sweep["swept_params"],
         sweep_dir,
-        status="KILLED",
-        reason="the sweeping process ended without closing the sweep; rerun it to finish",
+        status="FINISHED" if complete else "KILLED",
+        reason=None
+        if complete
+        else "the sweeping process ended without closing the sweep; rerun it to finish",
     )
-    return True
+    return "FINISHED" if complete else "KILLED"
 
 
 def results_record(uri: str, run_id: str) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from lmexp.config import LmexpError, first_line
 from lmexp.runtime import (
     LOCAL_JOBS_ENV,
     SWEEP_STOPPING,
+    SWEEPER_PID_ENV,
     folder_in_use,
     held_here,
     local_jobs_at_once,
@@ -189,6 +190,7 @@ class MlflowSweepCallback(Callback):
         self.signum: int | None = None
         self.sweep_dir = Path(".")
         self.local_jobs = True
+        self.expected = 0  # the runs the sweep makes (its jobs, or a search's trials)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # Hydra turns a callback's exception into a warning and launches the jobs anyway, so
@@ -197,7 +199,10 @@ class MlflowSweepCallback(Callback):
         params, task = parse_sweep(config)
         jobs = sweep_jobs(params, task)
         check_sweep(config, jobs)
-        share_cores(config, int(config.hydra.sweeper.n_jobs) if uses_search(config) else len(jobs))
+        n_jobs = int(config.hydra.sweeper.n_jobs) if uses_search(config) else len(jobs)
+        share_cores(config, n_jobs)
+        os.environ[SWEEPER_PID_ENV] = str(os.getpid())  # the workers it starts end without it
+        self.expected = int(config.hydra.sweeper.n_trials) if uses_search(config) else len(jobs)
         try:
             if uses_search(config):
                 check_search(config, params, task)  # before the parent run: nothing to undo
@@ -265,6 +270,7 @@ class MlflowSweepCallback(Callback):
             "tracking_uri": uri,
             "experiment": config.logger.experiment_name,
             "swept_params": swept,
+            "runs": self.expected,
         }
         write_private(sweep_dir / SWEEP_FILE, json.dumps(record))  # the jobs read the URI here
         log.info("MLflow sweep parent run %s in %s", parent, redact(uri))

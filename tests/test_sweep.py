@@ -580,3 +580,57 @@ def test_slurm_cpu_preset_asks_for_no_gpu():
         ).hydra.launcher  # fmt: skip
     assert (shared.gpus_per_node, shared.gres, shared.account) == (None, "shard:1", "lab")
     assert shared.additional_parameters == {"mail-type": "END"}
+
+
+def test_sigkill_of_a_joblib_sweeper_ends_its_workers_and_their_runs(tmp_path):
+    """SIGKILL to the sweeper while both workers train: the workers see it gone, stop their
+    jobs as SIGTERM would (checkpointed, KILLED, resumable) and end, instead of idling on for
+    minutes; the report then closes the parent KILLED, since a job never ran."""
+    import psutil
+
+    slow = ["model.hidden_size=128", "data.tiny_train_tokens=150000", "trainer.max_epochs=3"]
+    args = [
+        "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *TINY, *slow,
+        "dropout.dp_keep_prob=0.5,0.7,0.9",
+    ]  # fmt: skip
+    proc = _sweep_proc(tmp_path, *args)
+    deadline = time.monotonic() + 240
+    logs = lambda: list(tmp_path.glob("multirun/*/*/[01]/train.log"))  # noqa: E731
+    while not (len(logs()) == 2 and all("Epoch 1:" in p.read_text() for p in logs())):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    assert workers
+    proc.kill()
+    proc.communicate(timeout=60)
+    gone, alive = psutil.wait_procs(workers, timeout=90)
+    assert not alive, [(p.pid, p.cmdline()[:4]) for p in alive]
+    db = tmp_path / "mlflow.db"
+    parent, children = split_runs(db)
+    assert len(children) == 2 and all(r.info.status == "KILLED" for r in children), [
+        (r.info.status, r.data.tags.get("lmexp.failure_reason")) for r in children
+    ]
+    assert all("SIGTERM" in r.data.tags["lmexp.failure_reason"] for r in children)
+    assert all((p.parent / "checkpoints" / "last.pt").is_file() for p in logs())
+    report = run_module("lmexp.report", "--sweep-dir", str(sweep_dir(tmp_path)), cwd=tmp_path)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert f"closed the sweep's parent run {parent.info.run_id} as KILLED" in report.stdout
+    assert split_runs(db)[0].info.status == "KILLED"
+
+
+def test_a_sweep_whose_jobs_all_ended_is_closed_finished_not_killed(tmp_path):
+    """The sweeper killed after its last job but before closing the parent (here: the parent
+    set RUNNING again, as it then is): the report closes it FINISHED, as its jobs are."""
+    from mlflow.tracking import MlflowClient
+
+    proc = run_module("lmexp.train", "-m", *SWEEP, "dropout.dp_keep_prob=0.5,0.9", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    db = tmp_path / "mlflow.db"
+    parent, children = split_runs(db)
+    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+    MlflowClient(tracking_uri=f"sqlite:///{db}").update_run(parent.info.run_id, "RUNNING")
+    report = run_module("lmexp.report", "--sweep-dir", str(sweep_dir(tmp_path)), cwd=tmp_path)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert f"closed the sweep's parent run {parent.info.run_id} as FINISHED" in report.stdout
+    again = split_runs(db)[0]
+    assert again.info.status == "FINISHED" and "lmexp.failure_reason" not in again.data.tags
