@@ -222,9 +222,9 @@ def open_storage(url: str, default: bool = False) -> Any:
     import optuna
 
     from lmexp.runtime import sqlite_problem
-    from lmexp.tracking import redact
+    from lmexp.tracking import redact, sqlite_path
 
-    db = Path(url[len("sqlite:///") :]) if url.startswith("sqlite:///") else None
+    db = sqlite_path(url)
     reason = sqlite_problem(db) if db is not None and db.is_file() and db.stat().st_size else None
     if reason is None:
         kwargs = {"connect_args": {"timeout": 60}} if db is not None else {}

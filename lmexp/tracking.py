@@ -603,10 +603,14 @@ def rerun_decision(
     opened (killed before its first checkpoint: one job stays one run), and the line that says
     what happens. Not when that run finished, is gone, was made with other settings, or the
     rerun asked for a new run (trainer.resume=false)."""
-    found = run_status(uri, earlier)
-    if found is None:
-        return False, f"its earlier MLflow run {earlier} is not in {redact(uri)}"
-    status, logged = found
+    try:
+        record = fetch_run(uri, earlier)
+    except TrackingError:
+        return (
+            False,
+            f"starting a new run; its earlier MLflow run {earlier} is not in {redact(uri)}",
+        )
+    status, logged = record.status, record.params
     changed = sorted(k for k, v in params.items() if k in logged and logged[k] != str(v))
     if resume and status != "FINISHED" and not changed:
         return True, f"MLflow run {earlier}, interrupted before its first checkpoint, starts again"
@@ -617,7 +621,7 @@ def rerun_decision(
         "trainer.resume=false"
         if not resume
         else "it finished"
-        if found[0] == "FINISHED"
+        if record.status == "FINISHED"
         else f"the settings changed ({', '.join(changed[:3])})"
     )
     return False, f"{why}: starting a new run; the earlier MLflow run {earlier} stays {status}"
@@ -797,17 +801,6 @@ def _record(client: Any, run: Any, history_keys: tuple[str, ...]) -> RunRecord:
         history,
         run.info.experiment_id,
     )
-
-
-def run_status(uri: str, run_id: str) -> tuple[str, dict[str, str]] | None:
-    """A run's status and params, or None when the store does not hold it."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        run = _client(uri).get_run(run_id)
-    except MlflowException:
-        return None
-    return run.info.status, dict(run.data.params)
 
 
 def end_run(uri: str, run_id: str, status: str, reason: str) -> None:
