@@ -400,7 +400,9 @@ def test_a_sweep_folder_held_by_a_live_sweep_is_refused(tmp_path):
     first.communicate(timeout=120)
 
 
-def test_sigterm_to_a_joblib_sweep_ends_every_child_and_a_rerun_logs_nothing_twice(tmp_path):
+def _joblib_sweep_mid_run(tmp_path: Path) -> tuple[subprocess.Popen, list[str], list[Path]]:
+    """A 3-job joblib sweep with 2 workers, returned once both workers have trained an epoch:
+    the process, its arguments, and the two running jobs' logs."""
     slow = ["model.hidden_size=128", "data.tiny_train_tokens=150000", "trainer.max_epochs=3"]
     args = [
         "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *TINY, *slow,
@@ -412,6 +414,11 @@ def test_sigterm_to_a_joblib_sweep_ends_every_child_and_a_rerun_logs_nothing_twi
     while not (len(logs()) == 2 and all("Epoch 1:" in p.read_text() for p in logs())):
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
         time.sleep(0.05)
+    return proc, args, logs()
+
+
+def test_sigterm_to_a_joblib_sweep_ends_every_child_and_a_rerun_logs_nothing_twice(tmp_path):
+    proc, args, _ = _joblib_sweep_mid_run(tmp_path)
     proc.send_signal(signal.SIGTERM)  # both workers are mid-run
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
@@ -588,17 +595,7 @@ def test_sigkill_of_a_joblib_sweeper_ends_its_workers_and_their_runs(tmp_path):
     minutes; the report then closes the parent KILLED, since a job never ran."""
     import psutil
 
-    slow = ["model.hidden_size=128", "data.tiny_train_tokens=150000", "trainer.max_epochs=3"]
-    args = [
-        "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *TINY, *slow,
-        "dropout.dp_keep_prob=0.5,0.7,0.9",
-    ]  # fmt: skip
-    proc = _sweep_proc(tmp_path, *args)
-    deadline = time.monotonic() + 240
-    logs = lambda: list(tmp_path.glob("multirun/*/*/[01]/train.log"))  # noqa: E731
-    while not (len(logs()) == 2 and all("Epoch 1:" in p.read_text() for p in logs())):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
-        time.sleep(0.05)
+    proc, _, logs = _joblib_sweep_mid_run(tmp_path)
     workers = psutil.Process(proc.pid).children(recursive=True)
     assert workers
     proc.kill()
@@ -611,7 +608,7 @@ def test_sigkill_of_a_joblib_sweeper_ends_its_workers_and_their_runs(tmp_path):
         (r.info.status, r.data.tags.get("lmexp.failure_reason")) for r in children
     ]
     assert all("SIGTERM" in r.data.tags["lmexp.failure_reason"] for r in children)
-    assert all((p.parent / "checkpoints" / "last.pt").is_file() for p in logs())
+    assert all((p.parent / "checkpoints" / "last.pt").is_file() for p in logs)
     report = run_module("lmexp.report", "--sweep-dir", str(sweep_dir(tmp_path)), cwd=tmp_path)
     assert report.returncode == 0, report.stderr[-3000:]
     assert f"closed the sweep's parent run {parent.info.run_id} as KILLED" in report.stdout
