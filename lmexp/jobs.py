@@ -38,7 +38,8 @@ def task(cfg: Any) -> float:
     try:
         typed, ctx = to_typed(cfg), hydra_context(cfg)
         if OmegaConf.select(HydraConfig.get(), "sweeper._target_") == SWEEPER_TARGET:
-            return run_trials(cfg, ctx.output_dir.parent, ctx.job_num or 0, trial_runner(ctx))
+            worker = ctx.job_num or 0
+            return run_trials(cfg, ctx.output_dir.parent, worker, trial_runner(ctx), compose_job)
         return train_job(typed, ctx)
     except LmexpError as err:
         log.error("%s", err)
@@ -112,11 +113,13 @@ def over_seeds(cfg: TrainConfig, ctx: RunContext) -> float:
 
 def trial_runner(worker: RunContext) -> Callable[..., float]:
     """How an Optuna worker (lmexp.search.run_trials) trains one trial: in its own folder, as a
-    child run named by its sampled values and numbered by the trial."""
-    from omegaconf import OmegaConf
+    child run named by its sampled values (config-group choices among them, also logged as
+    params: dropout=variational) and numbered by the trial."""
+    from omegaconf import DictConfig, OmegaConf
 
     def train(cfg: Any, params: dict[str, Any], folder: Path, number: int, judge: Any) -> float:
         resolved = redact_logger(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+        groups = {k: str(v) for k, v in params.items() if isinstance(cfg.get(k), DictConfig)}
         ctx = replace(
             worker,
             output_dir=folder,
@@ -124,10 +127,22 @@ def trial_runner(worker: RunContext) -> Callable[..., float]:
             overrides=[*worker.overrides, *(f"{k}={v}" for k, v in params.items())],
             job_num=number,
             on_epoch_end=[*worker.on_epoch_end, *([judge] if judge is not None else [])],
+            choices={**worker.choices, **groups},
         )
         return train_job(to_typed(cfg), ctx)
 
     return train
+
+
+def compose_job(choices: list[str]) -> Any:
+    """This job's config composed again with Hydra's compose API, with config-group choices
+    (dropout=variational) after the job's own overrides: what Hydra would have composed for a
+    job launched with them. An Optuna trial over config groups gets its config so."""
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    return compose(config_name=hc.job.config_name, overrides=[*hc.overrides.task, *choices])
 
 
 def hydra_context(cfg: Any) -> RunContext:

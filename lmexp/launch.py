@@ -176,3 +176,7 @@ def launch(task: Callable[[Any], Any], config_name: str, argv: list[str], schema
     register_resolvers()
     register_sweeper()
     hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=config_name)(task)()
+    from lmexp.search import OUTCOME
+
+    if OUTCOME["exit_code"]:
+        sys.exit(OUTCOME["exit_code"])  # an Optuna search none of whose trials finished

@@ -23,8 +23,9 @@ import json
 import logging
 import math
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,10 @@ ASK_LOCK = ".optuna_ask.lock"  # one worker at a time counts the trials and asks
 TRIAL_FOLDER_ATTR = "lmexp.folder"  # a trial's run folder, in its user attributes
 WORKER_ATTR = "lmexp.worker"  # and the worker that started it
 PRUNED_ATTR = "lmexp.pruned_after_epoch"  # set before a pruned trial's run is closed
+FAILURE_ATTR = "lmexp.failure"  # a failed trial's reason, in one line
+# How the search in this process ended: the sweeper sets exit_code 1 when no trial finished and
+# some failed, and the entry point exits with it (Hydra's sweepers return no status).
+OUTCOME = {"exit_code": 0}
 SWEEP_DIR_ATTR = "lmexp.sweep_dir"  # a study's: the search it belongs to
 SPACE_ATTR = "lmexp.space"  # and the space it samples
 RECIPE_ATTR = "lmexp.recipe"  # and the recipe its trials share (every key it does not sample)
@@ -76,9 +81,21 @@ def uses_search(config: DictConfig) -> bool:
 # --- the search space --------------------------------------------------------------------------
 
 
-def distribution(key: str, override: Any) -> Any:
-    """The Optuna distribution of one swept key, from Hydra's override grammar: interval(a, b)
-    (tag(log, ...) for a log scale, tag(int, ...) for integers), choice(...) and range(...)."""
+# Config groups a search may sample (dropout=choice(standard,variational)): each trial's config is
+# composed again with its choice. Each sets keys of its own section only. Not the model presets
+# (each a whole recipe: its own epochs, batch and lr schedule, which one study must share), not
+# the corpus (trials on two corpora have incomparable perplexities), nor the groups that say how
+# or where a run goes (trainer, logger, hydra/...).
+SEARCHABLE_GROUPS = ("dropout", "lr_policy", "optimizer")
+
+
+def distribution(key: str, override: Any, config: DictConfig | None = None) -> Any:
+    """The Optuna distribution of one swept key, from Hydra's override grammar, mapped as Hydra's
+    Optuna sweeper maps it: choice(...) and shuffle(range(...)) categorical; interval(a, b) a
+    float (tag(log, ...) on a log scale), int(interval(a, b)) an integer (lmexp's older
+    tag(int, interval(a, b)) too); range(a, b[, step]) an ordered integer (or, with a float end
+    or step, float) distribution over exactly the values Hydra's range lists, stop excluded.
+    With the config, an integer key sampled from floats is refused."""
     import optuna.distributions as d
     from hydra.core.override_parser.types import Transformer
 
@@ -96,8 +113,12 @@ def distribution(key: str, override: Any) -> Any:
                 f"hydra.sweeper.params.{key}: a log-scale interval must start above 0, not at "
                 f"{_num(low)}; raise its low end or drop tag(log, ...)."
             )
-        if "int" in interval.tags:
+        if "int" in interval.tags or (isinstance(low, int) and isinstance(high, int)):
             return d.IntDistribution(int(low), int(high), log=log_scale)
+        if config is not None and _integer_key(config, key):
+            written = f"int(interval({_num(low)}, {_num(high)}))"
+            written = f"tag(log, {written})" if log_scale else written
+            raise LmexpError(f"{key} is an integer: write {written} to sample whole numbers.")
         return d.FloatDistribution(float(low), float(high), log=log_scale)
     values = list(override.sweep_iterator(transformer=Transformer.encode))
     if len(values) < 2:
@@ -105,7 +126,30 @@ def distribution(key: str, override: Any) -> Any:
             f"hydra.sweeper.params.{key} offers {len(values)} value; give a choice of at least "
             "two or set the key as a plain value."
         )
+    if override.is_range_sweep() and not override.value().shuffle:
+        # Ordered, as Hydra's sweeper makes it, so that TPE can use the order; over the values
+        # Hydra's range lists (range(1, 3) is 1, 2), where Hydra's Optuna sweeper would add the
+        # stop (IntDistribution(1, 3) also samples 3, a value the basic sweeper never runs).
+        step = abs(override.value().step)
+        low = min(values)
+        if all(isinstance(v, int) for v in (*values, step)):
+            return d.IntDistribution(low, low + step * (len(values) - 1), step=step)
+        # In decimal, as Optuna checks the grid: 0.1 + 3 * 0.3 in binary is 0.9999999999999999,
+        # which Optuna would round down to 0.7, dropping a value the range lists.
+        d_low, d_step = Decimal(repr(float(low))), Decimal(repr(float(step)))
+        high = float(d_low + d_step * (len(values) - 1))
+        return d.FloatDistribution(float(low), high, step=float(step))
     return d.CategoricalDistribution(values)
+
+
+def _integer_key(config: DictConfig, key: str) -> bool:
+    """Whether lmexp's schema types the key as an integer."""
+    from omegaconf.nodes import IntegerNode
+
+    parent_key, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(config, parent_key, default=None) if parent_key else config
+    node = parent._get_node(leaf) if isinstance(parent, DictConfig) else None
+    return isinstance(node, IntegerNode)
 
 
 def _num(value: float) -> str:
@@ -114,32 +158,72 @@ def _num(value: float) -> str:
 
 def search_space(
     params: list[Any], task: list[Any], config: DictConfig
-) -> tuple[dict[str, Any], list[str]]:
-    """The distributions to sample (sweeper params, then command-line sweeps, later winning) and
-    the fixed overrides every trial gets. A key must name a value of lmexp's config: config
-    groups (model=small,medium) are chosen per search, not sampled."""
+) -> tuple[dict[str, Any], list[str], list[str]]:
+    """The distributions to sample (sweeper params, then command-line sweeps, later winning),
+    the fixed overrides every trial gets (key=value, ~key, +key=value: passed on unchanged), and
+    the sampled keys that are config groups (each trial's config is composed with its choice)."""
     space: dict[str, Any] = {}
     fixed: dict[str, str] = {}
+    groups: list[str] = []
     for override in params + task:
         key = override.get_key_element()
         if not override.is_sweep_override():
             fixed[key] = override.input_line
             space.pop(key, None)
             continue
-        node = OmegaConf.select(config, key, default=None)
-        if isinstance(node, DictConfig) or key in (config.hydra.runtime.choices or {}):
+        if key in (config.hydra.runtime.choices or {}) or key.startswith("hydra/"):
+            space[key] = group_distribution(key, override)
+            groups.append(key)
+        elif isinstance(OmegaConf.select(config, key, default=None), DictConfig):
             raise LmexpError(
-                f"hydra.sweeper.params.{key} is a config group: the search samples values, "
-                f"not groups; run one search per {key}=... or search over its keys instead."
+                f"hydra.sweeper.params.{key} is a section of the config, not a value or a "
+                f"config group; sample its keys instead ({key}.<key>=interval(a, b))."
             )
-        space[key] = distribution(key, override)
+        else:
+            space[key] = distribution(key, override, config)
         fixed.pop(key, None)
     if not space:
         raise LmexpError(
             "The search has nothing to sample; give hydra.sweeper.params (for example "
             "dropout.dp_keep_prob: interval(0.3, 1.0)) or a sweep on the command line."
         )
-    return space, list(fixed.values())
+    return space, list(fixed.values()), [g for g in dict.fromkeys(groups) if g in space]
+
+
+def group_distribution(key: str, override: Any) -> Any:
+    """A config group's options as a categorical distribution (dropout=choice(standard,
+    variational)); refused for groups a search cannot compare trials over."""
+    import optuna.distributions as d
+    from hydra.core.override_parser.types import Transformer
+
+    if key == "model":
+        raise LmexpError(
+            "hydra.sweeper.params.model is a whole recipe (size, epochs, batch, lr schedule), "
+            "which a study's trials share; run one search per model=..., or sample its keys "
+            "(model.hidden_size=int(interval(200, 650)))."
+        )
+    if key not in SEARCHABLE_GROUPS:
+        why = (
+            "the corpus: trials on different corpora have perplexities that cannot be compared"
+            if key == "data"
+            else "not a group a search can sample"
+        )
+        raise LmexpError(
+            f"hydra.sweeper.params.{key} is {why}; set {key}=... once for the search (it can "
+            f"sample the groups {', '.join(SEARCHABLE_GROUPS)})."
+        )
+    if not override.is_discrete_sweep():
+        raise LmexpError(
+            f"hydra.sweeper.params.{key} is a config group: sample its options with "
+            f"choice(...), e.g. {key}=choice(a, b)."
+        )
+    values = list(override.sweep_iterator(transformer=Transformer.encode))
+    if len(values) < 2:
+        raise LmexpError(
+            f"hydra.sweeper.params.{key} offers {len(values)} option; give a choice of at least "
+            f"two or set {key}={values[0] if values else '...'} once for the search."
+        )
+    return d.CategoricalDistribution([str(v) for v in values])
 
 
 # --- sampler, pruner, storage ------------------------------------------------------------------
@@ -313,6 +397,9 @@ def create_study(config: DictConfig, space: dict[str, Any]) -> Any:
             f"with hydra.sweep.dir={owner}, {other}."
         )
     stored = {k: d.json_to_distribution(v) for k, v in attrs.get(SPACE_ATTR, {}).items()}
+    for key, was in stored.items():
+        if key in space and was != space[key] and same_values(was, space[key]):
+            space[key] = was  # a range stored as a categorical before ranges were ordered
     if stored and stored != space:
         changed = sorted(k for k in stored.keys() | space.keys() if stored.get(k) != space.get(k))
         raise LmexpError(
@@ -342,8 +429,23 @@ def create_study(config: DictConfig, space: dict[str, Any]) -> Any:
     return study
 
 
+def same_values(was: Any, now: Any) -> bool:
+    """Whether a categorical distribution (a study's range from before lmexp ordered ranges)
+    holds exactly the values of a stepped integer or float distribution."""
+    import optuna.distributions as d
+
+    if not isinstance(was, d.CategoricalDistribution) or getattr(now, "step", None) is None:
+        return False
+    count = round((Decimal(repr(now.high)) - Decimal(repr(now.low))) / Decimal(repr(now.step)))
+    grid = [float(Decimal(repr(now.low)) + Decimal(repr(now.step)) * i) for i in range(count + 1)]
+    return sorted(was.choices) == grid
+
+
 def recipe_of(config: DictConfig, space: dict[str, Any]) -> dict[str, str]:
-    """The settings a study's trials share, as text: every recipe or shape key not sampled."""
+    """The settings a study's trials share, as text: every recipe or shape key not sampled. A
+    sampled config group's keys are recorded as the command composes them (its default option
+    and the fixed overrides): a rerun that changes one of those (dropout.weight_drop=0.3) would
+    change the trials it has yet to run."""
     return {
         key: json.dumps(OmegaConf.select(config, key, default=None))
         for key in sorted(RECIPE_KEYS - space.keys())
@@ -403,6 +505,7 @@ class Search:
     fixed: list[str]
     sampler: dict[str, Any]
     pruner: dict[str, Any]
+    groups: list[str] = field(default_factory=list)  # sampled keys that are config groups
 
     def to_json(self) -> str:
         import optuna.distributions as d
@@ -425,7 +528,7 @@ class Search:
 def check_search(config: DictConfig, params: list[Any], task: list[Any]) -> Search:
     """Everything about a search that can be wrong, each in one sentence, before any trial:
     the space, sampler, pruner, trial count and storage (the study is created there)."""
-    space, fixed = search_space(params, task, config)
+    space, fixed, groups = search_space(params, task, config)
     sweeper = config.hydra.sweeper
     make_sampler(sweeper.sampler)
     pruner = make_pruner(sweeper.pruner)
@@ -450,6 +553,7 @@ def check_search(config: DictConfig, params: list[Any], task: list[Any]) -> Sear
         fixed=fixed,
         sampler=_plain(sweeper.sampler),
         pruner=_plain(sweeper.pruner),
+        groups=groups,
     )
 
 
@@ -563,11 +667,24 @@ def trial_dir(sweep_dir: Path, trial: Any) -> Path:
     return (sweep_dir / f"trial_{trial.number}").resolve()
 
 
-def trial_config(cfg: DictConfig, params: dict[str, Any]) -> DictConfig:
-    """The worker's config with a trial's sampled values."""
-    out = copy.deepcopy(cfg)
+def trial_config(
+    cfg: DictConfig,
+    params: dict[str, Any],
+    groups: Sequence[str] = (),
+    compose: Callable[[list[str]], DictConfig] | None = None,
+) -> DictConfig:
+    """The worker's config with a trial's sampled values. When the search samples config
+    groups, the config is first composed again (compose, Hydra's compose API) with the trial's
+    choices (dropout=variational) after the worker's own overrides, as Hydra composes a job."""
+    choices = [f"{key}={params[key]}" for key in groups]
+    if choices:
+        assert compose is not None, "a search over config groups composes each trial's config"
+        out = compose(choices)
+    else:
+        out = copy.deepcopy(cfg)
     for key, value in params.items():
-        OmegaConf.update(out, key, value, merge=False)
+        if key not in groups:
+            OmegaConf.update(out, key, value, merge=False)
     return out
 
 
@@ -608,32 +725,40 @@ def open_study(search: Search, sweep_dir: Path, worker: int) -> Any:
 
 def train_trial(
     train: Callable[..., float],
-    cfg: DictConfig,
+    config: Callable[[], DictConfig],
     trial: Any,
     params: dict[str, Any],
     pruner: str,
     folder: Path,
-) -> tuple[Any, float]:
-    """Train one trial; its outcome for the study: COMPLETE with its value, PRUNED or FAIL. A
-    signal, or a tracking store or study storage gone, propagates (the trial stays RUNNING)."""
+) -> tuple[Any, float, str | None]:
+    """Train one trial (config makes its config); its outcome for the study: COMPLETE with its value,
+    PRUNED, or FAIL with the reason. A signal, or a tracking store or study storage gone,
+    propagates (the trial stays RUNNING)."""
     from optuna.trial import TrialState
 
     from lmexp.tracking import TrackingLost
 
     judge = None if pruner == "none" else Judge(trial, pruner)
     try:
-        value = train(trial_config(cfg, params), params, folder, trial.number, judge)
+        value = train(config(), params, folder, trial.number, judge)
     except Pruned as why:
         log.info("Trial %d %s", trial.number, why)
-        return TrialState.PRUNED, math.inf
+        return TrialState.PRUNED, math.inf, None
     except (TrackingLost, StudyLost, Preempted, SystemExit, KeyboardInterrupt):
         raise  # stopped, not failed: a rerun resumes it
     except Exception as err:  # noqa: BLE001 - one trial's failure is recorded, not the search's
         log.error("Trial %d failed: %s", trial.number, first_line(err))
-        return TrialState.FAIL, math.inf
-    if not math.isfinite(value):
-        return TrialState.FAIL, value  # diverged: its run says so
-    return TrialState.COMPLETE, value
+        return TrialState.FAIL, math.inf, first_line(err)
+    if not math.isfinite(value):  # diverged: its run says when and how
+        return (
+            TrialState.FAIL,
+            value,
+            (
+                "diverged (its validation perplexity was not finite, or worse than 2x a uniform "
+                "guess: its MLflow run says when); lower lr_policy.lr or trainer.max_grad_norm"
+            ),
+        )
+    return TrialState.COMPLETE, value, None
 
 
 def run_trials(
@@ -641,12 +766,15 @@ def run_trials(
     sweep_dir: Path,
     worker: int,
     train: Callable[[DictConfig, dict[str, Any], Path, int, Judge | None], float],
+    compose: Callable[[list[str]], DictConfig] | None = None,
 ) -> float:
     """A worker: claim trials and train them until the study has none left; return the best
     value this worker found. train(cfg, params, folder, number, judge) trains one trial and
-    returns its best validation perplexity, raising Pruned when the judge stopped it. A trial
-    that fails is told FAIL and the worker goes on; a signal, or a tracking store or study
-    storage gone, stops the worker with the trial left RUNNING, for a rerun to resume."""
+    returns its best validation perplexity, raising Pruned when the judge stopped it; compose
+    makes a trial's config from its config-group choices (see trial_config). A trial that fails
+    is told FAIL (its reason in the user attribute lmexp.failure) and the worker goes on; a
+    signal, or a tracking store or study storage gone, stops the worker with the trial left
+    RUNNING, for a rerun to resume."""
     from optuna.trial import TrialState
 
     from lmexp.runtime import unlock_folder
@@ -663,13 +791,20 @@ def run_trials(
         shown = " ".join(f"{k}={v}" for k, v in params.items())
         log.info("Trial %d (worker %d): %s", trial.number, worker, shown)
         try:
-            state, value = train_trial(train, cfg, trial, params, pruner, folder)
+            config = lambda: trial_config(cfg, params, search.groups, compose)  # noqa: E731, B023
+            state, value, why = train_trial(train, config, trial, params, pruner, folder)
         except BaseException:
             unlock_folder(folder)
             raise
         told = value if state == TrialState.COMPLETE else None
+
+        def tell() -> None:
+            if why is not None:  # noqa: B023
+                trial.set_user_attr(FAILURE_ATTR, why)  # noqa: B023
+            study.tell(trial, told, state)  # noqa: B023
+
         # The folder stays locked until the study knows: no other worker resumes it meanwhile.
-        in_storage(search, sweep_dir, "record a result", lambda: study.tell(trial, told, state))  # noqa: B023
+        in_storage(search, sweep_dir, "record a result", tell)
         unlock_folder(folder)
         if state == TrialState.COMPLETE:
             best = min(best, value)

@@ -88,6 +88,7 @@ class RunContext:
     parent_run_id: str | None = None
     tracking_uri: str | None = None
     swept: list[str] = field(default_factory=list)  # the keys the sweep varies
+    choices: dict[str, str] = field(default_factory=dict)  # config groups a search chose
     on_epoch_end: list[EpochCallback] = field(default_factory=list)
 
 
@@ -141,7 +142,7 @@ def run_training(cfg: TrainConfig, ctx: RunContext) -> float:
         run = Run(cfg, ctx, corpus, data, model, tracker, ckpt_dir)
         try:
             if resume is None:
-                tracker.log_params(flatten(ctx.resolved))
+                tracker.log_params({**flatten(ctx.resolved), **ctx.choices})
             position = restore(run, resume) if resume else Position()
             log.info(
                 "model=%s: %.2fM parameters, vocab %d, device %s, %d threads; MLflow run %s at %s",

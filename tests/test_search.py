@@ -37,23 +37,139 @@ def _by_trial(children: list) -> dict[int, object]:
 # --- the search space, parsed as Hydra parses overrides ----------------------------------------
 
 
-def test_search_space_from_hydra_override_grammar():
-    import optuna.distributions as d
+def _search_config(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    from lmexp.config import conf_dir
+    from lmexp.launch import register_configs, register_sweeper
+
+    register_configs()
+    register_sweeper()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return compose("train", [*SEARCH, *overrides], return_hydra_config=True)
+
+
+def _space(config, *overrides: str):
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from lmexp.search import distribution
+    from lmexp.search import search_space
 
-    parser = OverridesParser.create()
+    return search_space([], OverridesParser.create().parse_overrides(list(overrides)), config)
 
-    def parse(text: str):
-        (override,) = parser.parse_overrides([text])
-        return distribution(override.get_key_element(), override)
 
-    assert parse("a=interval(0.3, 1.0)") == d.FloatDistribution(0.3, 1.0)
-    assert parse("a=tag(log, interval(0.25, 4))") == d.FloatDistribution(0.25, 4.0, log=True)
-    assert parse("a=tag(int, interval(2, 6))") == d.IntDistribution(2, 6)
-    assert parse("a=choice(200, 650)") == d.CategoricalDistribution([200, 650])
-    assert parse("a=range(1, 4)") == d.CategoricalDistribution([1, 2, 3])
+# Hydra's Optuna sweeper's own grammar cases (plugins/hydra_optuna_sweeper/tests,
+# test_create_optuna_distribution_from_override), and what a trial sees for each. Where lmexp
+# differs, on purpose: range(a, b) covers the values Hydra's range lists, stop excluded (Hydra's
+# Optuna sweeper adds the stop); lmexp's own tag(int, interval(a, b)) still means integers.
+GRAMMAR = [
+    ("choice(1,2)", "Categorical", dict(choices=(1, 2))),
+    ("choice(true,false)", "Categorical", dict(choices=(True, False))),
+    ("choice('hello','world')", "Categorical", dict(choices=("hello", "world"))),
+    ("shuffle(range(1,3))", "Categorical", dict(choices=(1, 2))),
+    ("interval(1, 5)", "Float", dict(low=1.0, high=5.0, log=False, step=None)),
+    ("tag(log, interval(1, 5))", "Float", dict(low=1.0, high=5.0, log=True, step=None)),
+    ("int(interval(1, 5))", "Int", dict(low=1, high=5, log=False, step=1)),
+    ("tag(log, int(interval(1, 5)))", "Int", dict(low=1, high=5, log=True, step=1)),
+    ("range(1, 3)", "Int", dict(low=1, high=2, log=False, step=1)),
+    ("range(0.5, 5.5, step=1)", "Float", dict(low=0.5, high=4.5, log=False, step=1.0)),
+    # beyond Hydra's table
+    ("range(10, 0, -2)", "Int", dict(low=2, high=10, log=False, step=2)),
+    ("range(0.1, 1.0, 0.3)", "Float", dict(low=0.1, high=1.0, log=False, step=0.3)),
+    ("range(0, 1, 0.3)", "Float", dict(low=0.0, high=0.9, log=False, step=0.3)),
+    ("tag(int, interval(2, 6))", "Int", dict(low=2, high=6, log=False, step=1)),
+]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("grammar", "kind", "fields"), GRAMMAR)
+def test_the_search_space_maps_hydras_optuna_grammar(grammar, kind, fields):
+    """Each case of Hydra's Optuna sweeper's grammar table, mapped to the distribution it names
+    there (on an integer key for the integer cases, a key of no type for the others)."""
+    config = _search_config()
+    key = "trainer.eval_batch_size" if kind == "Int" else "lmexp.anything"
+    space, _fixed, groups = _space(config, f"{key}={grammar}")
+    dist = space[key]
+    assert type(dist).__name__ == f"{kind}Distribution", dist
+    got = {k: getattr(dist, k) for k in fields}
+    if grammar.startswith("shuffle"):  # in a shuffled order, as Hydra's sweeper has it
+        got["choices"] = tuple(sorted(got["choices"]))
+    assert got == fields
+    assert groups == []
+
+
+@pytest.mark.unit
+def test_a_study_whose_range_was_stored_as_a_categorical_continues(tmp_path):
+    """Before ranges were ordered, range(5, 20, 5) was stored as Categorical([5, 10, 15]): the
+    same command continues that study with its stored distribution, not as 'another space';
+    a range over other values is still another space."""
+    import optuna.distributions as d
+
+    from lmexp.config import LmexpError
+    from lmexp.search import create_study
+
+    key = "trainer.num_steps"
+    create_study(_study_config(tmp_path, "a"), {key: d.CategoricalDistribution([5, 10, 15])})
+    space = {key: d.IntDistribution(5, 15, step=5)}
+    create_study(_study_config(tmp_path, "a"), space)
+    assert space == {key: d.CategoricalDistribution([5, 10, 15])}  # the study's, kept
+    floats = {key: d.FloatDistribution(5.0, 15.0, step=5.0)}
+    create_study(_study_config(tmp_path, "a"), floats)
+    assert floats == space
+    with pytest.raises(LmexpError, match="searches another space"):
+        create_study(_study_config(tmp_path, "a"), {key: d.IntDistribution(5, 20, step=5)})
+
+
+@pytest.mark.unit
+def test_fixed_values_deletions_and_groups_pass_to_every_trial_as_written():
+    import optuna.distributions as d
+
+    config = _search_config()
+    space, fixed, groups = _space(
+        config,
+        "trainer.max_epochs=5",
+        "~trainer.limit_train_batches",
+        "dropout=choice(standard,variational)",
+        "dropout.dp_keep_prob=interval(0.3, 1.0)",
+        "model.hidden_size=8",
+        "model.hidden_size=int(interval(8, 32))",  # a later sweep of a key replaces its value
+    )
+    assert fixed == ["trainer.max_epochs=5", "~trainer.limit_train_batches"]
+    assert groups == ["dropout"]
+    assert space["dropout"] == d.CategoricalDistribution(["standard", "variational"])
+    assert space["model.hidden_size"] == d.IntDistribution(8, 32)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("override", "sentence"),
+    [
+        (
+            "model.hidden_size=interval(8, 32)",
+            "model.hidden_size is an integer: write int(interval(8, 32)) to sample whole numbers.",
+        ),
+        (
+            "trainer.num_steps=tag(log, interval(5, 40))",
+            "trainer.num_steps is an integer: write tag(log, int(interval(5, 40))) to sample",
+        ),
+        ("data=choice(tiny,ptb)", "hydra.sweeper.params.data is the corpus: trials on different"),
+        ("model=choice(tiny,small)", "hydra.sweeper.params.model is a whole recipe (size, epochs"),
+        ("trainer=choice(default,debug)", "hydra.sweeper.params.trainer is not a group a search"),
+        ("dropout=standard,variational", None),  # a plain sweep of a group is a choice too
+        ("hydra/launcher=choice(basic,joblib)", "hydra.sweeper.params.hydra/launcher is not a"),
+        ("trainer=interval(1, 2)", "hydra.sweeper.params.trainer is not a group a search can"),
+        ("dropout=choice(standard)", "hydra.sweeper.params.dropout offers 1 option; give a"),
+    ],
+)
+def test_a_space_that_cannot_be_searched_is_refused_in_one_sentence(override, sentence):
+    from lmexp.config import LmexpError
+
+    config = _search_config()
+    if sentence is None:
+        _space(config, override)
+        return
+    with pytest.raises(LmexpError) as err:
+        _space(config, override)
+    assert str(err.value).startswith(sentence), err.value
 
 
 # --- the workers' trial loop, on a real sqlite study ----------------------------------------------
@@ -161,7 +277,7 @@ def test_a_trial_folder_stays_locked_until_the_study_knows_its_result(tmp_path, 
 
 def test_a_failing_trial_is_told_fail_and_the_worker_goes_on_until_the_storage_fails(tmp_path):
     from lmexp.config import LmexpError
-    from lmexp.search import Pruned, StudyLost
+    from lmexp.search import FAILURE_ATTR, Pruned, StudyLost
 
     study = _search(tmp_path, n_trials=5)
     outcomes = iter(
@@ -179,6 +295,10 @@ def test_a_failing_trial_is_told_fail_and_the_worker_goes_on_until_the_storage_f
         _run(tmp_path, train)
     states = [t.state.name for t in study.get_trials()]
     assert states == ["FAIL", "FAIL", "PRUNED", "FAIL", "RUNNING"]  # the last one to resume
+    # Each failure's reason, in one line, for the search's closing line.
+    reasons = [t.user_attrs.get(FAILURE_ATTR) for t in study.get_trials()]
+    assert reasons[:3] == ["boom", "a bad checkpoint", None]
+    assert reasons[3].startswith("diverged (its validation perplexity was not finite, or worse")
 
 
 def test_a_dead_workers_trials_are_resumed_or_closed_by_the_next(tmp_path):
@@ -351,6 +471,96 @@ def test_a_search_prunes_some_trials_finishes_the_rest_and_says_which_is_which(t
     results = yaml.safe_load((folder / "optimization_results.yaml").read_text())
     assert results["best_value"] == pytest.approx(trials[best].value)
     assert results["trials"]["pruned"] == len(pruned) and results["trials"]["complete"] == len(done)
+
+
+@pytest.mark.slow
+def test_a_search_samples_a_config_group_composing_each_trial_with_its_choice(tmp_path):
+    """dropout=choice(standard,variational) beside the preset's values: each trial's config is
+    composed again with its choice (Hydra's compose API, in each of two joblib workers), and the
+    study, the MLflow runs (name and params) and the report agree on which trial had which.
+    The first two trials are enqueued: the same values, once with each dropout."""
+    import optuna
+
+    from lmexp.names import short_value
+
+    (tmp_path / "search").mkdir()
+    study = optuna.create_study(
+        study_name="lmexp_tiny", storage=f"sqlite:///{tmp_path / 'search' / 'optuna.db'}"
+    )
+    for kind in ("standard", "variational"):
+        study.enqueue_trial({"dropout": kind, "dropout.dp_keep_prob": 0.7, "lr_policy.lr": 1.0})
+    proc = run_module(
+        *["lmexp.train", *SEARCH, "trainer.max_epochs=1", "hydra.sweeper.n_trials=3"],
+        "hydra.sweeper.pruner=none", "dropout=choice(standard,variational)",
+        "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2",
+        "hydra.sweep.dir=search", cwd=tmp_path,
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    folder, db = tmp_path / "search", tmp_path / "mlflow.db"
+    trials = {t.number: t for t in _study(folder).trials}
+    assert [t.state.name for t in trials.values()] == ["COMPLETE"] * 3
+    assert [trials[n].params["dropout"] for n in (0, 1)] == ["standard", "variational"]
+    parent, children = split_runs(db)
+    runs = _by_trial(children)
+    assert sorted(runs) == [0, 1, 2]
+    for n, trial in trials.items():
+        run, kind = runs[n], trial.params["dropout"]
+        # The trial trained the group's own config (conf/dropout/<kind>.yaml), not a patched one.
+        assert run.data.params["dropout"] == kind == run.data.params["dropout.kind"]
+        # and the values sampled beside it, applied after the group's own
+        assert (
+            float(run.data.params["dropout.dp_keep_prob"]) == trial.params["dropout.dp_keep_prob"]
+        )
+        assert run.data.tags["mlflow.runName"].startswith(f"dropout={short_value(kind)[0]}, ")
+        assert trial.value == pytest.approx(run.data.metrics["best_valid_ppl"])
+    # Same values, another dropout: another model.
+    assert runs[0].data.metrics["best_valid_ppl"] != runs[1].data.metrics["best_valid_ppl"]
+    rows = (folder / "report" / "runs.md").read_text().splitlines()
+    header = [c.strip() for c in rows[0].split("|")]
+    column = header.index("dropout")
+    by_id = {r.info.run_id: r for r in children}
+    for row in rows[2:]:
+        cells = [c.strip() for c in row.split("|")]
+        run_id = cells[header.index("run_id")]
+        (run,) = [r for i, r in by_id.items() if i.startswith(run_id)]
+        assert cells[column] == run.data.params["dropout"]
+    assert "dropout" in parent.data.tags["mlflow.note.content"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("lrs", "code", "line"),
+    [
+        ((25.0, 28.0), 1, "All 2 trials failed and none finished; the first, trial 0: diverged"),
+        ((1.0, 25.0), 0, "1 of 2 trials failed; the first, trial 1: diverged"),
+    ],
+)
+def test_a_search_none_of_whose_trials_finished_exits_1_with_the_first_reason(
+    tmp_path, lrs, code, line
+):
+    """lr 25 diverges on the tiny corpus (a FAIL): a search of only such trials has no result
+    and exits 1 saying why in one line; one with a finished trial exits 0 and counts the rest."""
+    import optuna
+
+    (tmp_path / "search").mkdir()
+    study = optuna.create_study(
+        study_name="lmexp_tiny", storage=f"sqlite:///{tmp_path / 'search' / 'optuna.db'}"
+    )
+    for lr in lrs:
+        study.enqueue_trial({"dropout.dp_keep_prob": 1.0, "lr_policy.lr": lr})
+    proc = run_module(
+        *["lmexp.train", *SEARCH, "trainer.max_epochs=1", "hydra.sweeper.n_trials=2"],
+        "hydra.sweeper.pruner=none", "lr_policy.lr=interval(0.5, 30)", "hydra.sweep.dir=search",
+        cwd=tmp_path,
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == code, out[-3000:]
+    assert [ln.split("] ", 1)[-1] for ln in out.splitlines() if "trials failed" in ln] == [
+        line + " (its validation perplexity was not finite, or worse than 2x a uniform guess: "
+        "its MLflow run says when); lower lr_policy.lr or trainer.max_grad_norm"
+    ]
+    assert "Traceback" not in out
 
 
 # --- parallel workers ----------------------------------------------------------------------------
@@ -545,8 +755,8 @@ def test_a_search_continues_only_its_own_study_over_its_own_recipe(tmp_path):
             "you mean n_warmup_steps?",
         ),
         (
-            ["model=choice(tiny,small)"],
-            "hydra.sweeper.params.model is a config group: the search samples values, not groups",
+            ["model.hidden_size=interval(8, 32)"],
+            "model.hidden_size is an integer: write int(interval(8, 32)) to sample whole numbers.",
         ),
         (
             ["trainer.seeds_per_job=2"],

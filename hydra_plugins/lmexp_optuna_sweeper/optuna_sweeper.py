@@ -32,9 +32,9 @@ class LmexpOptunaSweeperConf:
     sampler: Any = field(default_factory=lambda: {"name": "tpe", "seed": None})
     # {name: median|percentile|asha|hyperband|none, ...keyword arguments}, or just the name.
     pruner: Any = field(default_factory=lambda: {"name": "median"})
-    params: dict[str, str] | None = (
-        None  # key: interval(a, b) | tag(log, interval(a, b)) | choice(...)
-    )
+    # key: interval(a, b) | tag(log, interval(a, b)) | int(interval(a, b)) | choice(...) |
+    # range(a, b[, step]); group: choice(option, ...). The grammar: docs/searches.md.
+    params: dict[str, str] | None = None
 
 
 ConfigStore.instance().store(
@@ -61,12 +61,13 @@ class LmexpOptunaSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> Any:
         from lmexp.config import LmexpError
         from lmexp.runtime import write_private
-        from lmexp.search import STUDY_FILE, check_search, open_storage
+        from lmexp.search import OUTCOME, STUDY_FILE, check_search, open_storage
         from lmexp.sweep import parse_sweep
         from lmexp.tracking import redact
 
         assert self.config is not None
         config = self.config
+        OUTCOME["exit_code"] = 0  # this search's, not an earlier one's in the same process
         try:
             search = check_search(config, *parse_sweep(config))
         except LmexpError as err:
@@ -101,11 +102,16 @@ class LmexpOptunaSweeper(Sweeper):
 
 
 def write_results(study: Any, sweep_dir: Path) -> None:
-    """optimization_results.yaml (as Hydra's Optuna sweeper writes it), with the trial counts."""
+    """optimization_results.yaml (as Hydra's Optuna sweeper writes it), with the trial counts.
+    Failed trials are counted in one line with the first one's reason; a search none of whose
+    trials finished, some failing, makes the command exit 1 (lmexp.search.OUTCOME)."""
     from optuna.trial import TrialState
 
+    from lmexp.search import FAILURE_ATTR, OUTCOME
+
     counts = {s.name.lower(): 0 for s in TrialState}
-    for trial in study.get_trials(deepcopy=False):
+    trials = study.get_trials(deepcopy=False)
+    for trial in trials:
         counts[trial.state.name.lower()] += 1
     results: dict[str, Any] = {"name": "lmexp_optuna", "trials": counts}
     if counts["complete"]:
@@ -115,6 +121,27 @@ def write_results(study: Any, sweep_dir: Path) -> None:
         log.info("Best value: %s (trial %d)", best.value, best.number)
     else:
         results.update(best_params=None, best_value=math.nan)
-        log.warning("No trial finished, so the search has no best value.")
     log.info("Trials: %s", ", ".join(f"{n} {s}" for s, n in counts.items() if n))
     OmegaConf.save(OmegaConf.create(results), sweep_dir / "optimization_results.yaml")
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    if failed:
+        first = min(failed, key=lambda t: t.number)
+        # No reason recorded: told FAIL by a worker that found it never given its values.
+        why = first.user_attrs.get(FAILURE_ATTR, "its worker died before it was given its values")
+        many = (
+            f"All {len(failed)}"
+            if len(failed) == len(trials)
+            else f"{len(failed)} of {len(trials)}"
+        )
+        if counts["complete"]:
+            log.warning("%s trials failed; the first, trial %d: %s", many, first.number, why)
+        else:
+            log.error(
+                "%s trials failed and none finished; the first, trial %d: %s",
+                many,
+                first.number,
+                why,
+            )
+            OUTCOME["exit_code"] = 1
+    if not counts["complete"] and not failed:
+        log.warning("No trial finished, so the search has no best value.")
