@@ -142,10 +142,24 @@ def check_sweep(config: DictConfig, jobs: list[list[str]]) -> None:
                 check_device_support(typed.trainer, select_device(typed.trainer.device).type)
         except Exception as err:  # noqa: BLE001 - any job that cannot be composed is the user's
             swept = " ".join(o for o in job if o not in config.hydra.overrides.task)
-            reason = first_line(err)
+            reason = missing_option(err) or first_line(err)
             log.error("%s Sweep not started, no job run (bad job: %s).", reason, swept or job)
             sys.exit(2)
     log.info("Checked the config of %d sweep jobs", len(jobs))
+
+
+def missing_option(err: BaseException) -> str | None:
+    """A config group option that does not exist, with the ones that do (Hydra's own message
+    lists them on lines of their own, after 'In 'train': Could not find ...')."""
+    from hydra.errors import MissingConfigException
+
+    if not isinstance(err, MissingConfigException) or not err.missing_cfg_file:
+        return None
+    group, _, name = err.missing_cfg_file.rpartition("/")
+    if not group:
+        return None  # a primary config, not a group's option
+    options = ", ".join(err.options or []) or "none"
+    return f"{group}={name} is not an option of the config group {group} (it has {options})."
 
 
 def stop_local_jobs(sweep_dir: Path, signum: int, grace_s: float = JOB_GRACE_S) -> None:
@@ -182,6 +196,39 @@ def share_cores(config: DictConfig, jobs: int) -> None:
             cores,
             max(1, cores // at_once),
         )
+
+
+def guard_joblib_workers(sweep_dir: Path) -> None:
+    """A joblib worker process killed outright (SIGKILL, the out-of-memory killer) makes the
+    launcher raise joblib's TerminatedWorkerError, which Hydra prints as a 30-line traceback.
+    Said instead in one sentence with the way on, and the sweep exits 1 (its parent run is then
+    closed with the finished jobs' report). Hydra's joblib launcher has no hook for this, so its
+    launch is wrapped, in the sweeping process only."""
+    try:
+        from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher
+        from joblib.externals.loky.process_executor import TerminatedWorkerError
+    except ImportError:
+        return  # no joblib launcher installed, so none to guard
+    launch = getattr(JoblibLauncher.launch, "unguarded", JoblibLauncher.launch)
+
+    def guarded(self: Any, job_overrides: Any, initial_job_idx: int) -> Any:
+        try:
+            return launch(self, job_overrides, initial_job_idx)
+        except TerminatedWorkerError as err:
+            said, marker = str(err), "exit codes of the workers are"
+            said = said if marker in said else marker  # no codes given: "?"
+            codes = (said.rsplit(marker, 1)[-1].strip().splitlines() or ["?"])[0]
+            log.error(
+                "A joblib worker process of this sweep was killed (exit codes %s; SIGKILL, or "
+                "out of memory) and joblib ended the others; rerun the same command with "
+                "hydra.sweep.dir=%s to resume its jobs from their checkpoints and run the rest.",
+                codes,
+                sweep_dir.resolve(),
+            )
+            sys.exit(1)
+
+    guarded.unguarded = launch  # type: ignore[attr-defined]
+    JoblibLauncher.launch = guarded  # type: ignore[method-assign]
 
 
 class MlflowSweepCallback(Callback):
@@ -225,6 +272,7 @@ class MlflowSweepCallback(Callback):
         """Hold the sweep folder for this sweeper's life; on SIGTERM, stop the local jobs."""
         self.sweep_dir = Path(config.hydra.sweep.dir)
         lock_folder(self.sweep_dir, "sweep")
+        guard_joblib_workers(self.sweep_dir)
         (self.sweep_dir / SWEEP_STOPPING).unlink(missing_ok=True)  # left by a stopped run of it
         # Jobs on a cluster are not this process's to stop: they finish, or a rerun takes over.
         self.local_jobs = runs_here(config)

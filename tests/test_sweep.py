@@ -323,6 +323,27 @@ def test_sweep_stopped_by_sigterm_closes_its_parent_and_resumes_in_the_same_fold
     assert "lmexp.failure_reason" not in again.data.tags  # the KILLED reason went with the rerun
 
 
+@pytest.mark.unit
+def test_an_option_a_config_group_lacks_is_named_with_the_options_it_has():
+    from hydra import compose, initialize_config_dir
+
+    from lmexp.config import conf_dir
+    from lmexp.launch import register_configs
+    from lmexp.sweep import missing_option
+
+    register_configs()
+    with (
+        initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"),
+        pytest.raises(Exception) as err,
+    ):
+        compose("train", ["dropout=foo"])
+    assert missing_option(err.value) == (
+        "dropout=foo is not an option of the config group dropout (it has none, standard, "
+        "variational, weight_drop)."
+    )
+    assert missing_option(ValueError("another error")) is None
+
+
 def test_slurm_launcher_preset_composes_with_cluster_settings():
     from hydra import compose, initialize_config_dir
 
@@ -613,6 +634,30 @@ def test_sigkill_of_a_joblib_sweeper_ends_its_workers_and_their_runs(tmp_path):
     assert report.returncode == 0, report.stderr[-3000:]
     assert f"closed the sweep's parent run {parent.info.run_id} as KILLED" in report.stdout
     assert split_runs(db)[0].info.status == "KILLED"
+
+
+def test_sigkill_of_one_joblib_worker_is_one_sentence_and_leaves_no_run_running(tmp_path):
+    """SIGKILL to the worker process of one job (as the out-of-memory killer sends): joblib
+    ends the other worker too. The sweep says so in one sentence with the way on, instead of
+    joblib's TerminatedWorkerError traceback, exits 1, and leaves no run RUNNING."""
+    proc, _, logs = _joblib_sweep_mid_run(tmp_path)
+    lock = logs[0].parent / ".lmexp.lock"
+    pid = int(lock.read_text().split()[1])  # "pid <n> on <host>": the worker running that job
+    os.kill(pid, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1, out[-3000:]
+    folder = sweep_dir(tmp_path)
+    sentence = (
+        "A joblib worker process of this sweep was killed (exit codes {SIGKILL(-9)}; SIGKILL, "
+        "or out of memory) and joblib ended the others; rerun the same command with "
+        f"hydra.sweep.dir={folder.resolve()} to resume its jobs from their checkpoints and run "
+        "the rest."
+    )
+    assert sentence in out, out[-3000:]
+    assert "Traceback" not in out and "TerminatedWorkerError" not in out, out[-3000:]
+    parent, children = split_runs(tmp_path / "mlflow.db")
+    states = [(r.info.status, r.data.tags.get("lmexp.failure_reason")) for r in children]
+    assert parent.info.status != "RUNNING" and all(s != "RUNNING" for s, _ in states), states
 
 
 def test_a_sweep_whose_jobs_all_ended_is_closed_finished_not_killed(tmp_path):
