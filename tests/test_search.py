@@ -400,6 +400,20 @@ def test_a_damaged_study_database_is_named_with_the_way_out_that_fits(tmp_path):
 # --- a search with pruning -----------------------------------------------------------------------
 
 
+def _enqueued_search(tmp_path: Path, trials: list[dict], *overrides: str):
+    """A real search into tmp_path/search whose first trials are enqueued (its study made
+    beforehand, as a user would for study.enqueue_trial); the finished process."""
+    import optuna
+
+    (tmp_path / "search").mkdir()
+    study = optuna.create_study(
+        study_name="lmexp_tiny", storage=f"sqlite:///{tmp_path / 'search' / 'optuna.db'}"
+    )
+    for params in trials:
+        study.enqueue_trial(params)
+    return run_module("lmexp.train", *SEARCH, *overrides, "hydra.sweep.dir=search", cwd=tmp_path)
+
+
 @pytest.mark.slow
 def test_a_search_prunes_some_trials_finishes_the_rest_and_says_which_is_which(tmp_path):
     """Six trials of three epochs, the median pruner after two finished ones: some trials are
@@ -407,21 +421,17 @@ def test_a_search_prunes_some_trials_finishes_the_rest_and_says_which_is_which(t
     The first three are enqueued, so that the third (learning rate 2, keeping 30% of units)
     trails the first two from its first epoch on, without diverging (lr 4 does: its valid ppl
     of 461 is worse than guessing); the other three are TPE's."""
-    import optuna
     from optuna.trial import TrialState
 
-    (tmp_path / "search").mkdir()
-    study = optuna.create_study(
-        study_name="lmexp_tiny", storage=f"sqlite:///{tmp_path / 'search' / 'optuna.db'}"
-    )
-    for keep, lr in ((0.9, 1.0), (0.9, 0.5), (0.3, 2.0)):
-        study.enqueue_trial({"dropout.dp_keep_prob": keep, "lr_policy.lr": lr})
-    proc = run_module(
-        *["lmexp.train", *SEARCH, "trainer.max_epochs=3", "hydra.sweeper.n_trials=6"],
+    enqueued = [
+        {"dropout.dp_keep_prob": keep, "lr_policy.lr": lr}
+        for keep, lr in ((0.9, 1.0), (0.9, 0.5), (0.3, 2.0))
+    ]
+    proc = _enqueued_search(
+        tmp_path, enqueued, "trainer.max_epochs=3", "hydra.sweeper.n_trials=6",
         "hydra.sweeper.sampler.n_startup_trials=2", "hydra.sweeper.pruner.n_startup_trials=2",
         # lr up to 2: on the tiny corpus a higher one can diverge (a FAIL, tested elsewhere)
         "lr_policy.lr=tag(log, interval(0.25, 2.0))",
-        "hydra.sweep.dir=search", cwd=tmp_path,
     )  # fmt: skip
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
@@ -479,21 +489,16 @@ def test_a_search_samples_a_config_group_composing_each_trial_with_its_choice(tm
     composed again with its choice (Hydra's compose API, in each of two joblib workers), and the
     study, the MLflow runs (name and params) and the report agree on which trial had which.
     The first two trials are enqueued: the same values, once with each dropout."""
-    import optuna
-
     from lmexp.names import short_value
 
-    (tmp_path / "search").mkdir()
-    study = optuna.create_study(
-        study_name="lmexp_tiny", storage=f"sqlite:///{tmp_path / 'search' / 'optuna.db'}"
-    )
-    for kind in ("standard", "variational"):
-        study.enqueue_trial({"dropout": kind, "dropout.dp_keep_prob": 0.7, "lr_policy.lr": 1.0})
-    proc = run_module(
-        *["lmexp.train", *SEARCH, "trainer.max_epochs=1", "hydra.sweeper.n_trials=3"],
+    enqueued = [
+        {"dropout": kind, "dropout.dp_keep_prob": 0.7, "lr_policy.lr": 1.0}
+        for kind in ("standard", "variational")
+    ]
+    proc = _enqueued_search(
+        tmp_path, enqueued, "trainer.max_epochs=1", "hydra.sweeper.n_trials=3",
         "hydra.sweeper.pruner=none", "dropout=choice(standard,variational)",
         "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2",
-        "hydra.sweep.dir=search", cwd=tmp_path,
     )  # fmt: skip
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
@@ -541,18 +546,10 @@ def test_a_search_none_of_whose_trials_finished_exits_1_with_the_first_reason(
 ):
     """lr 25 diverges on the tiny corpus (a FAIL): a search of only such trials has no result
     and exits 1 saying why in one line; one with a finished trial exits 0 and counts the rest."""
-    import optuna
-
-    (tmp_path / "search").mkdir()
-    study = optuna.create_study(
-        study_name="lmexp_tiny", storage=f"sqlite:///{tmp_path / 'search' / 'optuna.db'}"
-    )
-    for lr in lrs:
-        study.enqueue_trial({"dropout.dp_keep_prob": 1.0, "lr_policy.lr": lr})
-    proc = run_module(
-        *["lmexp.train", *SEARCH, "trainer.max_epochs=1", "hydra.sweeper.n_trials=2"],
-        "hydra.sweeper.pruner=none", "lr_policy.lr=interval(0.5, 30)", "hydra.sweep.dir=search",
-        cwd=tmp_path,
+    enqueued = [{"dropout.dp_keep_prob": 1.0, "lr_policy.lr": lr} for lr in lrs]
+    proc = _enqueued_search(
+        tmp_path, enqueued, "trainer.max_epochs=1", "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.pruner=none", "lr_policy.lr=interval(0.5, 30)",
     )  # fmt: skip
     out = proc.stdout + proc.stderr
     assert proc.returncode == code, out[-3000:]
