@@ -136,10 +136,14 @@ def distribution(key: str, override: Any, config: DictConfig | None = None) -> A
             return d.IntDistribution(low, low + step * (len(values) - 1), step=step)
         # In decimal, as Optuna checks the grid: 0.1 + 3 * 0.3 in binary is 0.9999999999999999,
         # which Optuna would round down to 0.7, dropping a value the range lists.
-        d_low, d_step = Decimal(repr(float(low))), Decimal(repr(float(step)))
-        high = float(d_low + d_step * (len(values) - 1))
+        high = on_grid(low, step, len(values) - 1)
         return d.FloatDistribution(float(low), high, step=float(step))
     return d.CategoricalDistribution(values)
+
+
+def on_grid(low: float, step: float, i: int) -> float:
+    """The i-th value of a stepped grid, low + i * step, in decimal as Optuna checks the grid."""
+    return float(Decimal(repr(float(low))) + Decimal(repr(float(step))) * i)
 
 
 def _integer_key(config: DictConfig, key: str) -> bool:
@@ -436,8 +440,8 @@ def same_values(was: Any, now: Any) -> bool:
 
     if not isinstance(was, d.CategoricalDistribution) or getattr(now, "step", None) is None:
         return False
-    count = round((Decimal(repr(now.high)) - Decimal(repr(now.low))) / Decimal(repr(now.step)))
-    grid = [float(Decimal(repr(now.low)) + Decimal(repr(now.step)) * i) for i in range(count + 1)]
+    count = round((now.high - now.low) / now.step)
+    grid = [on_grid(now.low, now.step, i) for i in range(count + 1)]
     return sorted(was.choices) == grid
 
 
