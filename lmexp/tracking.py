@@ -7,6 +7,7 @@ final status. `MlflowTracker` writes them to an MLflow store through `MlflowClie
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import functools
@@ -132,11 +133,75 @@ def check_store(uri: str, timeout: float = 5.0, read_only: bool = False) -> None
                 f"Tracking server {redact(uri)} cannot be reached ({reason}); start it, fix "
                 "logger.tracking_uri, or set logger.fallback_uri=sqlite:///mlflow.db to train anyway."
             ) from err
+        check_login(uri, timeout)
     elif scheme in ("", "file"):
         raise TrackingError(
             f"Tracking URI {redact(uri)!r} is a file store, which MLflow 3 no longer supports; use "
             "logger.tracking_uri=sqlite:///mlflow.db (or an http:// server)."
         )
+
+
+# What MLflow's client sends to a server with authentication (`mlflow server --app-name
+# basic-auth`): the login comes from the environment, never from a URI or the command line.
+USER_VAR, PASSWORD_VAR, TOKEN_VAR = (
+    "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"
+)  # fmt: skip
+
+
+def _login_headers() -> dict[str, str]:
+    user, password = os.environ.get(USER_VAR), os.environ.get(PASSWORD_VAR)
+    if user and password:
+        return {
+            "Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        }
+    token = os.environ.get(TOKEN_VAR)
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def check_login(uri: str, timeout: float) -> None:
+    """A server with authentication accepts the login in the environment: one read request,
+    before any work (MLflow's own client would only fail at the first write, in one of its
+    tracebacks)."""
+    probe = uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1"
+    try:
+        with urllib.request.urlopen(
+            urllib.request.Request(probe, headers=_login_headers()), timeout=timeout
+        ):
+            pass
+    except urllib.error.HTTPError as err:
+        if err.code == 401:
+            raise TrackingError(login_refused(uri)) from None
+    except (urllib.error.URLError, OSError):
+        pass  # reachable a moment ago; MLflow's client retries what follows
+
+
+def login_refused(uri: str) -> str:
+    user = os.environ.get(USER_VAR)
+    if user and os.environ.get(PASSWORD_VAR):
+        return (
+            f"Tracking server {redact(uri)} refused the login of user {user!r} (HTTP 401): check "
+            f"{USER_VAR} and {PASSWORD_VAR} in the environment."
+        )
+    return (
+        f"Tracking server {redact(uri)} asks for a login (HTTP 401): set {USER_VAR} and "
+        f"{PASSWORD_VAR} in the environment to a user of that server (not in the URI or on "
+        "the command line)."
+    )
+
+
+def permission_refused(uri: str, experiment: str, what: str) -> str:
+    """The sentence for a server's 403: who, what they may not do, the permission it needs."""
+    user = os.environ.get(USER_VAR) or "this login"
+    return (
+        f"Tracking server {redact(uri)} does not let user {user!r} {what} experiment "
+        f"{experiment!r} (HTTP 403, it needs EDIT permission there): ask the experiment's owner or "
+        "the server's admin to grant it, or set logger.experiment_name to an experiment you may "
+        "edit."
+    )
+
+
+def _refused(err: Any) -> bool:
+    return getattr(err, "error_code", None) == "PERMISSION_DENIED"
 
 
 def is_database(uri: str) -> bool:
@@ -312,6 +377,8 @@ def prepare_experiment(uri: str, name: str) -> str:
                 client.set_experiment_tag(experiment_id, key, value)
             return experiment_id
         except MlflowException as err:
+            if _refused(err):
+                raise TrackingError(permission_refused(uri, name, "use")) from None
             raise TrackingError(
                 f"Tracking store {redact(uri)} could not be opened: {err.message}"
             ) from err
@@ -478,7 +545,13 @@ class MlflowTracker(Tracker):
             reopen_run(self.client, run_id)
             self.run_id = run_id
         else:
-            run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags or {})
+            try:
+                run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags or {})
+            except MlflowException as err:
+                if _refused(err):
+                    what = "create runs in"
+                    raise TrackingError(permission_refused(uri, experiment_name, what)) from None
+                raise
             self.run_id = run.info.run_id
         self.page = ui_url(uri, self.experiment_id, run_id=self.run_id)
         if system_metrics_s:
@@ -705,7 +778,14 @@ def start_parent_run(
                 return reopen, experiment_id
         except MlflowException:
             pass  # deleted or from another store: start a new parent
-    run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+    try:
+        run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+    except MlflowException as err:  # the sweep's jobs would be refused too: stop before any
+        if _refused(err):
+            raise TrackingError(
+                permission_refused(uri, experiment_name, "create runs in")
+            ) from None
+        raise
     save_sweep_view(uri, experiment_id, run_id, swept)
     return run_id, experiment_id
 

@@ -318,6 +318,8 @@ class MlflowServer:
     log_path: Path
     port: int = 0
     proc: subprocess.Popen | None = None
+    options: tuple[str, ...] = ()  # more `mlflow server` options, such as --app-name basic-auth
+    env: dict[str, str] | None = None  # more environment for the server
 
     @property
     def url(self) -> str:
@@ -334,10 +336,14 @@ class MlflowServer:
         self.port = self.port or free_port()
         cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend_uri]
         cmd += ["--artifacts-destination", str(self.artifacts), "--serve-artifacts"]
-        cmd += ["--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
+        cmd += ["--host", "127.0.0.1", "--port", str(self.port), "--workers", "1", *self.options]
         log = open(self.log_path, "a")  # noqa: SIM115 - the server's whole life
         self.proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **(self.env or {})},
         )
         wait_for(f"mlflow server on {self.url}", self.healthy, timeout, self.log_path)
 
@@ -355,9 +361,13 @@ class MlflowServer:
 
 
 @contextlib.contextmanager
-def mlflow_server(backend_uri: str, folder: Path) -> Iterator[MlflowServer]:
+def mlflow_server(
+    backend_uri: str, folder: Path, options: tuple[str, ...] = (), env: dict[str, str] | None = None
+) -> Iterator[MlflowServer]:
     folder.mkdir(parents=True, exist_ok=True)
-    server = MlflowServer(backend_uri, folder / "artifacts", folder / "mlflow-server.log")
+    server = MlflowServer(
+        backend_uri, folder / "artifacts", folder / "mlflow-server.log", options=options, env=env
+    )
     try:
         server.start()
         yield server

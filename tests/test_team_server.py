@@ -1,0 +1,194 @@
+"""A team's tracking server with authentication, on the real thing: `mlflow server --app-name
+basic-auth` on a loopback port (its users in a sqlite store of their own, default permission
+READ, --allowed-hosts set), an admin, a writer granted EDIT on the team's experiment and a
+reader who has only the default. What an outsider, a reader and a writer can each do, and
+lmexp's one-sentence refusals, before any run is created and without echoing a password.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+
+import pytest
+import services
+from conftest import TINY, run_module
+
+pytestmark = pytest.mark.slow
+
+EXPERIMENT = "team"
+ADMIN = ("admin", "admin-Pw-0451")
+WRITER = ("writer", "writer-Pw-7713")
+READER = ("reader", "reader-Pw-2290")
+WRONG = "not-the-Pw-9931"
+
+
+def _as(user: tuple[str, str]) -> dict[str, str]:
+    return {"MLFLOW_TRACKING_USERNAME": user[0], "MLFLOW_TRACKING_PASSWORD": user[1]}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The server, its users and the team's experiment; stopped by PID, also when a test fails."""
+    root = tmp_path_factory.mktemp("auth-server")
+    (root / "auth.ini").write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = sqlite:///{root / 'users.db'}\nadmin_username = {ADMIN[0]}\n"
+    )
+    port = services.free_port()
+    srv = services.MlflowServer(
+        f"sqlite:///{root / 'mlflow.db'}",
+        root / "artifacts",
+        root / "mlflow-server.log",
+        port=port,
+        options=(
+            "--app-name",
+            "basic-auth",
+            "--allowed-hosts",
+            f"127.0.0.1:{port},localhost:{port}",
+        ),
+        env={
+            "MLFLOW_AUTH_CONFIG_PATH": str(root / "auth.ini"),
+            "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN[1],
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": "lmexp-test-csrf-key",
+        },
+    )
+    try:
+        srv.start()
+        with _env(_as(ADMIN)):
+            from mlflow.server import get_app_client
+            from mlflow.tracking import MlflowClient
+
+            users = get_app_client("basic-auth", tracking_uri=srv.url)
+            for name, password in (WRITER, READER):
+                users.create_user(name, password)
+            experiment_id = MlflowClient(srv.url).create_experiment(EXPERIMENT)
+            users.grant_user_permission(WRITER[0], "experiment", experiment_id, "EDIT")
+        yield srv
+    finally:
+        srv.stop()
+
+
+class _env:
+    def __init__(self, values: dict[str, str]) -> None:
+        self.values, self.saved = values, {}
+
+    def __enter__(self) -> None:
+        self.saved = {k: os.environ.get(k) for k in self.values}
+        os.environ.update(self.values)
+
+    def __exit__(self, *exc: object) -> None:
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _runs(url: str, user: tuple[str, str] = ADMIN) -> list:
+    from mlflow.tracking import MlflowClient
+
+    with _env(_as(user)):
+        client = MlflowClient(url)
+        exp = client.get_experiment_by_name(EXPERIMENT)
+        return client.search_runs([exp.experiment_id], "", max_results=100)
+
+
+def _status(url: str, host: str | None = None, user: tuple[str, str] | None = None) -> int:
+    import base64
+
+    request = urllib.request.Request(f"{url}/api/2.0/mlflow/experiments/search?max_results=5")
+    if host:
+        request.add_header("Host", host)
+    if user:
+        login = base64.b64encode(f"{user[0]}:{user[1]}".encode()).decode()
+        request.add_header("Authorization", f"Basic {login}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def _train(server, tmp_path, env: dict[str, str], *more: str, sweep: bool = False):
+    args = [*TINY, "trainer.max_epochs=1", f"logger.tracking_uri={server.url}"]
+    args += [f"logger.experiment_name={EXPERIMENT}", *more]
+    env = {"MLFLOW_TRACKING_USERNAME": "", "MLFLOW_TRACKING_PASSWORD": "", **env}
+    return run_module("lmexp.train", *(["-m"] if sweep else []), *args, cwd=tmp_path, env=env)
+
+
+def test_an_outsider_is_refused_by_the_rest_api_and_a_foreign_host_header_by_the_server(server):
+    assert _status(server.url) == 401
+    assert _status(server.url, user=(READER[0], WRONG)) == 401
+    assert _status(server.url, user=READER) == 200
+    # DNS rebinding: a page on another name that resolves here must not reach the API.
+    assert _status(server.url, host="evil.example", user=ADMIN) == 403
+
+
+def test_training_without_a_login_names_the_two_variables_and_creates_no_run(server, tmp_path):
+    before = len(_runs(server.url))
+    proc = _train(server, tmp_path, {})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-2000:]
+    assert "asks for a login (HTTP 401): set MLFLOW_TRACKING_USERNAME and " in out, out[-2000:]
+    assert "MLFLOW_TRACKING_PASSWORD" in out and "Traceback" not in out
+    assert len(_runs(server.url)) == before
+
+
+def test_a_wrong_password_is_refused_without_being_echoed(server, tmp_path):
+    before = len(_runs(server.url))
+    proc = _train(server, tmp_path, _as((WRITER[0], WRONG)))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-2000:]
+    assert "refused the login of user 'writer' (HTTP 401)" in out, out[-2000:]
+    assert WRONG not in out and "Traceback" not in out
+    assert len(_runs(server.url)) == before
+    for path in tmp_path.rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".yaml", ".log"):
+            assert WRONG not in path.read_text(errors="replace"), path
+
+
+def test_a_reader_can_search_the_runs_but_not_train_into_them(server, tmp_path):
+    before = len(_runs(server.url, READER))  # searching is what READ allows
+    proc = _train(server, tmp_path, _as(READER))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-2000:]
+    assert (
+        "does not let user 'reader' create runs in experiment 'team' (HTTP 403, it needs EDIT "
+        "permission there)"
+    ) in out, out[-2000:]
+    assert "Traceback" not in out
+    assert len(_runs(server.url)) == before
+
+
+def test_a_readers_sweep_stops_before_its_parent_run(server, tmp_path):
+    before = len(_runs(server.url))
+    proc = _train(server, tmp_path, _as(READER), "dropout.dp_keep_prob=0.5,0.9", sweep=True)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-2000:]
+    assert "does not let user 'reader' create runs in experiment 'team'" in out, out[-2000:]
+    assert "Traceback" not in out and "#0 :" not in out  # no job launched
+    assert len(_runs(server.url)) == before
+
+
+def test_a_writers_sweep_runs_end_to_end_and_records_no_password(server, tmp_path):
+    proc = _train(server, tmp_path, _as(WRITER), "dropout.dp_keep_prob=0.5,0.9", sweep=True)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    runs = _runs(server.url, WRITER)
+    (parent,) = [r for r in runs if r.data.tags.get("lmexp.kind") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.info.status for r in children) == ["FINISHED", "FINISHED"]
+    assert parent.info.status == "FINISHED"
+    with _env(_as(WRITER)):
+        from mlflow.tracking import MlflowClient
+
+        artifacts = [a.path for a in MlflowClient(server.url).list_artifacts(parent.info.run_id)]
+    assert artifacts, "the sweep's report is not on its parent run"
+    for run in [parent, *children]:
+        recorded = json.dumps([run.data.params, run.data.tags])
+        assert WRITER[1] not in recorded
+    for path in tmp_path.rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".yaml", ".log"):
+            assert WRITER[1] not in path.read_text(errors="replace"), path
