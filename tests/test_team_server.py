@@ -192,3 +192,37 @@ def test_a_writers_sweep_runs_end_to_end_and_records_no_password(server, tmp_pat
     for path in tmp_path.rglob("*"):
         if path.is_file() and path.suffix in (".json", ".yaml", ".log"):
             assert WRITER[1] not in path.read_text(errors="replace"), path
+
+
+def test_the_ui_behind_the_login_shows_the_sweep_to_a_member_and_nothing_to_an_outsider(server):
+    """After the writer's sweep above: a reader logged in sees its parent run in the UI, in a real
+    browser; a browser without a login gets the 401 page, and no run."""
+    from test_ui import BROWSER_ARGS, CHROMIUM, _require_browser
+
+    _require_browser()
+    from playwright.sync_api import Error as PlaywrightError
+    from playwright.sync_api import sync_playwright
+
+    (parent,) = [r for r in _runs(server.url) if r.data.tags.get("lmexp.kind") == "sweep"]
+    page_url = f"{server.url}/#/experiments/{parent.info.experiment_id}/runs"
+    page_url += "?workflowType=machine_learning"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        try:
+            outsider = browser.new_context().new_page()
+            # The server asks for a login; a browser with none shows no page at all.
+            with pytest.raises(PlaywrightError, match="ERR_INVALID_AUTH_CREDENTIALS"):
+                outsider.goto(page_url)
+            for path in ("/", "/ajax-api/2.0/mlflow/runs/search"):
+                answer = outsider.request.get(server.url + path)
+                assert answer.status == 401, (path, answer.status)
+                assert parent.info.run_name not in answer.text()
+            login = {"username": READER[0], "password": READER[1]}
+            member = browser.new_context(
+                viewport={"width": 1400, "height": 900}, http_credentials=login
+            ).new_page()
+            member.set_default_timeout(60_000)  # the UI's first load compiles a large bundle
+            member.goto(page_url)
+            member.get_by_text(parent.info.run_name, exact=True).first.wait_for()
+        finally:
+            browser.close()
