@@ -204,6 +204,20 @@ def _refused(err: Any) -> bool:
     return getattr(err, "error_code", None) == "PERMISSION_DENIED"
 
 
+def create_run(
+    client: Any, uri: str, experiment: str, experiment_id: str, name: str | None, tags: dict
+) -> str:
+    """A new run's id; a server's 403 (no EDIT on the experiment) as one sentence."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+    except MlflowException as err:
+        if _refused(err):
+            raise TrackingError(permission_refused(uri, experiment, "create runs in")) from None
+        raise
+
+
 def is_database(uri: str) -> bool:
     """Whether uri names a database server (PostgreSQL, MySQL, ...), which MLflow opens through
     SQLAlchemy, rather than a sqlite file or an http(s) tracking server."""
@@ -545,14 +559,9 @@ class MlflowTracker(Tracker):
             reopen_run(self.client, run_id)
             self.run_id = run_id
         else:
-            try:
-                run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags or {})
-            except MlflowException as err:
-                if _refused(err):
-                    what = "create runs in"
-                    raise TrackingError(permission_refused(uri, experiment_name, what)) from None
-                raise
-            self.run_id = run.info.run_id
+            self.run_id = create_run(
+                self.client, uri, experiment_name, self.experiment_id, run_name, tags or {}
+            )
         self.page = ui_url(uri, self.experiment_id, run_id=self.run_id)
         if system_metrics_s:
             self.monitor = start_system_metrics(
@@ -778,14 +787,8 @@ def start_parent_run(
                 return reopen, experiment_id
         except MlflowException:
             pass  # deleted or from another store: start a new parent
-    try:
-        run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
-    except MlflowException as err:  # the sweep's jobs would be refused too: stop before any
-        if _refused(err):
-            raise TrackingError(
-                permission_refused(uri, experiment_name, "create runs in")
-            ) from None
-        raise
+    # Refused here, the sweep's jobs would be refused too: it stops before any.
+    run_id = create_run(client, uri, experiment_name, experiment_id, run_name, tags)
     save_sweep_view(uri, experiment_id, run_id, swept)
     return run_id, experiment_id
 

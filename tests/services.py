@@ -361,13 +361,9 @@ class MlflowServer:
 
 
 @contextlib.contextmanager
-def mlflow_server(
-    backend_uri: str, folder: Path, options: tuple[str, ...] = (), env: dict[str, str] | None = None
-) -> Iterator[MlflowServer]:
+def mlflow_server(backend_uri: str, folder: Path) -> Iterator[MlflowServer]:
     folder.mkdir(parents=True, exist_ok=True)
-    server = MlflowServer(
-        backend_uri, folder / "artifacts", folder / "mlflow-server.log", options=options, env=env
-    )
+    server = MlflowServer(backend_uri, folder / "artifacts", folder / "mlflow-server.log")
     try:
         server.start()
         yield server

@@ -11,6 +11,7 @@ import json
 import os
 import urllib.error
 import urllib.request
+from unittest import mock
 
 import pytest
 import services
@@ -71,20 +72,9 @@ def server(tmp_path_factory):
         srv.stop()
 
 
-class _env:
-    def __init__(self, values: dict[str, str]) -> None:
-        self.values, self.saved = values, {}
-
-    def __enter__(self) -> None:
-        self.saved = {k: os.environ.get(k) for k in self.values}
-        os.environ.update(self.values)
-
-    def __exit__(self, *exc: object) -> None:
-        for k, v in self.saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+def _env(values: dict[str, str]):
+    """MLflow's client reads the login from os.environ: set it for a block, then restore."""
+    return mock.patch.dict(os.environ, values)
 
 
 def _runs(url: str, user: tuple[str, str] = ADMIN) -> list:
