@@ -807,9 +807,12 @@ def run_trials(
                 trial.set_user_attr(FAILURE_ATTR, why)  # noqa: B023
             study.tell(trial, told, state)  # noqa: B023
 
-        # The folder stays locked until the study knows: no other worker resumes it meanwhile.
-        in_storage(search, sweep_dir, "record a result", tell)
-        unlock_folder(folder)
+        # The folder stays locked until the study knows, and both happen under the ask lock: a
+        # worker claiming a trial reads the trials, then checks their folders, and must not see
+        # this trial RUNNING and its folder free (it would resume a finished trial).
+        with ask_lock(sweep_dir):
+            in_storage(search, sweep_dir, "record a result", tell)
+            unlock_folder(folder)
         if state == TrialState.COMPLETE:
             best = min(best, value)
     return best

@@ -3,6 +3,7 @@ Optuna study on sqlite and a real MLflow store, pruning, parallel workers, resum
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -273,6 +274,56 @@ def test_a_trial_folder_stays_locked_until_the_study_knows_its_result(tmp_path, 
     assert seen == [TrialState.COMPLETE] * 3
     # The worker trained each trial with the sampled value, as a number.
     assert trained == [t.params["dropout.dp_keep_prob"] for t in study.get_trials()]
+
+
+OWNER = """
+import sys, time
+from pathlib import Path
+from omegaconf import OmegaConf
+from lmexp.search import run_trials
+
+folder = Path(sys.argv[1])
+
+def train(cfg, params, trial_folder, number, judge):
+    (folder / "training").touch()
+    while not (folder / "go").exists():
+        time.sleep(0.02)
+    return 2.0
+
+run_trials(OmegaConf.create({"dropout": {"dp_keep_prob": 0.5}}), folder, 0, train)
+"""
+
+
+def test_a_trial_told_while_another_worker_claims_is_not_resumed(tmp_path):
+    """A worker claiming a trial reads the study's trials, then looks at their folders. The
+    trial's owner (another process) finishes right after that read: it must not tell the study
+    and free the folder in between, or the claimer resumes a finished trial (and fails to tell
+    it: "Cannot tell a COMPLETE trial", seen in CI with two joblib workers)."""
+    from lmexp.search import claim_trial, open_study, read_search
+
+    study = _search(tmp_path, n_trials=1)
+    owner = subprocess.Popen([sys.executable, "-c", OWNER, str(tmp_path)])
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "training").exists():
+        assert owner.poll() is None and time.monotonic() < deadline, "the owner never trained"
+        time.sleep(0.05)
+    search = read_search(tmp_path)
+    claimer = open_study(search, tmp_path, 1)
+    read = claimer.get_trials
+
+    def read_then_the_owner_finishes(*args, **kwargs):
+        trials = read(*args, **kwargs)
+        (tmp_path / "go").touch()
+        # It tells and frees its folder now, unless the claim keeps it waiting.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            owner.wait(timeout=2)
+        return trials
+
+    claimer.get_trials = read_then_the_owner_finishes
+    trial = claim_trial(claimer, search, tmp_path, 1)
+    assert trial is None  # the study's one trial is the owner's, finished: nothing to resume
+    assert owner.wait(timeout=60) == 0
+    assert [t.state.name for t in study.get_trials()] == ["COMPLETE"]
 
 
 def test_a_failing_trial_is_told_fail_and_the_worker_goes_on_until_the_storage_fails(tmp_path):
