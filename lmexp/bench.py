@@ -293,6 +293,7 @@ def task(cfg: Any) -> None:
     try:
         typed = OmegaConf.to_object(cfg)
         validate(typed)
+        uri = bench_store(typed)  # checked first: a store that refuses costs no benchmark
         result = run_bench(typed, select_device(typed.trainer.device))
     except LmexpError as err:
         log.error("%s", err)
@@ -303,13 +304,10 @@ def task(cfg: Any) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
         log.info("wrote %s", out)
-    if typed.bench.log_mlflow:
-        from hydra.core.hydra_config import HydraConfig
+    if uri is not None:
+        from lmexp.tracking import KIND_TAG, open_tracker
 
-        from lmexp.tracking import KIND_TAG, open_tracker, resolve_tracking_uri
-
-        uri = resolve_tracking_uri(typed.logger.tracking_uri, Path(HydraConfig.get().runtime.cwd))
-        tracker, _ = open_tracker(
+        tracker = open_tracker(
             "mlflow", uri, typed.logger.experiment_name, None, "bench", {KIND_TAG: "bench"}
         )
         tracker.log_params(result["config"])
@@ -321,6 +319,18 @@ def task(cfg: Any) -> None:
         }
         tracker.log_metrics(metrics, step=0)
         tracker.finish()
+
+
+def bench_store(typed: Any) -> str | None:
+    """The checked store for bench.log_mlflow=true (reachable, writable, the login accepted)."""
+    if not typed.bench.log_mlflow:
+        return None
+    from hydra.core.hydra_config import HydraConfig
+
+    from lmexp.tracking import resolve_tracking_uri, usable_store
+
+    uri = resolve_tracking_uri(typed.logger.tracking_uri, Path(HydraConfig.get().runtime.cwd))
+    return usable_store(uri, typed.logger.connect_timeout_s)[0]
 
 
 def main() -> None:

@@ -666,16 +666,13 @@ def open_tracker(
     run_id: str | None,
     run_name: str | None,
     tags: dict[str, str],
-    timeout: float = 5.0,
-    fallback_uri: str | None = None,
     system_metrics_s: float | None = None,
-) -> tuple[Tracker, str | None]:
-    """The tracker for logger.kind, after checking its store; returns it and a fallback note."""
+) -> Tracker:
+    """The tracker for logger.kind, writing to uri, a store usable_store has checked (before
+    the work, so that a store that refuses the run costs none of it)."""
     if kind == "none":
-        return Tracker(), None
-    uri, note = usable_store(uri, timeout, fallback_uri)
-    tracker = MlflowTracker(uri, experiment_name, run_id, run_name, tags, system_metrics_s)
-    return tracker, note
+        return Tracker()
+    return MlflowTracker(uri, experiment_name, run_id, run_name, tags, system_metrics_s)
 
 
 def rerun_decision(

@@ -64,6 +64,7 @@ from lmexp.tracking import (
     redact,
     rerun_decision,
     resolve_tracking_uri,
+    usable_store,
 )
 
 log = logging.getLogger("lmexp.train")
@@ -124,6 +125,7 @@ def run_training(cfg: TrainConfig, ctx: RunContext) -> float:
     check_device_support(t, device.type)
     with folder_lock(ctx.output_dir):  # no other live process writes into this run's folder
         threads = configure_threads(t.threads)
+        uri = checked_store(cfg, ctx)  # a store that refuses the run does so before any work
         corpus = load_corpus(cfg.data)
         data = {name: split.to(device) for name, split in batch_splits(corpus, t).items()}
         ckpt_dir = ctx.output_dir / "checkpoints"
@@ -136,7 +138,7 @@ def run_training(cfg: TrainConfig, ctx: RunContext) -> float:
         if resume is not None and resume.get("init_only"):
             log.info("Starting a new run from the weights of %s", resume["path"])
             tags["init_from"], resume = resume["path"], None
-        tracker = start_tracking(cfg, ctx, tags, resume["mlflow_run_id"] if resume else None)
+        tracker = start_tracking(cfg, ctx, uri, tags, resume["mlflow_run_id"] if resume else None)
         if tracker.uri:
             remember_run(ctx.output_dir, tracker.run_id, redact(tracker.uri))
         run = Run(cfg, ctx, corpus, data, model, tracker, ckpt_dir)
@@ -221,11 +223,29 @@ def build_model(
     return model.to(device)
 
 
-def start_tracking(
-    cfg: TrainConfig, ctx: RunContext, tags: dict[str, str], run_id: str | None
-) -> Tracker:
-    """The run's tracker: run_id reopened (resuming), else a new run; the store checked first."""
+def checked_store(cfg: TrainConfig, ctx: RunContext) -> str | None:
+    """The store this run logs to, checked (reachable, writable, the login accepted): the
+    sweep's or logger.tracking_uri, else logger.fallback_uri with a warning; None for
+    logger.kind=none. A store that cannot be used is one sentence, before the corpus loads."""
     lg = cfg.logger
+    if lg.kind == "none":
+        return None
+    uri = ctx.tracking_uri or resolve_tracking_uri(lg.tracking_uri, ctx.launch_dir)
+    fallback = lg.fallback_uri and resolve_tracking_uri(lg.fallback_uri, ctx.launch_dir)
+    uri, note = usable_store(uri, lg.connect_timeout_s, fallback)
+    if note:
+        log.warning(note)
+    return uri
+
+
+def start_tracking(
+    cfg: TrainConfig, ctx: RunContext, uri: str | None, tags: dict[str, str], run_id: str | None
+) -> Tracker:
+    """The run's tracker in the checked store uri (see checked_store): run_id reopened
+    (resuming), else a new run; no tracker for uri None (logger.kind=none)."""
+    lg = cfg.logger
+    if uri is None:
+        return Tracker()
     if lg.run_name:
         name = lg.run_name
     elif ctx.parent_run_id:
@@ -233,28 +253,17 @@ def start_tracking(
     else:
         name = single_name(cfg.model.name, ctx.overrides)
     system_metrics = lg.system_metrics if lg.system_metrics is not None else cfg.data.name != "tiny"
-    uri = ctx.tracking_uri or resolve_tracking_uri(lg.tracking_uri, ctx.launch_dir)
     earlier = remembered_run(ctx.output_dir, redact(uri)) if run_id is None else None
-    if earlier is not None and lg.kind != "none":
+    if earlier is not None:
         # Killed before its first checkpoint: continue that run (one job, one run), or say why not.
         params = flatten(ctx.resolved)
         again, why = rerun_decision(uri, earlier, params, cfg.trainer.resume)
         log.warning("No checkpoint in %s: %s.", ctx.output_dir / "checkpoints", why)
         run_id = earlier if again else None
-    tracker, note = open_tracker(
-        lg.kind,
-        uri,
-        lg.experiment_name,
-        run_id=run_id,
-        run_name=name,
-        tags=tags,
-        timeout=lg.connect_timeout_s,
-        fallback_uri=lg.fallback_uri and resolve_tracking_uri(lg.fallback_uri, ctx.launch_dir),
-        system_metrics_s=lg.system_metrics_every_s if system_metrics else None,
-    )
-    if note:
-        log.warning(note)
-    return tracker
+    return open_tracker(
+        lg.kind, uri, lg.experiment_name, run_id, name, tags,
+        lg.system_metrics_every_s if system_metrics else None,
+    )  # fmt: skip
 
 
 def run_tags(device: torch.device, ctx: RunContext, cfg: TrainConfig) -> dict[str, str]:

@@ -41,6 +41,21 @@ def test_bench_writes_json_with_every_field(tmp_path):
     assert run.data.metrics["lmexp.wps_median"] == result["variants"]["lmexp"]["wps_median"]
 
 
+def test_a_store_the_bench_cannot_log_to_is_refused_before_it_benchmarks(tmp_path):
+    """The store is checked before the benchmark's first step, loading the corpus: a data.root
+    that is no PTB folder is never looked at."""
+    proc = run_module(
+        "lmexp.bench", "data=ptb", f"data.root={tmp_path / 'not_ptb'}", "model=tiny",
+        "trainer.threads=1", "bench.batches=4", "bench.output=bench.json",
+        "bench.log_mlflow=true", "logger.tracking_uri=sqlite:///no_such_folder/mlflow.db",
+        cwd=tmp_path,
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-2000:]
+    assert "folder " in out and "no_such_folder does not exist; create it" in out, out[-2000:]
+    assert "not_ptb" not in out and not (tmp_path / "bench.json").exists()
+
+
 def test_bench_rejects_unknown_variant(tmp_path):
     proc = run_module(
         "lmexp.bench", "data=tiny", "model=tiny", "bench.variants=[lmexp,tf]", cwd=tmp_path

@@ -7,8 +7,10 @@ lmexp's one-sentence refusals, before any run is created and without echoing a p
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
+import threading
 import urllib.error
 import urllib.request
 from unittest import mock
@@ -125,6 +127,35 @@ def test_training_without_a_login_names_the_two_variables_and_creates_no_run(ser
     assert "asks for a login (HTTP 401): set MLFLOW_TRACKING_USERNAME and " in out, out[-2000:]
     assert "MLFLOW_TRACKING_PASSWORD" in out and "Traceback" not in out
     assert len(_runs(server.url)) == before
+
+
+def test_a_refused_login_costs_no_work_not_even_the_corpus_download(server, tmp_path):
+    """PTB not yet cached: the run would download it first. The server's refusal comes before:
+    the archive's server (here a local one that counts requests) is never asked."""
+    asked = []
+
+    class Archive(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the name http.server calls
+            asked.append(self.path)
+            self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+
+    archive = http.server.HTTPServer(("127.0.0.1", 0), Archive)
+    threading.Thread(target=archive.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{archive.server_port}/simple-examples.tgz"
+        proc = _train(
+            server, tmp_path, {}, "data=ptb", "data.root=null", f"data.cache_dir={tmp_path}",
+            f"data.url={url}",
+        )  # fmt: skip
+    finally:
+        archive.shutdown()
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-2000:]
+    assert "asks for a login (HTTP 401)" in out, out[-2000:]
+    assert asked == [] and not (tmp_path / "ptb").exists()
 
 
 def test_a_wrong_password_is_refused_without_being_echoed(server, tmp_path):
