@@ -371,6 +371,58 @@ def mlflow_server(backend_uri: str, folder: Path) -> Iterator[MlflowServer]:
         server.stop()
 
 
+@contextlib.contextmanager
+def auth_mlflow_server(
+    backend_uri: str, users_uri: str, folder: Path, admin: tuple[str, str]
+) -> Iterator[MlflowServer]:
+    """`mlflow server --app-name basic-auth`, as the README's team recipe runs it: its users in
+    users_uri (a database of their own), default permission READ, `admin` the administrator,
+    --allowed-hosts its own loopback names (a foreign Host header is refused)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "auth.ini").write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = {users_uri}\nadmin_username = {admin[0]}\n"
+    )
+    port = free_port()
+    server = MlflowServer(
+        backend_uri, folder / "artifacts", folder / "mlflow-server.log", port=port,
+        options=("--app-name", "basic-auth", "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}"),
+        env={
+            "MLFLOW_AUTH_CONFIG_PATH": str(folder / "auth.ini"),
+            "MLFLOW_AUTH_ADMIN_PASSWORD": admin[1],
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": "lmexp-test-csrf-key",
+        },
+    )  # fmt: skip
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+def add_team(
+    url: str, admin: tuple[str, str], experiment: str, writers: dict[str, str],
+    readers: dict[str, str],
+) -> str:  # fmt: skip
+    """As the admin, with MLflow's own client (the README's recipe): create the users and the
+    experiment, and grant the writers EDIT on it (the readers keep the default READ). Returns
+    the experiment's id."""
+    from unittest import mock
+
+    from mlflow.server import get_app_client
+    from mlflow.tracking import MlflowClient
+
+    login = {"MLFLOW_TRACKING_USERNAME": admin[0], "MLFLOW_TRACKING_PASSWORD": admin[1]}
+    with mock.patch.dict(os.environ, login):
+        users = get_app_client("basic-auth", tracking_uri=url)
+        for name, password in {**writers, **readers}.items():
+            users.create_user(name, password)
+        experiment_id = MlflowClient(url).create_experiment(experiment)
+        for name in writers:
+            users.grant_user_permission(name, "experiment", experiment_id, "EDIT")
+    return experiment_id
+
+
 if __name__ == "__main__":
     with (
         tempfile.TemporaryDirectory(prefix="lmexp-services-") as tmp,

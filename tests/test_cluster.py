@@ -560,3 +560,50 @@ def test_run_on_postgres_never_records_the_password(team, tmp_path):
     recorded = str(run.data.params) + str(run.data.tags)
     assert pg.password not in recorded and "lmexp:***@" in run.data.params["logger.tracking_uri"]
     assert pg.password not in (tmp_path / "run" / "model" / "config.json").read_text()
+
+
+def test_the_team_server_with_logins_on_postgres_takes_a_writers_slurm_sweep_not_a_readers(
+    team, tmp_path
+):
+    """The README's team recipe whole: the basic-auth server keeps its runs and its users in two
+    PostgreSQL databases. A reader's SLURM sweep is refused before any job is submitted; a
+    writer's logs every job, its jobs logging in with the login they inherit from the submitting
+    shell, and the password is in no file of the sweep's folder."""
+    from unittest import mock
+
+    slurm, pg, _ = team
+    admin, writer, reader = (
+        ("admin", "admin-Pw-5120"),
+        ("alice", "alice-Pw-8841"),
+        ("bob", "bob-Pw-30417"),
+    )
+    runs_db, users_db = pg.create_database("team_runs"), pg.create_database("team_users")
+    with services.auth_mlflow_server(runs_db, users_db, tmp_path / "server", admin) as server:
+        services.add_team(server.url, admin, "team", dict([writer]), dict([reader]))
+
+        def sweep(user: tuple[str, str], folder: str) -> subprocess.CompletedProcess:
+            login = {"MLFLOW_TRACKING_USERNAME": user[0], "MLFLOW_TRACKING_PASSWORD": user[1]}
+            return _train(
+                "-m", *SLURM_CPU, *TINY_SLURM, "trainer.max_epochs=1",
+                f"logger.tracking_uri={server.url}", "logger.experiment_name=team",
+                "dropout.dp_keep_prob=0.5,0.9", f"hydra.sweep.dir={folder}",
+                cwd=tmp_path, env={**slurm.env, **login},
+            )  # fmt: skip
+
+        refused = sweep(reader, "by_reader")
+        out = refused.stdout + refused.stderr
+        assert refused.returncode != 0, out[-3000:]
+        assert "does not let user 'bob' create runs in experiment 'team' (HTTP 403" in out, out
+        assert not (tmp_path / "by_reader" / ".submitit").exists()  # no job was submitted
+        proc = sweep(writer, "by_writer")
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out[-4000:] + slurm.log()
+        with mock.patch.dict(os.environ, {"MLFLOW_TRACKING_USERNAME": admin[0],
+                                          "MLFLOW_TRACKING_PASSWORD": admin[1]}):  # fmt: skip
+            parent, children = _children(server.url, "team")
+        # The server takes runs only from a login with EDIT here: the jobs, on SLURM, had alice's.
+        assert parent.info.status == "FINISHED"
+        assert sorted(c.info.status for c in children) == ["FINISHED", "FINISHED"]
+    for path in (tmp_path / "by_writer").rglob("*"):
+        if path.is_file():
+            assert writer[1].encode() not in path.read_bytes(), path

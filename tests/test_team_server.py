@@ -36,42 +36,11 @@ def _as(user: tuple[str, str]) -> dict[str, str]:
 def server(tmp_path_factory):
     """The server, its users and the team's experiment; stopped by PID, also when a test fails."""
     root = tmp_path_factory.mktemp("auth-server")
-    (root / "auth.ini").write_text(
-        "[mlflow]\ndefault_permission = READ\n"
-        f"database_uri = sqlite:///{root / 'users.db'}\nadmin_username = {ADMIN[0]}\n"
-    )
-    port = services.free_port()
-    srv = services.MlflowServer(
-        f"sqlite:///{root / 'mlflow.db'}",
-        root / "artifacts",
-        root / "mlflow-server.log",
-        port=port,
-        options=(
-            "--app-name",
-            "basic-auth",
-            "--allowed-hosts",
-            f"127.0.0.1:{port},localhost:{port}",
-        ),
-        env={
-            "MLFLOW_AUTH_CONFIG_PATH": str(root / "auth.ini"),
-            "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN[1],
-            "MLFLOW_FLASK_SERVER_SECRET_KEY": "lmexp-test-csrf-key",
-        },
-    )
-    try:
-        srv.start()
-        with _env(_as(ADMIN)):
-            from mlflow.server import get_app_client
-            from mlflow.tracking import MlflowClient
-
-            users = get_app_client("basic-auth", tracking_uri=srv.url)
-            for name, password in (WRITER, READER):
-                users.create_user(name, password)
-            experiment_id = MlflowClient(srv.url).create_experiment(EXPERIMENT)
-            users.grant_user_permission(WRITER[0], "experiment", experiment_id, "EDIT")
+    with services.auth_mlflow_server(
+        f"sqlite:///{root / 'mlflow.db'}", f"sqlite:///{root / 'users.db'}", root, ADMIN
+    ) as srv:
+        services.add_team(srv.url, ADMIN, EXPERIMENT, dict([WRITER]), dict([READER]))
         yield srv
-    finally:
-        srv.stop()
 
 
 def _env(values: dict[str, str]):
