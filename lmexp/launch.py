@@ -63,6 +63,24 @@ def check_extras(argv: list[str]) -> None:
             ) from None
 
 
+def check_group_choices(argv: list[str], conf: Path) -> None:
+    """A base config chosen as if it were a recipe (experiment=_pytorch_base: what the PyTorch
+    recipes share, `_`-named, not a recipe by itself) in one sentence naming the recipes."""
+    import re
+
+    for arg in argv:
+        key, _, value = arg.lstrip("+~").partition("=")
+        if not (conf / key).is_dir() or key.startswith("hydra"):
+            continue
+        for choice in re.split(r"[,()\s]+", value):  # a sweep's a,b and choice(a,b) too
+            if choice.startswith("_") and (conf / key / f"{choice}.yaml").is_file():
+                recipes = sorted(f.stem for f in (conf / key).glob("*.yaml") if f.stem[0] != "_")
+                raise LmexpError(
+                    f"{key}={choice} is a base the {key} configs build on, not one to choose; "
+                    f"choose one of {key}={', '.join(recipes)}."
+                )
+
+
 def check_sweeper_settings(argv: list[str]) -> None:
     """A misspelt pruner or sampler setting (hydra.sweeper.pruner.n_warmup_step=2) in one
     sentence with the nearest settings Optuna's pruners (samplers) take, instead of Hydra's
@@ -164,6 +182,7 @@ def launch(task: Callable[[Any], Any], config_name: str, argv: list[str], schema
     groups = {p.name for p in conf_dir().iterdir() if p.is_dir()}
     try:
         check_override_keys(argv, schema, groups)
+        check_group_choices(argv, conf_dir())
         check_extras(argv)
         check_sweeper_settings(argv)
     except LmexpError as err:

@@ -46,6 +46,28 @@ def test_a_search_or_launcher_without_its_extra_is_one_sentence(
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
+@pytest.mark.parametrize(
+    ("choice", "base"),
+    [
+        ("experiment=_pytorch_base", "_pytorch_base"),
+        ("+experiment=_examples_tied", "_examples_tied"),
+        ("experiment=pytorch_port,_pytorch_base", "_pytorch_base"),  # in a sweep
+    ],
+)
+def test_a_base_config_chosen_as_a_recipe_is_one_sentence_naming_the_recipes(
+    choice, base, monkeypatch, caplog, tmp_path
+):
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as stop:
+        launch(_never, "train", ["-m", choice, "data=tiny"], TrainConfig)
+    assert stop.value.code == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        f"experiment={base} is a base the experiment configs build on, not one to choose; "
+        "choose one of experiment=large_tied, medium_tied, pytorch_port."
+    ]
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
 def test_a_misspelt_pruner_or_sampler_setting_is_refused_with_the_nearest_ones():
     with pytest.raises(LmexpError, match=r"pruner\.n_warmup_step is a setting none of .* did you mean n_warmup_steps\?"):  # fmt: skip
         check_sweeper_settings(["hydra.sweeper.pruner.n_warmup_step=2"])
