@@ -197,6 +197,9 @@ class LoggerConfig:
     # take minutes or more) and off for the tiny corpus; sampled every system_metrics_every_s.
     system_metrics: bool | None = _role(BOOKKEEPING, None)
     system_metrics_every_s: float = _role(BOOKKEEPING, 10.0)
+    # Where the MLflow UI is, for the links lmexp prints; None: the tracking server itself, or
+    # for a database store `mlflow ui`'s own address, http://127.0.0.1:5000.
+    ui_url: str | None = _role(BOOKKEEPING, None)
 
 
 @dataclass
@@ -417,6 +420,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         "logger.system_metrics_every_s",
         lg.system_metrics_every_s,
         "must be positive",
+    )
+    _check(
+        lg.ui_url is None or str(lg.ui_url).startswith(("http://", "https://")),
+        "logger.ui_url",
+        lg.ui_url,
+        "must be the UI's address, http://host:port (or null)",
     )
     return cfg
 

@@ -282,7 +282,13 @@ class MlflowSweepCallback(Callback):
 
     def _open_parent(self, config: DictConfig, swept: list[str]) -> None:
         from lmexp.names import parent_name
-        from lmexp.tracking import resolve_tracking_uri, start_parent_run, ui_url, usable_store
+        from lmexp.tracking import (
+            resolve_tracking_uri,
+            start_parent_run,
+            ui_start,
+            ui_url,
+            usable_store,
+        )
 
         here = Path(os.getcwd())
         fallback = config.logger.fallback_uri
@@ -322,7 +328,9 @@ class MlflowSweepCallback(Callback):
         }
         write_private(sweep_dir / SWEEP_FILE, json.dumps(record))  # the jobs read the URI here
         log.info("MLflow sweep parent run %s in %s", parent, redact(uri))
-        log.info("Compare its runs in the MLflow UI: %s", ui_url(uri, experiment_id, view=parent))
+        ui = config.logger.get("ui_url")
+        page = ui_url(uri, experiment_id, view=parent, ui=ui)
+        log.info("Compare its runs in the MLflow UI%s: %s", ui_start(uri, ui), page)
         self.parent = {**record, "sweep_dir": sweep_dir}
         atexit.register(self._close_unfinished)
 

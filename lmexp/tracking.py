@@ -444,19 +444,39 @@ def save_sweep_view(uri: str, experiment_id: str, parent_run_id: str, swept: lis
     _client(uri).set_experiment_tag(experiment_id, VIEW_TAG_PREFIX + parent_run_id, tag)
 
 
-def ui_base(uri: str) -> str:
-    """Where the MLflow UI for `uri` is: the server itself, or `mlflow ui`'s default address."""
+MLFLOW_UI = "http://127.0.0.1:5000"  # where `mlflow ui` listens unless told otherwise
+
+
+def ui_base(uri: str, ui: str | None = None) -> str:
+    """Where the MLflow UI for `uri` is: ui (logger.ui_url) when given, else the server itself,
+    or `mlflow ui`'s default address for a database store."""
+    if ui:
+        return ui.rstrip("/")
     parts = urllib.parse.urlparse(uri)
     if parts.scheme not in ("http", "https"):
-        return "http://127.0.0.1:5000"
+        return MLFLOW_UI
     host = parts.netloc.rpartition("@")[2]  # a browser link carries no user or password
     return urllib.parse.urlunparse(parts._replace(netloc=host)).rstrip("/")
 
 
-def ui_url(uri: str, experiment_id: str, view: str | None = None, run_id: str | None = None) -> str:
+def ui_start(uri: str, ui: str | None = None) -> str:
+    """How to open the UI the links point at: nothing to do for a server (or a logger.ui_url
+    the user gave), else the `mlflow ui` command for this store, in the words of a log line."""
+    if ui or urllib.parse.urlparse(uri).scheme in ("http", "https"):
+        return ""
+    return f" (start it with: mlflow ui --backend-store-uri {redact(uri)})"
+
+
+def ui_url(
+    uri: str,
+    experiment_id: str,
+    view: str | None = None,
+    run_id: str | None = None,
+    ui: str | None = None,
+) -> str:
     """The UI page of a run, or of an experiment's runs in the model-training view (chart mode,
-    with a saved view's columns when `view` is given)."""
-    base = f"{ui_base(uri)}/#/experiments/{experiment_id}"
+    with a saved view's columns when `view` is given); ui: see ui_base."""
+    base = f"{ui_base(uri, ui)}/#/experiments/{experiment_id}"
     if run_id:
         return f"{base}/runs/{run_id}"
     query = "workflowType=machine_learning&compareRunsMode=CHART"
@@ -541,6 +561,7 @@ class MlflowTracker(Tracker):
         run_name: str | None = None,
         tags: dict[str, str] | None = None,
         system_metrics_s: float | None = None,
+        ui: str | None = None,
     ) -> None:
         from mlflow.exceptions import MlflowException
 
@@ -562,7 +583,7 @@ class MlflowTracker(Tracker):
             self.run_id = create_run(
                 self.client, uri, experiment_name, self.experiment_id, run_name, tags or {}
             )
-        self.page = ui_url(uri, self.experiment_id, run_id=self.run_id)
+        self.page = ui_url(uri, self.experiment_id, run_id=self.run_id, ui=ui)
         if system_metrics_s:
             self.monitor = start_system_metrics(
                 uri, self.run_id, system_metrics_s, run_id is not None
@@ -667,12 +688,13 @@ def open_tracker(
     run_name: str | None,
     tags: dict[str, str],
     system_metrics_s: float | None = None,
+    ui: str | None = None,
 ) -> Tracker:
     """The tracker for logger.kind, writing to uri, a store usable_store has checked (before
     the work, so that a store that refuses the run costs none of it)."""
     if kind == "none":
         return Tracker()
-    return MlflowTracker(uri, experiment_name, run_id, run_name, tags, system_metrics_s)
+    return MlflowTracker(uri, experiment_name, run_id, run_name, tags, system_metrics_s, ui)
 
 
 def rerun_decision(

@@ -64,6 +64,7 @@ from lmexp.tracking import (
     redact,
     rerun_decision,
     resolve_tracking_uri,
+    ui_start,
     usable_store,
 )
 
@@ -157,7 +158,7 @@ def run_training(cfg: TrainConfig, ctx: RunContext) -> float:
                 redact(tracker.uri or "nowhere"),
             )
             if tracker.page:
-                log.info("In the MLflow UI: %s", tracker.page)
+                log.info("In the MLflow UI%s: %s", ui_start(uri, cfg.logger.ui_url), tracker.page)
             if position.epoch < t.max_epochs or not tracker.logged_steps("test_ppl"):
                 train_epochs(run, position)
                 finish(run, position)
@@ -262,7 +263,7 @@ def start_tracking(
         run_id = earlier if again else None
     return open_tracker(
         lg.kind, uri, lg.experiment_name, run_id, name, tags,
-        lg.system_metrics_every_s if system_metrics else None,
+        lg.system_metrics_every_s if system_metrics else None, lg.ui_url,
     )  # fmt: skip
 
 

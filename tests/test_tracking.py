@@ -27,3 +27,21 @@ pytestmark = pytest.mark.unit
 )
 def test_redact_hides_every_uri_password_and_nothing_else(text, shown):
     assert redact(text) == shown
+
+
+@pytest.mark.parametrize(
+    ("uri", "ui", "page", "start"),
+    [  # a database store: `mlflow ui` on its default port, and how to start it
+        ("sqlite:////tmp/m.db", None, "http://127.0.0.1:5000", "mlflow ui --backend-store-uri sqlite:////tmp/m.db"),
+        ("postgresql://u:pw@db/m", None, "http://127.0.0.1:5000", "--backend-store-uri postgresql://u:***@db/m"),
+        # a server is its own UI; a login in its URI is not a browser's
+        ("https://u:pw@mlflow.lab:8443/", None, "https://mlflow.lab:8443", None),
+        # logger.ui_url: where the user runs the UI
+        ("sqlite:////tmp/m.db", "http://gpu-7:8080/", "http://gpu-7:8080", None),
+    ],
+)  # fmt: skip
+def test_printed_ui_links_follow_the_ui_address(uri, ui, page, start):
+    from lmexp.tracking import ui_start, ui_url
+
+    assert ui_url(uri, "3", run_id="abc", ui=ui) == f"{page}/#/experiments/3/runs/abc"
+    assert (start in ui_start(uri, ui)) if start else ui_start(uri, ui) == ""

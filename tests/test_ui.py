@@ -56,12 +56,15 @@ def _require_browser() -> None:
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> dict:
-    """A real 3-job dp_keep_prob sweep into a sqlite store, and the UI URL its log printed."""
+    """A real 3-job dp_keep_prob sweep into a sqlite store, told where its UI will be
+    (logger.ui_url: `mlflow ui` on a free port), and the UI URL its log printed."""
     _require_browser()
     cwd = tmp_path_factory.mktemp("ui")
+    port = free_port()
     proc = run_module(
         "lmexp.train", "-m", *TINY, "trainer.max_epochs=3",
-        f"dropout.dp_keep_prob={','.join(KEEP)}", cwd=cwd,
+        f"dropout.dp_keep_prob={','.join(KEEP)}", f"logger.ui_url=http://127.0.0.1:{port}/",
+        cwd=cwd,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     url = re.search(r"Compare its runs in the MLflow UI: (\S+)", proc.stdout + proc.stderr)
@@ -69,13 +72,13 @@ def sweep(tmp_path_factory) -> dict:
     runs = mlflow_runs(cwd / "mlflow.db")
     (parent,) = [r for r in runs if r.data.tags.get("lmexp.kind") == "sweep"]
     children = [r for r in runs if r is not parent]
-    return {"cwd": cwd, "url": url.group(1), "parent": parent, "children": children}
+    return {"cwd": cwd, "url": url.group(1), "parent": parent, "children": children, "port": port}
 
 
 @pytest.fixture(scope="module")
 def ui(sweep) -> str:
     """`mlflow ui` over the sweep's store on a free loopback port; stopped after the tests."""
-    port = free_port()
+    port = sweep["port"]
     log = open(sweep["cwd"] / "mlflow-ui.log", "w")  # noqa: SIM115 - closed below
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri",
@@ -133,17 +136,12 @@ def _shot(page, name: str, tmp: Path) -> None:
     page.screenshot(path=str(folder / name))
 
 
-def _local(url: str, base: str) -> str:
-    """The printed URL (mlflow ui's default address) on the test's port."""
-    return base + url[len("http://127.0.0.1:5000") :]
-
-
 def test_the_printed_url_opens_the_sweeps_children_by_name_with_their_curves(
     sweep, ui, page, tmp_path
 ):
-    assert sweep["url"].startswith("http://127.0.0.1:5000/#/experiments/")
+    assert sweep["url"].startswith(f"{ui}/#/experiments/")  # logger.ui_url's, as printed
     assert "workflowType=machine_learning" in sweep["url"]
-    page.goto(_local(sweep["url"], ui))
+    page.goto(sweep["url"])
     for keep in KEEP:  # each child named by its swept value, not a random name
         page.get_by_text(f"dp_keep_prob={keep}", exact=True).first.wait_for()
     assert page.get_by_text("Traces", exact=True).count() <= 1  # the runs page, not GenAI's
