@@ -327,7 +327,7 @@ def bench_store(typed: Any) -> str | None:
         return None
     from hydra.core.hydra_config import HydraConfig
 
-    from lmexp.tracking import resolve_tracking_uri, usable_store
+    from lmexp.stores import resolve_tracking_uri, usable_store
 
     uri = resolve_tracking_uri(typed.logger.tracking_uri, Path(HydraConfig.get().runtime.cwd))
     return usable_store(uri, typed.logger.connect_timeout_s)[0]

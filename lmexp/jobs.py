@@ -21,7 +21,8 @@ from lmexp.config import LmexpError, RunStopped, TrainConfig, to_typed
 from lmexp.runtime import SWEEP_STOPPING, SWEEPER_PID_ENV
 from lmexp.search import SWEEPER_TARGET, run_trials
 from lmexp.stats import SEED_KEY
-from lmexp.tracking import read_sweep, redact
+from lmexp.stores import redact
+from lmexp.tracking import read_sweep
 from lmexp.train import RunContext, run_training
 
 log = logging.getLogger("lmexp.train")

@@ -50,7 +50,8 @@ def resolve_model(
         raise LmexpError(
             f"{source} does not exist; pass a model.pt or checkpoint path, or an MLflow run id."
         )
-    from lmexp.tracking import check_store, download_model, resolve_tracking_uri
+    from lmexp.stores import check_store, resolve_tracking_uri
+    from lmexp.tracking import download_model
 
     uri = resolve_tracking_uri(tracking_uri, Path.cwd())
     check_store(uri, read_only=True)

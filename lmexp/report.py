@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from lmexp.config import LmexpError
+from lmexp.stores import check_store, resolve_tracking_uri
 from lmexp.summary import (
     HISTORY_KEYS,
     close_stale_sweep,
@@ -22,13 +23,7 @@ from lmexp.summary import (
     report_all,
     results_record,
 )
-from lmexp.tracking import (
-    SWEEP_FILE,
-    check_store,
-    fetch_run,
-    read_sweep,
-    resolve_tracking_uri,
-)
+from lmexp.tracking import SWEEP_FILE, fetch_run, read_sweep
 
 
 def build_parser() -> argparse.ArgumentParser:

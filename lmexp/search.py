@@ -310,7 +310,7 @@ def open_storage(url: str, default: bool = False) -> Any:
     import optuna
 
     from lmexp.runtime import sqlite_problem
-    from lmexp.tracking import redact, sqlite_path
+    from lmexp.stores import redact, sqlite_path
 
     db = sqlite_path(url)
     reason = sqlite_problem(db) if db is not None and db.is_file() and db.stat().st_size else None
@@ -359,7 +359,7 @@ def create_study(config: DictConfig, space: dict[str, Any]) -> Any:
     import optuna
     import optuna.distributions as d
 
-    from lmexp.tracking import redact, resolve_tracking_uri
+    from lmexp.stores import redact, resolve_tracking_uri
 
     url = storage_url(config)
     tracking = OmegaConf.select(config, "logger.tracking_uri")
@@ -695,7 +695,7 @@ def trial_config(
 def in_storage(search: Search, sweep_dir: Path, what: str, call: Callable[[], Any]) -> Any:
     """A call to the study's storage; its failure (a database gone, sqlite locked past its
     timeout) in one sentence that says how to go on."""
-    from lmexp.tracking import redact
+    from lmexp.stores import redact
 
     try:
         return call()

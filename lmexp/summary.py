@@ -15,6 +15,7 @@ from lmexp.names import short_keys
 from lmexp.runtime import folder_in_use
 from lmexp.stats import METRICS as STAT_METRICS
 from lmexp.stats import SEED_KEY, Group, check_comparable, group_runs, verdict, words_per_second
+from lmexp.stores import redact
 from lmexp.tracking import (
     EPOCH_METRICS,
     FAILURE_TAG,
@@ -24,7 +25,6 @@ from lmexp.tracking import (
     experiment_names,
     fetch_run,
     fetch_runs,
-    redact,
     set_run_outcome,
     ui_url,
 )

@@ -42,7 +42,8 @@ from lmexp.runtime import (
 from lmexp.search import check_search, uses_search
 from lmexp.slurm import check_cluster, follow_jobs, uses_slurm
 from lmexp.stats import SEED_KEY
-from lmexp.tracking import KIND_TAG, SWEEP_FILE, read_sweep, redact
+from lmexp.stores import redact
+from lmexp.tracking import KIND_TAG, SWEEP_FILE, read_sweep
 
 log = logging.getLogger("lmexp.sweep")
 
@@ -282,13 +283,8 @@ class MlflowSweepCallback(Callback):
 
     def _open_parent(self, config: DictConfig, swept: list[str]) -> None:
         from lmexp.names import parent_name
-        from lmexp.tracking import (
-            resolve_tracking_uri,
-            start_parent_run,
-            ui_start,
-            ui_url,
-            usable_store,
-        )
+        from lmexp.stores import resolve_tracking_uri, usable_store
+        from lmexp.tracking import start_parent_run, ui_start, ui_url
 
         here = Path(os.getcwd())
         fallback = config.logger.fallback_uri

@@ -55,17 +55,15 @@ from lmexp.runtime import (
 )
 from lmexp.schedules import learning_rate
 from lmexp.stats import words_per_second
+from lmexp.stores import redact, resolve_tracking_uri, usable_store
 from lmexp.tracking import (
     EPOCH_METRICS,
     PARENT_TAG,
     Tracker,
     TrackingLost,
     open_tracker,
-    redact,
     rerun_decision,
-    resolve_tracking_uri,
     ui_start,
-    usable_store,
 )
 
 log = logging.getLogger("lmexp.train")

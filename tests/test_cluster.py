@@ -401,7 +401,8 @@ def test_store_creation_waits_for_the_postgres_store_lock(team):
 
     from sqlalchemy import create_engine, text
 
-    from lmexp.tracking import STORE_LOCK_KEY, prepare_experiment
+    from lmexp.stores import STORE_LOCK_KEY
+    from lmexp.tracking import prepare_experiment
 
     _, pg, _ = team
     uri = pg.create_database("locked")

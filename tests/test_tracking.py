@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lmexp.tracking import redact
+from lmexp.stores import redact
 
 # Fast, in-process tests of the library: the unit lane (pytest -m unit).
 pytestmark = pytest.mark.unit

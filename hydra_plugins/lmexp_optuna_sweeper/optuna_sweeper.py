@@ -62,8 +62,8 @@ class LmexpOptunaSweeper(Sweeper):
         from lmexp.config import LmexpError
         from lmexp.runtime import write_private
         from lmexp.search import OUTCOME, STUDY_FILE, check_search, open_storage
+        from lmexp.stores import redact
         from lmexp.sweep import parse_sweep
-        from lmexp.tracking import redact
 
         assert self.config is not None
         config = self.config
