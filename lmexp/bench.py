@@ -327,10 +327,11 @@ def bench_store(typed: Any) -> str | None:
         return None
     from hydra.core.hydra_config import HydraConfig
 
-    from lmexp.stores import resolve_tracking_uri, usable_store
+    from lmexp.stores import configured_store
 
-    uri = resolve_tracking_uri(typed.logger.tracking_uri, Path(HydraConfig.get().runtime.cwd))
-    return usable_store(uri, typed.logger.connect_timeout_s)[0]
+    launch_dir = Path(HydraConfig.get().runtime.cwd)
+    lg = typed.logger  # no fallback: a benchmark's figures go where they were asked to, or nowhere
+    return configured_store(lg.tracking_uri, None, launch_dir, lg.connect_timeout_s)[0]
 
 
 def main() -> None:

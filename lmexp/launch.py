@@ -179,10 +179,11 @@ def launch(task: Callable[[Any], Any], config_name: str, argv: list[str], schema
     )
     from lmexp.config import check_override_keys, conf_dir
 
-    groups = {p.name for p in conf_dir().iterdir() if p.is_dir()}
+    conf = conf_dir()
+    groups = {p.name for p in conf.iterdir() if p.is_dir()}
     try:
         check_override_keys(argv, schema, groups)
-        check_group_choices(argv, conf_dir())
+        check_group_choices(argv, conf)
         check_extras(argv)
         check_sweeper_settings(argv)
     except LmexpError as err:

@@ -311,6 +311,15 @@ STORE_LOCK_KEY = 0x6C6D65787000  # "lmexp" + 0: the advisory lock lmexp's proces
 STORE_LOCK_WAIT_S = 300.0  # creating MLflow's tables takes seconds; minutes means a hung holder
 
 
+def configured_store(
+    tracking_uri: str | None, fallback_uri: str | None, launch_dir: Path, timeout: float
+) -> tuple[str, str | None]:
+    """usable_store for logger.tracking_uri and logger.fallback_uri, both resolved against the
+    launch folder (see resolve_tracking_uri): the store to log to and the fallback's note."""
+    fallback = fallback_uri and resolve_tracking_uri(fallback_uri, launch_dir)
+    return usable_store(resolve_tracking_uri(tracking_uri, launch_dir), timeout, fallback)
+
+
 def usable_store(
     uri: str, timeout: float = 5.0, fallback_uri: str | None = None
 ) -> tuple[str, str | None]:

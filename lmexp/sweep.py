@@ -283,15 +283,12 @@ class MlflowSweepCallback(Callback):
 
     def _open_parent(self, config: DictConfig, swept: list[str]) -> None:
         from lmexp.names import parent_name
-        from lmexp.stores import resolve_tracking_uri, usable_store
+        from lmexp.stores import configured_store
         from lmexp.tracking import start_parent_run, ui_start, ui_url
 
-        here = Path(os.getcwd())
-        fallback = config.logger.fallback_uri
-        uri, note = usable_store(
-            resolve_tracking_uri(config.logger.tracking_uri, here),
-            config.logger.connect_timeout_s,
-            fallback and resolve_tracking_uri(fallback, here),
+        lg = config.logger
+        uri, note = configured_store(
+            lg.tracking_uri, lg.fallback_uri, Path(os.getcwd()), lg.connect_timeout_s
         )
         if note:
             log.warning(note)

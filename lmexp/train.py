@@ -55,7 +55,7 @@ from lmexp.runtime import (
 )
 from lmexp.schedules import learning_rate
 from lmexp.stats import words_per_second
-from lmexp.stores import redact, resolve_tracking_uri, usable_store
+from lmexp.stores import configured_store, redact
 from lmexp.tracking import (
     EPOCH_METRICS,
     PARENT_TAG,
@@ -229,9 +229,9 @@ def checked_store(cfg: TrainConfig, ctx: RunContext) -> str | None:
     lg = cfg.logger
     if lg.kind == "none":
         return None
-    uri = ctx.tracking_uri or resolve_tracking_uri(lg.tracking_uri, ctx.launch_dir)
-    fallback = lg.fallback_uri and resolve_tracking_uri(lg.fallback_uri, ctx.launch_dir)
-    uri, note = usable_store(uri, lg.connect_timeout_s, fallback)
+    uri, note = configured_store(
+        ctx.tracking_uri or lg.tracking_uri, lg.fallback_uri, ctx.launch_dir, lg.connect_timeout_s
+    )  # a sweep's store (ctx.tracking_uri) is already resolved
     if note:
         log.warning(note)
     return uri
