@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -163,6 +164,12 @@ class Slurm:
         """Job id -> state of every job the controller still knows (finished ones included)."""
         out = self.run("squeue", "-h", "-t", "all", "-o", "%i %T").stdout
         return dict(line.split() for line in out.splitlines() if line.strip())
+
+    def submitted(self) -> set[str]:
+        """Every job id the controller accepted since it started, from its log: unlike squeue,
+        which forgets an ended job MinJobAge (5 s here) later, this never loses one."""
+        log = (self.root / "slurmctld.log").read_text(errors="replace")
+        return set(re.findall(r"_slurm_rpc_submit_batch_job: JobId=(\d+)", log))
 
     def log(self) -> str:
         return "\n".join(
