@@ -315,10 +315,15 @@ def open_storage(url: str, default: bool = False) -> Any:
         except Exception as err:  # noqa: BLE001 - a bad URL, no driver, no server, no password
             reason = first_line(root_cause(err))
     if default:
+        fix = (
+            f"make {db} and its folder writable for this user"
+            if "readonly" in str(reason) or "unable to open" in str(reason)
+            else "restore it from a backup"
+        )
         raise LmexpError(
-            f"The search's study database {db} is unusable ({reason}); restore it from a "
-            "backup, or start the search afresh in a new folder (another hydra.sweep.dir): the "
-            "trials in this one belong to the study it held."
+            f"The search's study database {db} is unusable ({reason}); {fix}, or start the "
+            "search afresh in a new folder (another hydra.sweep.dir): the trials in this one "
+            "belong to the study it held."
         )
     raise LmexpError(
         f"hydra.sweeper.storage={redact(url)} cannot be opened ({reason}); give a database URL "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -114,3 +115,20 @@ def text_folder(root: Path, names: dict[str, str], words: int = 3000, seed: int 
         lines = [" ".join(tokens[i : i + 12]) for i in range(0, len(tokens), 12)]
         (root / name).write_text("\n".join(lines) + "\n")
     return root
+
+
+@contextlib.contextmanager
+def read_only(path: Path):
+    """`path` read-only for this user: chmod for a user, the immutable attribute for root (which
+    writes through file modes), as for a store that belongs to someone else."""
+    if os.geteuid() != 0:
+        path.chmod(0o444)
+        yield
+        path.chmod(0o644)
+        return
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i does not work here, and root writes to any file")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)

@@ -17,6 +17,7 @@ from conftest import (
     expect_sweep_refused,
     metric_history,
     mlflow_runs,
+    read_only,
     run_module,
     split_runs,
 )
@@ -243,6 +244,31 @@ def test_a_damaged_study_database_is_named_with_the_way_out_that_fits(tmp_path):
             "hydra.sweep.dir): the trials in this one belong to the study it held."
         )
         assert "\n" not in str(err.value) and "max length" not in str(err.value)
+
+
+@pytest.mark.unit
+def test_a_read_only_study_database_asks_for_write_access_not_a_backup(tmp_path):
+    """An optuna.db this user may not write (another user's, a read-only copy) is named as such,
+    with the fix that fits it, not Optuna's 'exceeding max length' nor advice to restore it."""
+    import optuna.distributions as d
+
+    from lmexp.config import LmexpError
+    from lmexp.search import create_study
+
+    cfg = _study_config(tmp_path, "search")
+    cfg.hydra.sweeper.storage = None
+    space = {"lr_policy.lr": d.FloatDistribution(0.25, 4.0, log=True)}
+    create_study(cfg, space)
+    db = tmp_path / "search" / "optuna.db"
+    before = db.read_bytes()
+    with read_only(db), pytest.raises(LmexpError) as err:
+        create_study(cfg, space)
+    assert str(err.value) == (
+        f"The search's study database {db} is unusable (attempt to write a readonly database); "
+        f"make {db} and its folder writable for this user, or start the search afresh in a new "
+        "folder (another hydra.sweep.dir): the trials in this one belong to the study it held."
+    )
+    assert db.read_bytes() == before
 
 
 # --- a search with pruning -----------------------------------------------------------------------

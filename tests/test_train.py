@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, metric_history, mlflow_runs, run_module
+from conftest import TINY, metric_history, mlflow_runs, read_only, run_module
 
 from lmexp import checkpoint
 
@@ -340,23 +339,6 @@ def test_a_corrupt_store_stops_a_run_or_sweep_in_one_sentence_and_is_left_as_it_
     )
     assert "Launching" not in proc.stdout + proc.stderr  # no sweep job started
     assert db.read_bytes() == before
-
-
-@contextlib.contextmanager
-def read_only(path: Path):
-    """`path` read-only for this user: chmod for a user, the immutable attribute for root (which
-    writes through file modes), as for a store that belongs to someone else."""
-    if os.geteuid() != 0:
-        path.chmod(0o444)
-        yield
-        path.chmod(0o644)
-        return
-    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
-        pytest.skip("chattr +i does not work here, and root writes to any file")
-    try:
-        yield
-    finally:
-        subprocess.run(["chattr", "-i", str(path)], check=True)
 
 
 def test_a_read_only_store_stops_a_run_in_one_sentence(tmp_path):
