@@ -1,7 +1,7 @@
 """`python -m lmexp.bench [overrides]`: training words/s of lmexp's step against the 2017 ways.
 
 Variants, all on the same model size, data and device, in one process:
-  lmexp      the harness's own step (`lmexp.loop.TrainStep`), exactly as `lmexp.train` runs it;
+  lmexp      the harness's own step (`lmexp.engine.loop.TrainStep`), exactly as `lmexp.train` runs it;
   stock      the same model and loss with only public torch APIs: dense gradients, cross_entropy,
              clip_grad_norm_(foreach=True), torch.optim.SGD(foreach=True);
   port       the 2017 PyTorch port's loop: fused nn.LSTM, model.zero_grad(), loss.item() every
@@ -29,9 +29,9 @@ from torch import nn
 
 from lmexp.config import BenchConfig, LmexpError, flatten
 from lmexp.data import batchify, load_corpus, windows
-from lmexp.loop import TrainStep, detach, evaluate
-from lmexp.model import RNNLanguageModel, State
-from lmexp.runtime import check_device_support, configure_threads, device_name, select_device
+from lmexp.engine.loop import TrainStep, detach, evaluate
+from lmexp.engine.runtime import check_device_support, configure_threads, device_name, select_device
+from lmexp.models.rnn import RNNLanguageModel, State
 
 log = logging.getLogger("lmexp.bench")
 VARIANTS = ("lmexp", "stock", "port", "cell_loop")
@@ -305,7 +305,8 @@ def task(cfg: Any) -> None:
         out.write_text(json.dumps(result, indent=2) + "\n")
         log.info("wrote %s", out)
     if uri is not None:
-        from lmexp.tracking import KIND_TAG, open_tracker
+        from lmexp.tracking.queries import KIND_TAG
+        from lmexp.tracking.runs import open_tracker
 
         tracker = open_tracker(
             "mlflow", uri, typed.logger.experiment_name, None, "bench", {KIND_TAG: "bench"}
@@ -327,7 +328,7 @@ def bench_store(typed: Any) -> str | None:
         return None
     from hydra.core.hydra_config import HydraConfig
 
-    from lmexp.stores import configured_store
+    from lmexp.tracking.stores import configured_store
 
     launch_dir = Path(HydraConfig.get().runtime.cwd)
     lg = typed.logger  # no fallback: a benchmark's figures go where they were asked to, or nowhere
@@ -336,7 +337,7 @@ def bench_store(typed: Any) -> str | None:
 
 def main() -> None:
     """Console entry point (`lmexp-bench`) and `python -m lmexp.bench`."""
-    from lmexp.launch import launch
+    from lmexp.orchestration.launch import launch
 
     launch(task, "bench", sys.argv[1:], BenchConfig)
 

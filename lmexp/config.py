@@ -83,7 +83,7 @@ class ModelConfig:
     num_layers: int = _role(SHAPE, 2)
     init_scale: float = _role(SHAPE, 0.1)
     tie_weights: bool = _role(SHAPE, False)
-    cell: str = _role(SHAPE, "lstm")  # lstm | gru (lmexp.model.CELLS); TF's recipes are LSTMs
+    cell: str = _role(SHAPE, "lstm")  # lstm | gru (lmexp.models.rnn.CELLS); TF's recipes are LSTMs
 
 
 @dataclass
@@ -120,7 +120,7 @@ class LrPolicyConfig:
 @dataclass
 class OptimizerConfig:
     # fused_sgd: lmexp's clip + plain SGD in one pass (TF's and the 2017 port's update)
-    # sgd | asgd | adam: torch.optim's own, after clip_grad_norm_ (lmexp.optim.OPTIMIZERS)
+    # sgd | asgd | adam: torch.optim's own, after clip_grad_norm_ (lmexp.optim.optimizers.OPTIMIZERS)
     # The learning rate is lr_policy.lr (the policy sets it each epoch); the clip norm is
     # trainer.max_grad_norm. Each key below is read only by the optimizers named beside it.
     kind: str = "fused_sgd"
@@ -299,7 +299,7 @@ def _keep_prob(key: str, value: float | None) -> None:
 
 
 def _check_cell(cell: str) -> None:
-    from lmexp.model import CELLS
+    from lmexp.models.rnn import CELLS
 
     _choice("model.cell", cell, tuple(CELLS))
 
@@ -312,7 +312,7 @@ def _check_source(name: str) -> None:
 
 def _check_optimizer(o: OptimizerConfig) -> None:
     """A known optimizer, and no optimizer.* key set that the chosen one would ignore."""
-    from lmexp.optim import OPTIMIZERS
+    from lmexp.optim.optimizers import OPTIMIZERS
 
     _choice("optimizer.kind", o.kind, tuple(OPTIMIZERS))
     spec, defaults = OPTIMIZERS[o.kind], OptimizerConfig()

@@ -16,8 +16,8 @@ import torch
 
 from lmexp.config import DataConfig, LmexpError
 from lmexp.data import UNK, batchify, encode, load_corpus, read_words
+from lmexp.engine.loop import evaluate, perplexity
 from lmexp.loading import add_model_args, positive_int, resolve_model
-from lmexp.loop import evaluate, perplexity
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from lmexp import checkpoint
 from lmexp.config import LmexpError
+from lmexp.engine import checkpoint
 
 
 def check_device(device: str) -> None:
@@ -50,8 +50,8 @@ def resolve_model(
         raise LmexpError(
             f"{source} does not exist; pass a model.pt or checkpoint path, or an MLflow run id."
         )
-    from lmexp.stores import check_store, resolve_tracking_uri
-    from lmexp.tracking import download_model
+    from lmexp.tracking.queries import download_model
+    from lmexp.tracking.stores import check_store, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri, Path.cwd())
     check_store(uri, read_only=True)

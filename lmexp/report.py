@@ -15,15 +15,15 @@ import sys
 from pathlib import Path
 
 from lmexp.config import LmexpError
-from lmexp.stores import check_store, resolve_tracking_uri
-from lmexp.summary import (
+from lmexp.reporting.summary import (
     HISTORY_KEYS,
     close_stale_sweep,
     report,
     report_all,
     results_record,
 )
-from lmexp.tracking import SWEEP_FILE, fetch_run, read_sweep
+from lmexp.tracking.queries import SWEEP_FILE, fetch_run, read_sweep
+from lmexp.tracking.stores import check_store, resolve_tracking_uri
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,13 +16,13 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from lmexp.tracking import read_sweep
+from lmexp.tracking.queries import read_sweep
 
 
 def summary(client: MlflowClient, folder: Path) -> dict:
     """One search, from its parent run, its child runs (one per trial) and its results file."""
-    from lmexp.summary import HISTORY_KEYS, summarize
-    from lmexp.tracking import fetch_runs
+    from lmexp.reporting.summary import HISTORY_KEYS, summarize
+    from lmexp.tracking.queries import fetch_runs
 
     sweep = read_sweep(folder)
     if sweep is None:

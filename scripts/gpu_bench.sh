@@ -63,7 +63,7 @@ bench() {  # name overrides...
 
 PRECISIONS=(fp32 bf16)
 TRAIN_PRECISION=bf16
-if [ "$SMOKE" = 1 ] && ! "$PYTHON" -c "from lmexp.runtime import cpu_bf16_lstm_supported as s; raise SystemExit(not s())"; then
+if [ "$SMOKE" = 1 ] && ! "$PYTHON" -c "from lmexp.engine.runtime import cpu_bf16_lstm_supported as s; raise SystemExit(not s())"; then
   echo "SKIPPED the bf16 steps: this CPU's oneDNN has no bf16 LSTM (lmexp refuses bf16 here)"
   PRECISIONS=(fp32)
   TRAIN_PRECISION=fp32

@@ -13,8 +13,8 @@ from conftest import REPO, mlflow_runs, run_module
 
 from lmexp.bench import CellLoopLM
 from lmexp.config import DropoutConfig
-from lmexp.model import RNNLanguageModel
-from lmexp.runtime import cpu_bf16_lstm_supported
+from lmexp.engine.runtime import cpu_bf16_lstm_supported
+from lmexp.models.rnn import RNNLanguageModel
 
 
 def test_bench_writes_json_with_every_field(tmp_path):

@@ -6,8 +6,8 @@ import pickle
 import pytest
 import torch
 
-from lmexp import checkpoint
-from lmexp.checkpoint import CheckpointError
+from lmexp.engine import checkpoint
+from lmexp.engine.checkpoint import CheckpointError
 
 # Fast, in-process tests of the library: the unit lane (pytest -m unit).
 pytestmark = pytest.mark.unit
@@ -116,7 +116,7 @@ def _exported(folder):
     from dataclasses import asdict
 
     from lmexp.config import DropoutConfig, ModelConfig
-    from lmexp.model import RNNLanguageModel
+    from lmexp.models.rnn import RNNLanguageModel
 
     model_cfg, dropout_cfg = ModelConfig(hidden_size=8, num_layers=1), DropoutConfig()
     model = RNNLanguageModel.from_config(model_cfg, dropout_cfg, 5)

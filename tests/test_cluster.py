@@ -21,7 +21,8 @@ import pytest
 import services
 from conftest import TINY, expect_sweep_refused, run_module
 
-from lmexp.tracking import EPOCH_METRICS, PARENT_TAG
+from lmexp.engine.fit import EPOCH_METRICS
+from lmexp.tracking.queries import PARENT_TAG
 
 pytestmark = pytest.mark.slow
 
@@ -145,7 +146,7 @@ def test_a_job_squeue_no_longer_lists_counts_as_ended(team, tmp_path, monkeypatc
     file (scancel, an exit before any result) waits for it forever. A live job keeps its state."""
     from submitit.slurm import slurm as submitit_slurm
 
-    from lmexp.slurm import squeue_watcher
+    from lmexp.orchestration.slurm import squeue_watcher
 
     slurm, _, _ = team
     monkeypatch.setenv("SLURM_CONF", slurm.env["SLURM_CONF"])
@@ -375,7 +376,7 @@ def test_many_jobs_creating_one_experiment_on_the_server_at_once_share_it(team):
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from lmexp.tracking import prepare_experiment
+    from lmexp.tracking.runs import prepare_experiment
 
     _, _, server = team
     names = [f"race-{uuid.uuid4().hex[:6]}" for _ in range(3)]
@@ -403,8 +404,8 @@ def test_store_creation_waits_for_the_postgres_store_lock(team):
 
     from sqlalchemy import create_engine, text
 
-    from lmexp.stores import STORE_LOCK_KEY
-    from lmexp.tracking import prepare_experiment
+    from lmexp.tracking.runs import prepare_experiment
+    from lmexp.tracking.stores import STORE_LOCK_KEY
 
     _, pg, _ = team
     uri = pg.create_database("locked")

@@ -6,7 +6,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from lmexp.config import ConfigError, TrainConfig, conf_dir, to_typed
-from lmexp.launch import register_configs
+from lmexp.orchestration.launch import register_configs
 
 # Fast, in-process tests of the library: the unit lane (pytest -m unit).
 pytestmark = pytest.mark.unit

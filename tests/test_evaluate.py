@@ -177,7 +177,7 @@ def test_mlflow_pyfunc_model_loads_without_lmexp_and_agrees_with_lmexp(trained, 
     args = ["--prompt", "w1 w2 zebra", "--words", "40", "--seed", "7"]
     generate = run_module("lmexp.generate", "run/model/model.pt", *args, cwd=cwd)
     assert generate.stdout == out["text"] + "\n"
-    # From code: the logged model holds lmexp/pyfunc_model.py and no pickle.
+    # From code: the logged model holds lmexp/tracking/pyfunc_model.py and no pickle.
     (folder,) = (cwd / "mlartifacts" / "models").glob("m-*/artifacts")
     assert "model_code_path" in (folder / "MLmodel").read_text()
     assert (folder / "pyfunc_model.py").read_text() == (

@@ -1,4 +1,4 @@
-"""The entry points' first checks (lmexp.launch), in-process: what is refused before Hydra
+"""The entry points' first checks (lmexp.orchestration.launch), in-process: what is refused before Hydra
 composes a config or a folder is touched."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from lmexp.config import LmexpError, TrainConfig
-from lmexp.launch import check_sweeper_settings, launch
+from lmexp.orchestration.launch import check_sweeper_settings, launch
 
 # Fast, in-process tests of the library: the unit lane (pytest -m unit).
 pytestmark = pytest.mark.unit

@@ -10,7 +10,7 @@ from torch._dynamo.utils import counters
 
 from lmexp.config import DropoutConfig
 from lmexp.data import batchify, tiny_corpus, windows
-from lmexp.loop import (
+from lmexp.engine.loop import (
     DivergenceError,
     EpochProgress,
     TrainStep,
@@ -18,9 +18,9 @@ from lmexp.loop import (
     perplexity,
     train_epoch,
 )
-from lmexp.model import RNNLanguageModel
-from lmexp.optim import FusedSGD
-from lmexp.runtime import cpu_bf16_lstm_supported
+from lmexp.engine.runtime import cpu_bf16_lstm_supported
+from lmexp.models.rnn import RNNLanguageModel
+from lmexp.optim.optimizers import FusedSGD
 
 # Fast, in-process tests of the library: the unit lane (pytest -m unit).
 pytestmark = pytest.mark.unit
@@ -239,7 +239,7 @@ def test_a_loss_too_large_for_exp_stops_at_the_next_log_interval():
 
 
 def test_worse_than_twice_a_uniform_guess_is_divergence_and_overfitting_is_not():
-    from lmexp.loop import check_diverged
+    from lmexp.engine.loop import check_diverged
 
     check_diverged(118.62, 10000, 9)  # the small recipe overfitting: valid ppl rising, fine
     check_diverged(99.0, 50, 1)  # just inside twice a uniform guess over 50 words
@@ -254,7 +254,7 @@ def test_cpu_bf16_support_follows_the_machine_and_onednn_isa():
     import subprocess
     import sys
 
-    probe = "from lmexp.runtime import cpu_bf16_lstm_supported as s; print(s())"
+    probe = "from lmexp.engine.runtime import cpu_bf16_lstm_supported as s; print(s())"
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr

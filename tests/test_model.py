@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from lmexp.config import DropoutConfig
-from lmexp.model import RNNLanguageModel
+from lmexp.models.rnn import RNNLanguageModel
 
 # Fast, in-process tests of the library: the unit lane (pytest -m unit).
 pytestmark = pytest.mark.unit

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lmexp.names import child_name, parent_name, single_name
+from lmexp.reporting.names import child_name, parent_name, single_name
 
 # Fast, in-process tests of the library: the unit lane (pytest -m unit).
 pytestmark = pytest.mark.unit

@@ -1,4 +1,4 @@
-"""The optimizer seam (lmexp.optim): every optimizer trains through the same step, and its state
+"""The optimizer seam (lmexp.optim.optimizers): every optimizer trains through the same step, and its state
 (and the fp16 grad scaler's) survives a checkpoint exactly."""
 
 from __future__ import annotations
@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmexp import checkpoint
 from lmexp.config import DropoutConfig, OptimizerConfig
 from lmexp.data import batchify, tiny_corpus, windows
-from lmexp.loop import TrainStep
-from lmexp.model import RNNLanguageModel
-from lmexp.optim import OPTIMIZERS, FusedSGD, build_optimizer
+from lmexp.engine import checkpoint
+from lmexp.engine.loop import TrainStep
+from lmexp.models.rnn import RNNLanguageModel
+from lmexp.optim.optimizers import OPTIMIZERS, FusedSGD, build_optimizer
 
 # Fast, in-process tests of the library: the unit lane (pytest -m unit).
 pytestmark = pytest.mark.unit

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmexp import model as lmexp_model
-from lmexp import pyfunc_model
 from lmexp.config import DropoutConfig
-from lmexp.model import RNNLanguageModel
-from lmexp.pyfunc_model import WordRNN
+from lmexp.models import rnn as lmexp_model
+from lmexp.models.rnn import RNNLanguageModel
+from lmexp.tracking import pyfunc_model
+from lmexp.tracking.pyfunc_model import WordRNN
 
 # Fast, in-process tests of the library: the unit lane (pytest -m unit).
 pytestmark = pytest.mark.unit

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lmexp.config import LrPolicyConfig
-from lmexp.schedules import learning_rate
+from lmexp.optim.schedules import learning_rate
 
 REPO = Path(__file__).resolve().parents[1]
 # Each record and the settings that set it apart from the small recipe (MLflow params, as text;

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import TINY, metric_history, mlflow_runs, run_module, text_folder
 
-from lmexp import checkpoint
+from lmexp.engine import checkpoint
 
 pytestmark = pytest.mark.slow  # real processes, real signals: seconds to a minute each
 

@@ -1,4 +1,4 @@
-"""lmexp.runtime in-process, with real signals sent to this process: preemption and Ctrl-C."""
+"""lmexp.engine.runtime in-process, with real signals sent to this process: preemption and Ctrl-C."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import signal
 import pytest
 import torch
 
-from lmexp.runtime import Preemption
+from lmexp.engine.runtime import Preemption
 
 # Fast, in-process tests of the library: the unit lane (pytest -m unit).
 pytestmark = pytest.mark.unit
@@ -56,7 +56,7 @@ def test_hand_over_runs_the_previous_handler_but_not_pythons_keyboard_interrupt(
 
 
 def test_local_jobs_at_once_follow_the_launcher():
-    from lmexp.runtime import local_jobs_at_once
+    from lmexp.engine.runtime import local_jobs_at_once
 
     joblib = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
     assert local_jobs_at_once(joblib, 3, 8) == 3 and local_jobs_at_once(joblib, 3, 2) == 2
@@ -71,7 +71,7 @@ def test_local_jobs_at_once_follow_the_launcher():
 
 
 def test_threads_unset_share_the_cores_among_local_jobs(monkeypatch):
-    from lmexp.runtime import LOCAL_JOBS_ENV, configure_threads, physical_cores
+    from lmexp.engine.runtime import LOCAL_JOBS_ENV, configure_threads, physical_cores
 
     before = torch.get_num_threads()
     try:

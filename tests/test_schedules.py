@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from lmexp.config import LrPolicyConfig
-from lmexp.schedules import learning_rate
+from lmexp.optim.schedules import learning_rate
 
 # Fast, in-process tests of the library: the unit lane (pytest -m unit).
 pytestmark = pytest.mark.unit

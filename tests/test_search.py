@@ -42,7 +42,7 @@ def _search_config(*overrides: str):
     from hydra import compose, initialize_config_dir
 
     from lmexp.config import conf_dir
-    from lmexp.launch import register_configs, register_sweeper
+    from lmexp.orchestration.launch import register_configs, register_sweeper
 
     register_configs()
     register_sweeper()
@@ -53,7 +53,7 @@ def _search_config(*overrides: str):
 def _space(config, *overrides: str):
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from lmexp.search import search_space
+    from lmexp.orchestration.search import search_space
 
     return search_space([], OverridesParser.create().parse_overrides(list(overrides)), config)
 
@@ -106,7 +106,7 @@ def test_a_study_whose_range_was_stored_as_a_categorical_continues(tmp_path):
     import optuna.distributions as d
 
     from lmexp.config import LmexpError
-    from lmexp.search import create_study
+    from lmexp.orchestration.search import create_study
 
     key = "trainer.num_steps"
     create_study(_study_config(tmp_path, "a"), {key: d.CategoricalDistribution([5, 10, 15])})
@@ -194,7 +194,7 @@ def test_a_study_belongs_to_one_search_folder_and_space(tmp_path):
     import optuna.distributions as d
 
     from lmexp.config import LmexpError
-    from lmexp.search import create_study
+    from lmexp.orchestration.search import create_study
 
     space = {"lr_policy.lr": d.FloatDistribution(0.25, 4.0, log=True)}
     create_study(_study_config(tmp_path, "a"), space)
@@ -224,7 +224,7 @@ def test_a_damaged_study_database_is_named_with_the_way_out_that_fits(tmp_path):
     import optuna.distributions as d
 
     from lmexp.config import LmexpError
-    from lmexp.search import create_study
+    from lmexp.orchestration.search import create_study
 
     cfg = _study_config(tmp_path, "search")
     cfg.hydra.sweeper.storage = None
@@ -253,7 +253,7 @@ def test_a_read_only_study_database_asks_for_write_access_not_a_backup(tmp_path)
     import optuna.distributions as d
 
     from lmexp.config import LmexpError
-    from lmexp.search import create_study
+    from lmexp.orchestration.search import create_study
 
     cfg = _study_config(tmp_path, "search")
     cfg.hydra.sweeper.storage = None
@@ -363,7 +363,7 @@ def test_a_search_samples_a_config_group_composing_each_trial_with_its_choice(tm
     composed again with its choice (Hydra's compose API, in each of two joblib workers), and the
     study, the MLflow runs (name and params) and the report agree on which trial had which.
     The first two trials are enqueued: the same values, once with each dropout."""
-    from lmexp.names import short_value
+    from lmexp.reporting.names import short_value
 
     enqueued = [
         {"dropout": kind, "dropout.dp_keep_prob": 0.7, "lr_policy.lr": 1.0}

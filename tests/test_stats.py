@@ -7,7 +7,7 @@ import math
 import pytest
 
 from lmexp.config import LmexpError
-from lmexp.stats import Stat, check_comparable, group_runs, verdict, words_per_second
+from lmexp.reporting.stats import Stat, check_comparable, group_runs, verdict, words_per_second
 
 # Fast, in-process tests of the library: the unit lane (pytest -m unit).
 pytestmark = pytest.mark.unit

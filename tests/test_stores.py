@@ -7,7 +7,13 @@ import socket
 
 import pytest
 
-from lmexp.stores import TrackingError, check_store, redact, resolve_tracking_uri, usable_store
+from lmexp.tracking.stores import (
+    TrackingError,
+    check_store,
+    redact,
+    resolve_tracking_uri,
+    usable_store,
+)
 
 # Fast, in-process tests of the library: the unit lane (pytest -m unit).
 pytestmark = pytest.mark.unit

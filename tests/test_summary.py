@@ -1,11 +1,11 @@
-"""Run summaries and tables built from run records (lmexp.summary), in-process."""
+"""Run summaries and tables built from run records (lmexp.reporting.summary), in-process."""
 
 from __future__ import annotations
 
 import pytest
 
-from lmexp.summary import build_table, summarize
-from lmexp.tracking import RunRecord
+from lmexp.reporting.summary import build_table, summarize
+from lmexp.tracking.queries import RunRecord
 
 # Fast, in-process tests of the library: the unit lane (pytest -m unit).
 pytestmark = pytest.mark.unit
@@ -50,7 +50,7 @@ def test_the_table_ranks_runs_by_best_validation_perplexity_the_searchs_objectiv
 def test_a_large_sweeps_description_fits_mlflows_limit_and_names_the_full_table():
     """196 runs made a description of 38,212 characters, which MLflow cut at 8,000 (the table
     lost). It keeps the best rows that fit, says how many, and where the rest are."""
-    from lmexp.summary import NOTE_LIMIT, fitted_note
+    from lmexp.reporting.summary import NOTE_LIMIT, fitted_note
 
     records = []
     for i in range(196):

@@ -328,8 +328,8 @@ def test_an_option_a_config_group_lacks_is_named_with_the_options_it_has():
     from hydra import compose, initialize_config_dir
 
     from lmexp.config import conf_dir
-    from lmexp.launch import register_configs
-    from lmexp.sweep import missing_option
+    from lmexp.orchestration.launch import register_configs
+    from lmexp.orchestration.sweep import missing_option
 
     register_configs()
     with (
@@ -348,7 +348,7 @@ def test_slurm_launcher_preset_composes_with_cluster_settings():
     from hydra import compose, initialize_config_dir
 
     from lmexp.config import conf_dir
-    from lmexp.launch import register_configs
+    from lmexp.orchestration.launch import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
@@ -497,7 +497,7 @@ def test_a_seed_sweep_reports_groups_with_intervals_and_a_verdict(tmp_path):
     equal to a hand computation from the runs MLflow holds; on the parent too; as DataFrames."""
     import math
 
-    from lmexp.summary import sweep_frame
+    from lmexp.reporting.summary import sweep_frame
 
     proc = run_module(
         "lmexp.train", "-m", *TINY, "trainer.max_epochs=1", "dropout.dp_keep_prob=0.5,0.9",
@@ -590,7 +590,7 @@ def test_slurm_cpu_preset_asks_for_no_gpu():
     from hydra import compose, initialize_config_dir
 
     from lmexp.config import conf_dir
-    from lmexp.launch import register_configs
+    from lmexp.orchestration.launch import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.unit
     ],
 )  # fmt: skip
 def test_printed_ui_links_follow_the_ui_address(uri, ui, page, start):
-    from lmexp.tracking import ui_start, ui_url
+    from lmexp.tracking.views import ui_start, ui_url
 
     assert ui_url(uri, "3", run_id="abc", ui=ui) == f"{page}/#/experiments/3/runs/abc"
     assert (start in ui_start(uri, ui)) if start else ui_start(uri, ui) == ""

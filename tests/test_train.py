@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import TINY, metric_history, mlflow_runs, read_only, run_module
 
-from lmexp import checkpoint
+from lmexp.engine import checkpoint
 
 EPOCH_METRICS = ("train_ppl", "valid_ppl", "lr", "train_wps", "epoch_time_s")
 
@@ -216,7 +216,7 @@ def test_non_utf8_byte_in_a_split_is_one_sentence(tmp_path, ptb_dir, verify_md5,
 def test_parallel_jobs_spread_over_visible_gpus(monkeypatch):
     import torch
 
-    from lmexp.runtime import select_device
+    from lmexp.engine.runtime import select_device
 
     assert select_device("auto", 3).type == "cpu" or torch.cuda.is_available()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -1,4 +1,4 @@
-"""lmexp.trials, the workers of a search, in-process on a real sqlite study: the trial loop,
+"""lmexp.orchestration.trials, the workers of a search, in-process on a real sqlite study: the trial loop,
 its pruner's judge, what a worker tells the study, a dead worker's trials, and a trial told
 while another worker claims."""
 
@@ -20,7 +20,7 @@ def _search(tmp_path: Path, n_trials: int, pruner: str = "median"):
     import optuna
     import optuna.distributions as d
 
-    from lmexp.search import STUDY_FILE, Search
+    from lmexp.orchestration.search import STUDY_FILE, Search
 
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = optuna.create_study(study_name="s", storage=storage)
@@ -36,7 +36,7 @@ def _search(tmp_path: Path, n_trials: int, pruner: str = "median"):
 def _run(tmp_path: Path, train) -> float:
     from omegaconf import OmegaConf
 
-    from lmexp.trials import run_trials
+    from lmexp.orchestration.trials import run_trials
 
     cfg = OmegaConf.create({"dropout": {"dp_keep_prob": 0.5}})
     return run_trials(cfg, tmp_path, 0, train)
@@ -45,9 +45,9 @@ def _run(tmp_path: Path, train) -> float:
 def test_the_judge_prunes_a_trailing_trial_but_never_after_its_last_epoch():
     import optuna
 
-    from lmexp.search import PRUNED_ATTR
-    from lmexp.tracking import PRUNED_TAG
-    from lmexp.trials import Judge, Pruned
+    from lmexp.orchestration.search import PRUNED_ATTR
+    from lmexp.orchestration.trials import Judge, Pruned
+    from lmexp.tracking.queries import PRUNED_TAG
 
     study = optuna.create_study(pruner=optuna.pruners.MedianPruner(n_startup_trials=1))
     good = study.ask()
@@ -74,7 +74,7 @@ def test_a_storage_failing_while_a_trial_reports_stops_it_to_be_resumed():
     import optuna
 
     from lmexp.config import LmexpError
-    from lmexp.trials import Judge, StudyLost
+    from lmexp.orchestration.trials import Judge, StudyLost
 
     class Unreachable:  # the failure a PostgreSQL storage raises when its server is gone
         number = 4
@@ -96,10 +96,10 @@ def test_a_trial_folder_stays_locked_until_the_study_knows_its_result(tmp_path, 
     see a RUNNING trial with a free folder (it would resume a finished trial)."""
     from optuna.trial import TrialState
 
-    import lmexp.runtime
+    import lmexp.engine.runtime
 
     study = _search(tmp_path, n_trials=3)
-    unlock, seen = lmexp.runtime.unlock_folder, []
+    unlock, seen = lmexp.engine.runtime.unlock_folder, []
 
     def checked_unlock(folder: Path) -> None:
         if folder.name.startswith("trial_"):
@@ -107,7 +107,7 @@ def test_a_trial_folder_stays_locked_until_the_study_knows_its_result(tmp_path, 
             seen.append(trial.state)
         unlock(folder)
 
-    monkeypatch.setattr(lmexp.runtime, "unlock_folder", checked_unlock)
+    monkeypatch.setattr(lmexp.engine.runtime, "unlock_folder", checked_unlock)
     trained = []
     best = _run(tmp_path, lambda cfg, params, *_: trained.append(cfg.dropout.dp_keep_prob) or 2.0)
     assert best == 2.0 and len(trained) == 3
@@ -120,7 +120,7 @@ OWNER = """
 import sys, time
 from pathlib import Path
 from omegaconf import OmegaConf
-from lmexp.trials import run_trials
+from lmexp.orchestration.trials import run_trials
 
 folder = Path(sys.argv[1])
 
@@ -139,8 +139,8 @@ def test_a_trial_told_while_another_worker_claims_is_not_resumed(tmp_path):
     trial's owner (another process) finishes right after that read: it must not tell the study
     and free the folder in between, or the claimer resumes a finished trial (and fails to tell
     it: "Cannot tell a COMPLETE trial", seen in CI with two joblib workers)."""
-    from lmexp.search import read_search
-    from lmexp.trials import claim_trial, open_study
+    from lmexp.orchestration.search import read_search
+    from lmexp.orchestration.trials import claim_trial, open_study
 
     study = _search(tmp_path, n_trials=1)
     owner = subprocess.Popen([sys.executable, "-c", OWNER, str(tmp_path)])
@@ -169,8 +169,8 @@ def test_a_trial_told_while_another_worker_claims_is_not_resumed(tmp_path):
 
 def test_a_failing_trial_is_told_fail_and_the_worker_goes_on_until_the_storage_fails(tmp_path):
     from lmexp.config import LmexpError
-    from lmexp.search import FAILURE_ATTR
-    from lmexp.trials import Pruned, StudyLost
+    from lmexp.orchestration.search import FAILURE_ATTR
+    from lmexp.orchestration.trials import Pruned, StudyLost
 
     study = _search(tmp_path, n_trials=5)
     outcomes = iter(
@@ -200,7 +200,7 @@ def test_a_dead_workers_trials_are_resumed_or_closed_by_the_next(tmp_path):
     PRUNED, not trained on), one that never got its values (told FAIL)."""
     import optuna
 
-    from lmexp.search import PRUNED_ATTR, TRIAL_FOLDER_ATTR
+    from lmexp.orchestration.search import PRUNED_ATTR, TRIAL_FOLDER_ATTR
 
     study = _search(tmp_path, n_trials=4)
     space = {"dropout.dp_keep_prob": optuna.distributions.FloatDistribution(0.3, 1.0)}

@@ -1,5 +1,5 @@
 """The Hydra side of lmexp's Optuna search: its config schema and the Sweeper that checks the
-search, creates the study and launches the workers (see lmexp.search for the rest)."""
+search, creates the study and launches the workers (see lmexp.orchestration.search for the rest)."""
 
 # No `from __future__ import annotations` here: Hydra's plugin scan runs this module before it
 # is in sys.modules, where dataclasses look string annotations up (and fail).
@@ -60,10 +60,10 @@ class LmexpOptunaSweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> Any:
         from lmexp.config import LmexpError
-        from lmexp.runtime import write_private
-        from lmexp.search import OUTCOME, STUDY_FILE, check_search, open_storage
-        from lmexp.stores import redact
-        from lmexp.sweep import parse_sweep
+        from lmexp.engine.runtime import write_private
+        from lmexp.orchestration.search import OUTCOME, STUDY_FILE, check_search, open_storage
+        from lmexp.orchestration.sweep import parse_sweep
+        from lmexp.tracking.stores import redact
 
         assert self.config is not None
         config = self.config
@@ -104,10 +104,10 @@ class LmexpOptunaSweeper(Sweeper):
 def write_results(study: Any, sweep_dir: Path) -> None:
     """optimization_results.yaml (as Hydra's Optuna sweeper writes it), with the trial counts.
     Failed trials are counted in one line with the first one's reason; a search none of whose
-    trials finished, some failing, makes the command exit 1 (lmexp.search.OUTCOME)."""
+    trials finished, some failing, makes the command exit 1 (lmexp.orchestration.search.OUTCOME)."""
     from optuna.trial import TrialState
 
-    from lmexp.search import FAILURE_ATTR, OUTCOME
+    from lmexp.orchestration.search import FAILURE_ATTR, OUTCOME
 
     counts = {s.name.lower(): 0 for s in TrialState}
     trials = study.get_trials(deepcopy=False)

@@ -1,5 +1,5 @@
 """Optuna searches with pruning: the search space, the sampler and pruner, the study and its
-storage, checked before any trial. The workers that run the trials are lmexp.trials.
+storage, checked before any trial. The workers that run the trials are lmexp.orchestration.trials.
 
 The sweeper (hydra_plugins/lmexp_optuna_sweeper) checks the search with `check_search`, creates
 the study in database storage (sqlite in the sweep folder unless hydra.sweeper.storage names
@@ -303,8 +303,8 @@ def open_storage(url: str, default: bool = False) -> Any:
     (hydra.sweeper.storage null), whose fix is another than a storage the user named."""
     import optuna
 
-    from lmexp.runtime import sqlite_problem
-    from lmexp.stores import redact, sqlite_path
+    from lmexp.engine.runtime import sqlite_problem
+    from lmexp.tracking.stores import redact, sqlite_path
 
     db = sqlite_path(url)
     reason = sqlite_problem(db) if db is not None and db.is_file() and db.stat().st_size else None
@@ -358,7 +358,7 @@ def create_study(config: DictConfig, space: dict[str, Any]) -> Any:
     import optuna
     import optuna.distributions as d
 
-    from lmexp.stores import redact, resolve_tracking_uri
+    from lmexp.tracking.stores import redact, resolve_tracking_uri
 
     url = storage_url(config)
     tracking = OmegaConf.select(config, "logger.tracking_uri")

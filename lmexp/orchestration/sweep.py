@@ -28,7 +28,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from lmexp.config import LmexpError, first_line
-from lmexp.runtime import (
+from lmexp.engine.runtime import (
     LOCAL_JOBS_ENV,
     SWEEP_STOPPING,
     SWEEPER_PID_ENV,
@@ -39,11 +39,11 @@ from lmexp.runtime import (
     physical_cores,
     write_private,
 )
-from lmexp.search import check_search, uses_search
-from lmexp.slurm import check_cluster, follow_jobs, uses_slurm
-from lmexp.stats import SEED_KEY
-from lmexp.stores import redact
-from lmexp.tracking import KIND_TAG, SWEEP_FILE, read_sweep
+from lmexp.orchestration.search import check_search, uses_search
+from lmexp.orchestration.slurm import check_cluster, follow_jobs, uses_slurm
+from lmexp.reporting.stats import SEED_KEY
+from lmexp.tracking.queries import KIND_TAG, SWEEP_FILE, read_sweep
+from lmexp.tracking.stores import redact
 
 log = logging.getLogger("lmexp.sweep")
 
@@ -134,7 +134,7 @@ def check_sweep(config: DictConfig, jobs: list[list[str]]) -> None:
     from hydra import compose
 
     from lmexp.config import to_typed
-    from lmexp.runtime import check_device_support, select_device
+    from lmexp.engine.runtime import check_device_support, select_device
 
     for job in jobs:
         try:
@@ -183,7 +183,7 @@ def stop_local_jobs(sweep_dir: Path, signum: int, grace_s: float = JOB_GRACE_S) 
 
 def share_cores(config: DictConfig, jobs: int) -> None:
     """With trainer.threads unset, local jobs that train at once share the physical cores
-    (lmexp.runtime.configure_threads reads how many from the environment they inherit)."""
+    (lmexp.engine.runtime.configure_threads reads how many from the environment they inherit)."""
     launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default=""))
     at_once = local_jobs_at_once(launcher, OmegaConf.select(config, "hydra.launcher.n_jobs"), jobs)
     os.environ.pop(LOCAL_JOBS_ENV, None)
@@ -282,9 +282,10 @@ class MlflowSweepCallback(Callback):
             signal.signal(signal.SIGTERM, self._terminate)
 
     def _open_parent(self, config: DictConfig, swept: list[str]) -> None:
-        from lmexp.names import parent_name
-        from lmexp.stores import configured_store
-        from lmexp.tracking import start_parent_run, ui_start, ui_url
+        from lmexp.reporting.names import parent_name
+        from lmexp.tracking.runs import start_parent_run
+        from lmexp.tracking.stores import configured_store
+        from lmexp.tracking.views import ui_start, ui_url
 
         lg = config.logger
         uri, note = configured_store(
@@ -332,7 +333,7 @@ class MlflowSweepCallback(Callback):
             self._summarize("FINISHED")
 
     def _summarize(self, status: str | None) -> None:
-        from lmexp.summary import summarize_sweep
+        from lmexp.reporting.summary import summarize_sweep
 
         parent, self.parent = self.parent, None
         assert parent is not None

@@ -2,7 +2,7 @@
 
 The step keeps the loss on the device and reads it only at log intervals, so a GPU is never
 stalled by a per-batch host sync; gradients are set to None rather than zeroed; the update is
-whatever torch.optim.Optimizer lmexp.optim built (by default its fused, multi-tensor clip + SGD).
+whatever torch.optim.Optimizer lmexp.optim.optimizers built (by default its fused, multi-tensor clip + SGD).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from torch.nn import functional as F
 
 from lmexp.config import OptimizerConfig, TrainerConfig
 from lmexp.data import num_windows, windows
-from lmexp.model import State, map_state
-from lmexp.optim import build_optimizer, set_lr
+from lmexp.models.rnn import State, map_state
+from lmexp.optim.optimizers import build_optimizer, set_lr
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -101,7 +101,7 @@ class TrainStep:
 
     Lean by construction: the loss stays on the device; gradients are dropped (set to None)
     instead of zero-filled and then accumulated into; in fp32 the decoder and loss run as
-    `LinearCrossEntropy`. The optimizer is any `torch.optim.Optimizer` (lmexp.optim): one that
+    `LinearCrossEntropy`. The optimizer is any `torch.optim.Optimizer` (lmexp.optim.optimizers): one that
     fuses clipping (FusedSGD) clips in its own step, for the others the step calls torch's
     clip_grad_norm_ first. On the CPU, with an optimizer that takes sparse gradients, the
     embedding gradient is sparse, so only the rows a batch touches are updated (on a GPU its

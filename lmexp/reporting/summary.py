@@ -11,23 +11,29 @@ from pathlib import Path
 from typing import Any
 
 from lmexp.config import BOOKKEEPING, RECIPE, SHAPE, LmexpError, keys_with_role
-from lmexp.names import short_keys
-from lmexp.runtime import folder_in_use
-from lmexp.stats import METRICS as STAT_METRICS
-from lmexp.stats import SEED_KEY, Group, check_comparable, group_runs, verdict, words_per_second
-from lmexp.stores import redact
-from lmexp.tracking import (
-    EPOCH_METRICS,
+from lmexp.engine.fit import EPOCH_METRICS
+from lmexp.engine.runtime import folder_in_use
+from lmexp.reporting.names import short_keys
+from lmexp.reporting.stats import METRICS as STAT_METRICS
+from lmexp.reporting.stats import (
+    SEED_KEY,
+    Group,
+    check_comparable,
+    group_runs,
+    verdict,
+    words_per_second,
+)
+from lmexp.tracking.queries import (
     FAILURE_TAG,
     NOTE_TAG,
     RunRecord,
-    end_run,
     experiment_names,
     fetch_run,
     fetch_runs,
-    set_run_outcome,
-    ui_url,
 )
+from lmexp.tracking.runs import end_run, set_run_outcome
+from lmexp.tracking.stores import redact
+from lmexp.tracking.views import ui_url
 
 HISTORY_KEYS = EPOCH_METRICS
 # The run's training speed is train_wps_mean (total words over total training time, logged at the
@@ -388,8 +394,8 @@ def sweep_frame(uri: str, parent_run_id: str, swept: list[str]) -> tuple[Any, An
     """A sweep's runs as a pandas DataFrame (params flattened as columns, final metrics, status),
     and its seed groups' statistics beside it (empty when the sweep has no trainer.seed axis).
 
-        from lmexp.summary import sweep_frame
-        from lmexp.tracking import read_sweep
+        from lmexp.reporting.summary import sweep_frame
+        from lmexp.tracking.runs import read_sweep
         sweep = read_sweep(Path("multirun/2026-11-29/10-00-00"))
         runs, groups = sweep_frame(sweep["tracking_uri"], sweep["parent_run_id"],
                                    sweep["swept_params"])
@@ -405,7 +411,7 @@ def sweep_frame(uri: str, parent_run_id: str, swept: list[str]) -> tuple[Any, An
 
 
 def _experiment_of(uri: str, run_id: str) -> str:
-    from lmexp.tracking import experiment_name_of
+    from lmexp.tracking.queries import experiment_name_of
 
     return experiment_name_of(uri, run_id)
 

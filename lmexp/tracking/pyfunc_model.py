@@ -38,7 +38,7 @@ PARAMS: dict[str, Any] = {
 }
 
 
-CELLS = {"lstm": nn.LSTM, "gru": nn.GRU}  # model.cell in config.json (lmexp.model.CELLS)
+CELLS = {"lstm": nn.LSTM, "gru": nn.GRU}  # model.cell in config.json (lmexp.models.rnn.CELLS)
 
 
 class WordRNN(nn.Module):

@@ -1,4 +1,4 @@
-"""An Optuna search's workers (see lmexp.search for the search and its study): each claims a
+"""An Optuna search's workers (see lmexp.orchestration.search for the search and its study): each claims a
 trial (an interrupted one first, resumed from its checkpoint), trains it in its own folder,
 reports each epoch to the pruner (Judge) and tells the study, until the study has n_trials.
 Workers share nothing but the study's storage and the sweep folder's locks, so none waits
@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lmexp.config import LmexpError, Preempted, RunStopped, first_line
-from lmexp.search import (
+from lmexp.orchestration.search import (
     ASK_LOCK,
     FAILURE_ATTR,
     PRUNED_ATTR,
@@ -61,7 +61,7 @@ class Judge:
 
     def __call__(self, epoch: int, valid_ppl: float, last: bool) -> None:
         """Called after each epoch; raises Pruned when the pruner stops the trial."""
-        from lmexp.tracking import PRUNED_TAG
+        from lmexp.tracking.queries import PRUNED_TAG
 
         why = self.verdict(epoch, valid_ppl, last)
         if why is not None:
@@ -110,7 +110,7 @@ def claim_trial(study: Any, search: Search, sweep_dir: Path, worker: int) -> Any
     import optuna
     from optuna.trial import TrialState
 
-    from lmexp.runtime import folder_in_use, lock_folder
+    from lmexp.engine.runtime import folder_in_use, lock_folder
 
     with ask_lock(sweep_dir):
         trials = study.get_trials(deepcopy=False)
@@ -165,7 +165,7 @@ def trial_config(
 def in_storage(search: Search, sweep_dir: Path, what: str, call: Callable[[], Any]) -> Any:
     """A call to the study's storage; its failure (a database gone, sqlite locked past its
     timeout) in one sentence that says how to go on."""
-    from lmexp.stores import redact
+    from lmexp.tracking.stores import redact
 
     try:
         return call()
@@ -210,7 +210,7 @@ def train_trial(
     propagates (the trial stays RUNNING)."""
     from optuna.trial import TrialState
 
-    from lmexp.tracking import TrackingLost
+    from lmexp.tracking.queries import TrackingLost
 
     judge = None if pruner == "none" else Judge(trial, pruner)
     try:
@@ -251,7 +251,7 @@ def run_trials(
     RUNNING, for a rerun to resume."""
     from optuna.trial import TrialState
 
-    from lmexp.runtime import unlock_folder
+    from lmexp.engine.runtime import unlock_folder
 
     search = read_search(sweep_dir)
     assert search is not None

@@ -176,7 +176,7 @@ def load_model(
     Returns the model in eval mode, its vocabulary and the resolved config it was trained with.
     """
     from lmexp.config import DropoutConfig, ModelConfig
-    from lmexp.model import CELLS, RNNLanguageModel
+    from lmexp.models.rnn import CELLS, RNNLanguageModel
 
     state = load_any(path, map_location=device)
     missing = [k for k in ("model", "vocab", "config") if k not in state]

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from lmexp.config import LmexpError
-from lmexp.runtime import check_writable, lock_folder
+from lmexp.engine.runtime import check_writable, lock_folder
 
 log = logging.getLogger("lmexp.launch")
 
@@ -99,7 +99,7 @@ def check_sweeper_settings(argv: list[str]) -> None:
         try:
             import optuna
 
-            from lmexp.search import PRUNERS, SAMPLERS
+            from lmexp.orchestration.search import PRUNERS, SAMPLERS
         except ImportError:
             return  # check_extras says what is missing
         module, names = (
@@ -196,7 +196,7 @@ def launch(task: Callable[[Any], Any], config_name: str, argv: list[str], schema
     register_resolvers()
     register_sweeper()
     hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=config_name)(task)()
-    from lmexp.search import OUTCOME
+    from lmexp.orchestration.search import OUTCOME
 
     if OUTCOME["exit_code"]:
         sys.exit(OUTCOME["exit_code"])  # an Optuna search none of whose trials finished

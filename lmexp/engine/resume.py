@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lmexp import checkpoint
 from lmexp.config import BOOKKEEPING, EXECUTION, SHAPE, TrainerConfig, flatten, keys_with_role
+from lmexp.engine import checkpoint
 
 # Derived from the schema's roles (config.py): the keys any checkpoint must agree on, and those
 # a run may change when it continues in its own folder.

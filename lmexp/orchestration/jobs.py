@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from lmexp.config import LmexpError, RunStopped, TrainConfig, to_typed
-from lmexp.runtime import SWEEP_STOPPING, SWEEPER_PID_ENV
-from lmexp.search import SWEEPER_TARGET
-from lmexp.stats import SEED_KEY
-from lmexp.stores import redact
-from lmexp.tracking import read_sweep
-from lmexp.train import RunContext, run_training
-from lmexp.trials import run_trials
+from lmexp.engine.runtime import SWEEP_STOPPING, SWEEPER_PID_ENV
+from lmexp.orchestration.search import SWEEPER_TARGET
+from lmexp.orchestration.trials import run_trials
+from lmexp.reporting.stats import SEED_KEY
+from lmexp.run import RunContext, run_training
+from lmexp.tracking.queries import read_sweep
+from lmexp.tracking.stores import redact
 
 log = logging.getLogger("lmexp.train")
 
@@ -114,7 +114,7 @@ def over_seeds(cfg: TrainConfig, ctx: RunContext) -> float:
 
 
 def trial_runner(worker: RunContext) -> Callable[..., float]:
-    """How an Optuna worker (lmexp.trials.run_trials) trains one trial: in its own folder, as a
+    """How an Optuna worker (lmexp.orchestration.trials.run_trials) trains one trial: in its own folder, as a
     child run named by its sampled values (config-group choices among them, also logged as
     params: dropout=variational) and numbered by the trial."""
     from omegaconf import DictConfig, OmegaConf

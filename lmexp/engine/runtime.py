@@ -102,7 +102,7 @@ def device_name(device: torch.device) -> str:
 
 # Set by a local parallel sweep for its jobs: how many of them train at once on this machine.
 LOCAL_JOBS_ENV = "LMEXP_LOCAL_JOBS"
-# And its own pid: a worker process whose parent is no longer that sweeper ends (lmexp.jobs).
+# And its own pid: a worker process whose parent is no longer that sweeper ends (lmexp.orchestration.jobs).
 SWEEPER_PID_ENV = "LMEXP_SWEEPER_PID"
 
 

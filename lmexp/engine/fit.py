@@ -1,0 +1,212 @@
+"""The epoch loop: from a Position to trainer.max_epochs, train, validate, checkpoint, log, then
+the epoch callbacks. It knows a run only through plain values (the config, the batched splits,
+the model, a write-only Tracker) and nothing of Hydra, MLflow, Optuna or SLURM: what a search or
+a seed loop needs comes in as epoch callbacks, and a stop (a preemption signal, a pruner) is an
+exception (RunStopped), never an exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmexp.config import Preempted, TrainConfig
+from lmexp.data import Corpus
+from lmexp.engine import checkpoint
+from lmexp.engine.loop import (
+    EpochProgress,
+    TrainStep,
+    check_diverged,
+    evaluate,
+    perplexity,
+    train_epoch,
+)
+from lmexp.engine.runtime import Preemption
+from lmexp.models.rnn import RNNLanguageModel, State, pack_state
+from lmexp.optim.schedules import learning_rate
+from lmexp.tracking.base import Tracker
+
+log = logging.getLogger("lmexp.train")
+
+# The metrics every training run logs once per epoch (step = epoch), in this order.
+EPOCH_METRICS = ("train_ppl", "valid_ppl", "lr", "train_wps", "epoch_time_s")
+
+# Called after each epoch is checkpointed and logged, with (epoch, valid_ppl, last epoch?); may
+# raise RunStopped to end the run there (an Optuna trial's pruner does).
+EpochCallback = Callable[[int, float, bool], None]
+
+
+@dataclass
+class Run:
+    """What the epochs of one run work with."""
+
+    cfg: TrainConfig
+    corpus: Corpus
+    data: dict[str, torch.Tensor]
+    model: RNNLanguageModel
+    tracker: Tracker
+    ckpt_dir: Path
+    resolved: dict[str, Any]  # the resolved config, saved in each checkpoint
+    callbacks: list[EpochCallback] = field(default_factory=list)
+
+
+@dataclass
+class Position:
+    """Where training stands: what a checkpoint saves and a resumed run restores."""
+
+    epoch: int = 0  # epochs completed
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_valid: float = math.inf
+    partial: EpochProgress | None = None  # set while stopped inside an epoch
+    state: State | None = None  # the recurrent state at that point
+    step_state: dict[str, Any] | None = None  # the optimizer's and grad scaler's, to continue
+
+
+def fit(run: Run, position: Position) -> None:
+    """Epochs from `position` to trainer.max_epochs: train, validate, checkpoint, log, then the
+    epoch callbacks. A preemption signal checkpoints at the next batch and stops the run (see
+    stop)."""
+    t, model = run.cfg.trainer, run.model
+    if run.data["train"].device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    model.flatten_parameters()
+    step = TrainStep.from_config(model, t, run.cfg.optimizer, run.cfg.lr_policy.lr)
+    if position.step_state is not None:
+        step.load_state_dict(position.step_state)
+    preemption = Preemption()
+    with preemption.installed():
+        for epoch in range(position.epoch, t.max_epochs):
+            lr = learning_rate(run.cfg.lr_policy, epoch, [h["valid_ppl"] for h in position.history])
+            step.set_lr(lr)
+
+            def mid_epoch(partial: EpochProgress, state: State) -> None:
+                position.partial, position.state = partial, state
+                save_checkpoint(run, "last.pt", position, step)
+
+            progress, state, stopped = train_epoch(
+                step,
+                run.data["train"],
+                t.num_steps,
+                position.state if position.state is not None else model.init_state(t.batch_size),
+                position.partial,
+                limit_batches=t.limit_train_batches,
+                log_every=t.log_every_n_batches,
+                on_log=progress_printer(epoch + 1, lr) if t.progress else None,
+                checkpoint_every=t.ckpt_every_n_batches,
+                on_checkpoint=mid_epoch,
+                should_stop=preemption.requested,
+            )
+            if stopped:
+                mid_epoch(progress, state)
+                stop(run, preemption, epoch, progress.batch)
+            valid_ppl = perplexity(
+                *evaluate(
+                    model, run.data["valid"], t.eval_num_steps, t.limit_eval_batches, t.precision
+                )
+            )
+            check_diverged(valid_ppl, run.corpus.vocab_size, epoch + 1)
+            end_epoch(
+                run,
+                position,
+                ppl_record(epoch + 1, lr, progress, valid_ppl, progress.seconds),
+                step,
+            )
+            for callback in run.callbacks:
+                callback(epoch + 1, valid_ppl, epoch + 1 == t.max_epochs)
+
+
+def progress_printer(epoch: int, lr: float) -> Any:
+    """A live line on a terminal; otherwise a log line at each tenth of the epoch."""
+    tty = sys.stderr.isatty()
+    last_tenth = -1
+
+    def on_log(progress: EpochProgress, total: int) -> None:
+        nonlocal last_tenth
+        line = (
+            f"epoch {epoch} [{progress.batch:>5}/{total}] ppl {progress.ppl:9.2f} "
+            f"{progress.wps:8.0f} words/s lr {lr:.4g}"
+        )
+        if tty:
+            print(
+                "\r" + line, end="" if progress.batch < total else "\n", file=sys.stderr, flush=True
+            )
+        elif progress.batch * 10 // total != last_tenth:
+            last_tenth = progress.batch * 10 // total
+            log.info(line)
+
+    return on_log
+
+
+def ppl_record(
+    epoch: int, lr: float, progress: EpochProgress, valid_ppl: float, elapsed: float
+) -> dict[str, float]:
+    return {
+        "epoch": epoch,
+        "train_ppl": progress.ppl,
+        "valid_ppl": valid_ppl,
+        "lr": lr,
+        "train_wps": progress.wps,
+        "epoch_time_s": elapsed,
+    }
+
+
+def end_epoch(run: Run, position: Position, record: dict[str, float], step: TrainStep) -> None:
+    """Checkpoint first (MLflow is backfilled from it after a kill), then log the epoch."""
+    improved = record["valid_ppl"] < position.best_valid
+    position.history.append(record)
+    position.epoch, position.partial, position.state = int(record["epoch"]), None, None
+    position.best_valid = min(position.best_valid, record["valid_ppl"])
+    save_checkpoint(run, "last.pt", position, step)
+    if improved:
+        save_checkpoint(run, "best.pt", position, step)
+    run.tracker.log_metrics({k: record[k] for k in EPOCH_METRICS}, step=position.epoch)
+    log.info(
+        "Epoch %d: lr %.4g train ppl %.2f valid ppl %.2f, %.0f words/s, %.1f s",
+        *(record[k] for k in ("epoch", "lr", "train_ppl", "valid_ppl", "train_wps")),
+        record["epoch_time_s"],
+    )
+
+
+def save_checkpoint(run: Run, name: str, position: Position, step: TrainStep) -> None:
+    state = position.state
+    checkpoint.save(
+        run.ckpt_dir / name,
+        {
+            "model": run.model.state_dict(),
+            "epoch": position.epoch,
+            "progress": position.partial.to_dict() if position.partial else None,
+            "state": [s.detach().cpu() for s in pack_state(state)] if state is not None else None,
+            "history": position.history,
+            "best_valid_ppl": position.best_valid,
+            "rng": checkpoint.rng_state(),
+            "step": step.state_dict(),
+            "mlflow_run_id": run.tracker.run_id,
+            "config": run.resolved,
+            "vocab": run.corpus.vocab,
+        },
+    )
+
+
+def stop(run: Run, preemption: Preemption, epoch: int, batch: int) -> None:
+    """After a preemption signal's checkpoint: stop the run, resumable (run_training closes it
+    KILLED, then Preempted hands the signal to the handler installed before lmexp's)."""
+    assert preemption.signum is not None
+    name = signal.Signals(preemption.signum).name
+    log.warning(
+        "%s received: checkpoint saved at epoch %d batch %d in %s; rerun the same command (or "
+        "trainer.ckpt_path=%s) to resume.",
+        name,
+        epoch + 1,
+        batch,
+        run.ckpt_dir,
+        run.ckpt_dir / "last.pt",
+    )
+    raise Preempted(f"stopped by {name} at epoch {epoch + 1}; resumable", preemption)

@@ -1,0 +1,39 @@
+"""What the engine talks to while it trains: a write-only `Tracker` (params, per-epoch metrics,
+tags, artifacts, the model, a final status) and a `RunHistory` that reads back what a run
+already holds (which epochs it logged, for the backfill after a kill). Both are no-ops here
+(logger.kind=none); lmexp.tracking.runs implements them for MLflow. No MLflow import: another
+backend is one more implementation of these two classes, and the engine does not change.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+class Tracker:
+    """Where one run's records go, write-only; this one records nothing (logger.kind=none)."""
+
+    run_id: str | None = None
+    uri: str | None = None
+    page: str | None = None  # the run's page in a UI, when the store has one
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+
+    def log_model(self, folder: Path) -> None: ...
+
+    def finish(self, status: str = "FINISHED", reason: str | None = None) -> None: ...
+
+
+class RunHistory:
+    """What one run already holds, read back from its store; this one holds nothing."""
+
+    def logged_steps(self, key: str) -> set[int]:
+        """The steps (epochs) at which metric `key` was logged."""
+        return set()
