@@ -1,4 +1,4 @@
-"""tracking.py's pure parts; its runs are exercised end to end elsewhere."""
+"""tracking.views: the links lmexp prints to the MLflow UI; runs are exercised end to end elsewhere."""
 
 from __future__ import annotations
 

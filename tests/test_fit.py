@@ -1,0 +1,87 @@
+"""lmexp.engine.fit, the epoch loop, in-process with a tracker of the test's own: the engine
+talks to any write-only Tracker (here a list of calls), checkpoints each epoch before logging
+it, and stops through a callback's RunStopped, never an exit."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from lmexp.config import RunStopped, conf_dir, to_typed
+from lmexp.data import batch_splits, load_corpus
+from lmexp.engine import checkpoint
+from lmexp.engine.fit import EPOCH_METRICS, Position, Run, fit
+from lmexp.models.rnn import RNNLanguageModel
+from lmexp.orchestration.launch import register_configs
+from lmexp.tracking.base import Tracker
+
+# Fast, in-process tests of the library: the unit lane (pytest -m unit).
+pytestmark = pytest.mark.unit
+
+register_configs()
+
+
+class ListTracker(Tracker):
+    """A second tracker, in a few lines: it records the calls; the engine needs nothing else."""
+
+    run_id = "list-1"
+
+    def __init__(self, ckpt: Path) -> None:
+        self.calls: list[tuple[str, Any]] = []
+        self.ckpt = ckpt
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        # the checkpoint holds this epoch already when it is logged (a kill between the two
+        # loses nothing: the rerun backfills the store from the checkpoint)
+        saved = checkpoint.load(self.ckpt / "last.pt")["epoch"]
+        self.calls.append(("log_metrics", (step, tuple(metrics), saved)))
+
+
+def _run(tmp_path: Path, callbacks=(), epochs: int = 2) -> tuple[Run, ListTracker]:
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = to_typed(
+            compose("train", ["data=tiny", "model=tiny", f"trainer.max_epochs={epochs}"])
+        )
+    cfg = replace(cfg, trainer=replace(cfg.trainer, progress=False))
+    torch.manual_seed(cfg.trainer.seed)
+    corpus = load_corpus(cfg.data)
+    model = RNNLanguageModel.from_config(cfg.model, cfg.dropout, corpus.vocab_size)
+    ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir()
+    tracker = ListTracker(ckpt)
+    data = batch_splits(corpus, cfg.trainer)
+    run = Run(cfg, corpus, data, model, tracker, ckpt, {"optimizer": {}}, list(callbacks))
+    return run, tracker
+
+
+def test_fit_logs_every_epoch_to_any_tracker_after_its_checkpoint(tmp_path):
+    run, tracker = _run(tmp_path)
+    position = Position()
+    fit(run, position)
+    assert tracker.calls == [
+        ("log_metrics", (1, EPOCH_METRICS, 1)),
+        ("log_metrics", (2, EPOCH_METRICS, 2)),
+    ]
+    assert position.epoch == 2 and len(position.history) == 2
+    assert position.best_valid == min(h["valid_ppl"] for h in position.history)
+    assert position.history[1]["train_ppl"] < position.history[0]["train_ppl"]  # it learns
+
+
+def test_a_callback_stops_the_fit_with_an_exception_after_the_epoch_is_kept(tmp_path):
+    seen = []
+
+    def prune(epoch: int, valid_ppl: float, last: bool) -> None:
+        seen.append((epoch, last))
+        raise RunStopped("pruned")
+
+    run, tracker = _run(tmp_path, [prune], epochs=3)
+    with pytest.raises(RunStopped):
+        fit(run, Position())
+    assert seen == [(1, False)]
+    assert [c[1][0] for c in tracker.calls] == [1]  # epoch 1 logged, epochs 2-3 never trained
+    assert checkpoint.load(run.ckpt_dir / "last.pt")["epoch"] == 1
