@@ -83,7 +83,9 @@ class ModelConfig:
     num_layers: int = _role(SHAPE, 2)
     init_scale: float = _role(SHAPE, 0.1)
     tie_weights: bool = _role(SHAPE, False)
-    cell: str = _role(SHAPE, "lstm")  # lstm | gru (lmexp.models.rnn.CELLS); TF's recipes are LSTMs
+    cell: str = _role(
+        SHAPE, "lstm"
+    )  # lstm | gru | rnn_tanh (lmexp.models.rnn.CELLS); TF's recipes are LSTMs
 
 
 @dataclass

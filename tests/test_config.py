@@ -102,7 +102,7 @@ def test_unknown_key_and_wrong_type_name_the_key():
         ("lr_policy.kind=cosine", r"lr_policy\.kind=.cosine. is not one of"),
         ("dropout.weight_drop=1.0", r"dropout\.weight_drop=1\.0 must be in \[0, 1\)"),
         ("dropout=none dropout.weight_drop=0.5", r"dropout\.weight_drop=0\.5 needs dropout="),
-        ("model.cell=rnn", r"model\.cell='rnn' is not one of lstm, gru\."),
+        ("model.cell=rnn", r"model\.cell='rnn' is not one of lstm, gru, rnn_tanh\."),
         (
             "optimizer.kind=lion",
             r"optimizer\.kind='lion' is not one of fused_sgd, sgd, asgd, adam\.",

@@ -15,6 +15,7 @@ import torch
 from conftest import TINY, metric_history, mlflow_runs, run_module, text_folder
 
 from lmexp.engine import checkpoint
+from lmexp.models.rnn import STATE_TENSORS
 
 pytestmark = pytest.mark.slow  # real processes, real signals: seconds to a minute each
 
@@ -174,8 +175,9 @@ def test_unreachable_tracking_server_with_fallback_trains_and_says_where(tmp_pat
         ["optimizer=adam", "lr_policy.lr=0.003"],
         ["optimizer=asgd", "optimizer.t0=50"],
         ["model.cell=gru", "lr_policy.lr=0.3"],
+        ["model.cell=rnn_tanh", "lr_policy.lr=0.3"],
     ],
-    ids=["adam", "asgd", "gru"],
+    ids=["adam", "asgd", "gru", "rnn_tanh"],
 )
 def test_sigkill_mid_epoch_resumes_bit_identically_whatever_the_optimizer_or_cell(tmp_path, extra):
     """Adam's moments, ASGD's average (which starts at step 50 here) and a GRU's one-tensor
@@ -192,7 +194,8 @@ def test_sigkill_mid_epoch_resumes_bit_identically_whatever_the_optimizer_or_cel
     proc.wait(timeout=30)
     saved = checkpoint.load(tmp_path / "killed" / "checkpoints" / "last.pt")
     assert saved["progress"], "killed at an epoch's end, not inside one"
-    assert len(saved["state"]) == (1 if "model.cell=gru" in extra else 2)  # h, or h and c
+    cell = next((e.split("=")[1] for e in extra if e.startswith("model.cell=")), "lstm")
+    assert len(saved["state"]) == STATE_TENSORS[cell]  # h and c, or h
     assert saved["step"]["optimizer"]["state"] or "optimizer=" not in extra[0]
 
     resumed = run_module("lmexp.train", *args, "hydra.run.dir=killed", cwd=tmp_path)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from lmexp.config import DropoutConfig
-from lmexp.models.rnn import RNNLanguageModel
+from lmexp.models.rnn import CELLS, RNNLanguageModel
 
 # Fast, in-process tests of the library: the unit lane (pytest -m unit).
 pytestmark = pytest.mark.unit
@@ -40,7 +40,7 @@ def test_a_gru_has_one_state_tensor_carried_through_every_layout(kind):
     torch.testing.assert_close(again, model(tokens, model.init_state(3))[0][3:])  # carried
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("cell", sorted(CELLS))
 @pytest.mark.parametrize("kind", ["standard", "variational"])
 def test_uniform_init_within_scale_and_recurrent_biases_zero(kind, cell):
     """TF's init: every LSTM bias zero (found by module type, so no name scheme hides one),

@@ -1,6 +1,7 @@
-"""The word-level recurrent language model: embedding -> dropout -> LSTM or GRU -> dropout ->
-linear. The recurrent cell is `model.cell`, one entry of CELLS; the rest of lmexp handles its
-state (an LSTM's (h, c), a GRU's h) only through map_state, pack_state and unpack_state."""
+"""The word-level recurrent language model: embedding -> dropout -> LSTM, GRU or Elman RNN ->
+dropout -> linear. The recurrent cell is `model.cell`, one entry of CELLS; the rest of lmexp
+handles its state (an LSTM's (h, c), a GRU's or an RNN's h) only through map_state, pack_state
+and unpack_state."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ State = torch.Tensor | tuple[torch.Tensor, ...]
 
 # model.cell -> the fused torch module (cuDNN on a GPU). A cell here takes (input, state) and
 # returns (output, state) with its weights named weight_ih_l<k>/weight_hh_l<k>, as torch's do.
-CELLS: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU}
-STATE_TENSORS = {"lstm": 2, "gru": 1}
+CELLS: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn_tanh": nn.RNN}
+STATE_TENSORS = {"lstm": 2, "gru": 1, "rnn_tanh": 1}
 
 
 def map_state(fn: Callable[[torch.Tensor], torch.Tensor], state: State) -> State:

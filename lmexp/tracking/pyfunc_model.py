@@ -38,7 +38,11 @@ PARAMS: dict[str, Any] = {
 }
 
 
-CELLS = {"lstm": nn.LSTM, "gru": nn.GRU}  # model.cell in config.json (lmexp.models.rnn.CELLS)
+CELLS = {
+    "lstm": nn.LSTM,
+    "gru": nn.GRU,
+    "rnn_tanh": nn.RNN,
+}  # model.cell in config.json (lmexp.models.rnn.CELLS)
 
 
 class WordRNN(nn.Module):
