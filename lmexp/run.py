@@ -35,6 +35,7 @@ from lmexp.engine.runtime import (
     device_name,
     folder_lock,
     git_commit,
+    keep_freed_memory,
     seed_everything,
     select_device,
 )
@@ -74,6 +75,8 @@ def run_training(cfg: TrainConfig, ctx: RunContext) -> float:
     t = cfg.trainer
     device = select_device(t.device, ctx.slot)
     check_device_support(t, device.type)
+    if device.type == "cpu":
+        keep_freed_memory()  # the same buffers every step: keep them, as a caching allocator does
     with folder_lock(ctx.output_dir):  # no other live process writes into this run's folder
         threads = configure_threads(t.threads)
         uri = checked_store(cfg, ctx)  # a store that refuses the run does so before any work

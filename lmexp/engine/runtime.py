@@ -143,6 +143,34 @@ def configure_threads(threads: int) -> int:
     return threads
 
 
+# glibc's malloc serves each allocation above a threshold with its own mmap and gives freed heap
+# back to the kernel above another: a training step frees its logits and gradients (tens of MB)
+# and allocates them again, so with the defaults every step pays for fresh zeroed pages.
+# Measured on PTB small (2 threads, docs/benchmarks.md): 40% more words/s with large buffers kept.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
+MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # the most glibc accepts on a 64-bit machine
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Tell glibc's malloc to keep freed memory for reuse (no trimming, mmap only above 32 MiB)
+    instead of handing it back to the kernel after each step; True if it took the settings.
+    Once per process, before training on the CPU; a no-op where malloc is not glibc's."""
+    import ctypes
+    import ctypes.util
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(
+            libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
+            and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+        )
+    except (OSError, AttributeError):
+        return False
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
