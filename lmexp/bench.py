@@ -1,22 +1,28 @@
 """`python -m lmexp.bench [overrides]`: training words/s of lmexp's step against the 2017 ways.
 
-Variants, all on the same model size, data and device, in one process:
-  lmexp      the harness's own step (`lmexp.engine.loop.TrainStep`), exactly as `lmexp.train` runs it;
+Variants, all on the same model size, data and device, each in a process of its own:
+  lmexp      the harness's own step (`lmexp.engine.loop.TrainStep`), called per batch as
+             `lmexp.train` calls it, in lmexp's runtime (keep_freed_memory on a CPU);
   stock      the same model and loss with only public torch APIs: dense gradients, cross_entropy,
              clip_grad_norm_(foreach=True), torch.optim.SGD(foreach=True);
   port       the 2017 PyTorch port's loop: fused nn.LSTM, model.zero_grad(), loss.item() every
              batch, a separate clip_grad_norm_, and a manual p.data.add_(-lr * grad) per parameter;
-  cell_loop  the same model as a Python loop over time of nn.LSTMCell per layer (TF RNNCell style).
-After a warm-up of each, the variants are timed in turn, `bench.repeats` times, so drifts in
-machine speed hit them alike; the median, min and max words/s and each median's ratio to port's
-are printed and, with bench.output=PATH, written as JSON. Evaluation words/s of lmexp too.
+  cell_loop  the port's loop over the same model as a Python loop over time of nn.LSTMCell per
+             layer (TF RNNCell style).
+The baselines are loops written as their originals were, in processes with glibc's default
+allocator settings, as those programs ran (docs/benchmarks.md checks them against a stand-alone
+copy). After a warm-up of each, the variants are timed in turn, `bench.repeats` times, so drifts
+in machine speed hit them alike; the median, min and max words/s and each median's ratio to
+port's are printed and, with bench.output=PATH, written as JSON. Evaluation words/s of lmexp too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
+import multiprocessing
 import statistics
 import sys
 import time
@@ -30,12 +36,17 @@ from torch import nn
 from lmexp.config import BenchConfig, LmexpError, flatten
 from lmexp.data import batchify, load_corpus, windows
 from lmexp.engine.loop import TrainStep, detach, evaluate
-from lmexp.engine.runtime import check_device_support, configure_threads, device_name, select_device
+from lmexp.engine.runtime import (
+    check_device_support,
+    configure_threads,
+    device_name,
+    keep_freed_memory,
+    select_device,
+)
 from lmexp.models.rnn import RNNLanguageModel, State
 
 log = logging.getLogger("lmexp.bench")
 VARIANTS = ("lmexp", "stock", "port", "cell_loop")
-Step = Callable[[torch.Tensor, torch.Tensor, State], State]
 
 
 class CellLoopLM(nn.Module):
@@ -76,49 +87,63 @@ class CellLoopLM(nn.Module):
         return self.decoder(torch.stack(outputs)), (torch.stack(h), torch.stack(c))
 
 
-def port_step(model: nn.Module, lr: float, max_grad_norm: float) -> Step:
-    """The 2017 port's training step, line for line (its run_epoch)."""
-    criterion = nn.CrossEntropyLoss()
-    costs = 0.0
+# A variant's timed loop: (batches, state) -> state. The baselines are loops over the batches
+# written as their originals wrote them (one function for the whole epoch): the same code as a
+# step function called per batch ran 12% slower here, the allocator's reuse pattern changing
+# with it, so only the original's own shape measures the original.
+Loop = Callable[[list[tuple[torch.Tensor, torch.Tensor]], State], State]
 
-    def step(inputs: torch.Tensor, targets: torch.Tensor, hidden: State) -> State:
-        nonlocal costs
-        hidden = detach(hidden)  # repackage_hidden
-        model.zero_grad(set_to_none=False)  # 2017 zero_grad: fill the grads with zeros
-        outputs, hidden = model(inputs, hidden)
-        loss = criterion(outputs.view(-1, outputs.size(-1)), targets.view(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-        for p in model.parameters():
-            p.data.add_(p.grad.data, alpha=-lr)
-        costs += loss.item() * inputs.size(0)  # a host sync every batch
+
+def port_loop(model: nn.Module, lr: float, max_grad_norm: float) -> Loop:
+    """The 2017 port's run_epoch, line for line (the batches already tensors)."""
+    criterion = nn.CrossEntropyLoss()
+
+    def run(batches: list[tuple[torch.Tensor, torch.Tensor]], hidden: State) -> State:
+        costs = 0.0
+        for inputs, targets in batches:
+            model.zero_grad(set_to_none=False)  # 2017 zero_grad: fill the grads with zeros
+            hidden = detach(hidden)  # repackage_hidden
+            outputs, hidden = model(inputs, hidden)
+            loss = criterion(outputs.view(-1, outputs.size(-1)), targets.reshape(-1))
+            costs += loss.item() * inputs.size(0)  # a host sync every batch
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            for p in model.parameters():
+                p.data.add_(p.grad.data, alpha=-lr)
         return hidden
 
-    return step
+    return run
 
 
-def stock_step(model: nn.Module, lr: float, max_grad_norm: float, sum_steps: bool) -> Step:
-    """Today's textbook step with only public torch APIs: dense gradients, cross_entropy,
-    clip_grad_norm_(foreach=True) and torch.optim.SGD(foreach=True), the loss left on the
-    device. What lmexp's hand-written step has to beat to earn its place."""
+def stock_loop(model: nn.Module, lr: float, max_grad_norm: float, sum_steps: bool) -> Loop:
+    """Today's textbook loop with only public torch APIs (pytorch/examples' train() with
+    torch.optim.SGD): dense gradients, cross_entropy, clip_grad_norm_(foreach=True) and
+    SGD(foreach=True), the loss left on the device."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, foreach=True)
 
-    def step(inputs: torch.Tensor, targets: torch.Tensor, hidden: State) -> State:
-        logits, hidden = model(inputs, detach(hidden))
-        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
-        (loss * inputs.size(0) if sum_steps else loss).backward()
-        nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def run(batches: list[tuple[torch.Tensor, torch.Tensor]], hidden: State) -> State:
+        for inputs, targets in batches:
+            optimizer.zero_grad(set_to_none=True)
+            logits, hidden = model(inputs, detach(hidden))
+            loss = nn.functional.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
+            )
+            (loss * inputs.size(0) if sum_steps else loss).backward()
+            nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)
+            optimizer.step()
         return hidden
 
-    return step
+    return run
 
 
-def lmexp_step(step: TrainStep) -> Step:
-    def run(inputs: torch.Tensor, targets: torch.Tensor, state: State) -> State:
-        return step(inputs, targets, state)[1]
+def lmexp_loop(step: TrainStep) -> Loop:
+    """lmexp's step called once per batch, as lmexp.engine.loop.train_epoch calls it."""
+
+    def run(batches: list[tuple[torch.Tensor, torch.Tensor]], state: State) -> State:
+        for inputs, targets in batches:
+            state = step(inputs, targets, state)[1]
+        return state
 
     return run
 
@@ -128,19 +153,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(
-    step: Step,
+def time_loop(
+    loop: Loop,
     model: nn.Module,
     batches: list[tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
 ) -> float:
-    """Words per second of `step` over `batches` (the clock stops after the device finishes)."""
+    """Words per second of `loop` over `batches` (the clock stops after the device finishes)."""
     model.train()
     state = model.init_state(batches[0][0].size(1))
     sync(device)
     start = time.perf_counter()
-    for inputs, targets in batches:
-        state = step(inputs, targets, state)
+    loop(batches, state)
     sync(device)
     words = sum(t.numel() for _, t in batches)
     return words / (time.perf_counter() - start)
@@ -154,53 +178,121 @@ def stats(samples: list[float]) -> dict[str, float]:
     }
 
 
-def build_variants(
-    cfg: BenchConfig, vocab_size: int, device: torch.device
-) -> dict[str, tuple[Step, nn.Module]]:
-    """Each variant's step and its own model, all from the same seed and weights."""
+def build_variant(
+    name: str, cfg: BenchConfig, vocab_size: int, device: torch.device
+) -> tuple[Loop, nn.Module]:
+    """One variant's loop and its own model, from the same seed (so the same weights) as the
+    others."""
     t = cfg.trainer
-    torch.manual_seed(t.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    steps: dict[str, tuple[Step, nn.Module]] = {}
-    for name in cfg.bench.variants:
-        torch.manual_seed(t.seed)
-        model = RNNLanguageModel.from_config(cfg.model, cfg.dropout, vocab_size)
-        if name == "cell_loop":
-            model = CellLoopLM(model)
-        model = model.to(device)
-        if name == "lmexp":
-            model.flatten_parameters()
-            step = lmexp_step(TrainStep.from_config(model, t, cfg.optimizer, cfg.lr_policy.lr))
-        elif name == "stock":
-            model.flatten_parameters()
-            sum_steps = t.loss_reduction == "sum_steps"
-            step = stock_step(model, cfg.lr_policy.lr, t.max_grad_norm, sum_steps)
-        else:
-            step = port_step(model, cfg.lr_policy.lr, t.max_grad_norm)
-        steps[name] = (step, model)
-
-    return steps
+    torch.manual_seed(t.seed)
+    model = RNNLanguageModel.from_config(cfg.model, cfg.dropout, vocab_size)
+    if name == "cell_loop":
+        model = CellLoopLM(model)
+    model = model.to(device)
+    if name == "lmexp":
+        model.flatten_parameters()
+        return lmexp_loop(TrainStep.from_config(model, t, cfg.optimizer, cfg.lr_policy.lr)), model
+    if name == "stock":
+        model.flatten_parameters()
+        sum_steps = t.loss_reduction == "sum_steps"
+        return stock_loop(model, cfg.lr_policy.lr, t.max_grad_norm, sum_steps), model
+    return port_loop(model, cfg.lr_policy.lr, t.max_grad_norm), model
 
 
-def time_variants(
-    steps: dict[str, tuple[Step, nn.Module]],
-    warmup: list[tuple[torch.Tensor, torch.Tensor]],
-    timed: list[tuple[torch.Tensor, torch.Tensor]],
-    repeats: int,
-    device: torch.device,
-) -> dict[str, list[float]]:
-    """Each variant's words/s per repeat, after a warm-up; the variants take turns, starting
-    one later each repeat, so a drift in machine speed hits them alike."""
-    for name, (step, model) in steps.items():
-        log.info("warming up %s", name)
-        time_steps(step, model, warmup, device)
-    samples: dict[str, list[float]] = {name: [] for name in steps}
+def bench_batches(
+    cfg: BenchConfig, device: torch.device
+) -> tuple[Any, list[tuple[torch.Tensor, torch.Tensor]], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The corpus, and the warm-up and timed batches: the first training windows of PTB."""
+    b, t = cfg.bench, cfg.trainer
+    corpus = load_corpus(cfg.data)
+    data = batchify(corpus.train, t.batch_size).to(device)
+    needed = b.warmup_batches + b.batches
+    batches = list(
+        itertools.islice(
+            itertools.cycle(list(windows(data, t.num_steps, drop_last=True))[:needed]), needed
+        )
+    )
+    return corpus, batches[: b.warmup_batches], batches[b.warmup_batches :]
+
+
+def variant_worker(name: str, cfg: BenchConfig, device_name_: str, conn: Any) -> None:
+    """One variant in a process of its own, as each implementation runs in its own program:
+    variants sharing a process share its allocator and oneDNN caches, which made a baseline
+    measured there slower than the same loop run alone. It builds its data and model, warms up,
+    then times `bench.batches` batches each time the parent asks ("time"), scores validation
+    ("eval"), and ends on "stop"."""
+    try:
+        device = torch.device(device_name_)
+        configure_threads(cfg.trainer.threads)
+        if name == "lmexp" and device.type == "cpu":
+            keep_freed_memory()  # as lmexp.train does; the baselines run as their programs did
+        corpus, warmup, timed = bench_batches(cfg, device)
+        loop, model = build_variant(name, cfg, corpus.vocab_size, device)
+        time_loop(loop, model, warmup, device)
+        conn.send(("ready", None))
+        while True:
+            request = conn.recv()
+            if request == "time":
+                conn.send(("time", time_loop(loop, model, timed, device)))
+            elif request == "eval":
+                t = cfg.trainer
+                valid = batchify(corpus.valid, t.eval_batch_size).to(device)
+                sync(device)
+                start = time.perf_counter()
+                _, tokens = evaluate(
+                    model, valid, t.eval_num_steps, cfg.bench.eval_batches, t.precision
+                )
+                sync(device)
+                conn.send(("eval", tokens / (time.perf_counter() - start)))
+            else:
+                return
+    except Exception as err:  # noqa: BLE001 - handed to the parent, which reports it
+        conn.send(("error", f"{type(err).__name__}: {err}"))
+
+
+class Variants:
+    """The variants' worker processes, started together and stopped together."""
+
+    def __init__(self, cfg: BenchConfig, device: torch.device) -> None:
+        ctx = multiprocessing.get_context("spawn")  # no fork after CUDA (or oneDNN) is set up
+        self.workers: dict[str, tuple[Any, Any]] = {}
+        for name in cfg.bench.variants:
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=variant_worker, args=(name, cfg, str(device), child))
+            proc.start()
+            self.workers[name] = (proc, parent)
+        for name in self.workers:
+            log.info("warming up %s", name)
+            self.ask(name, None)
+
+    def ask(self, name: str, request: str | None) -> float | None:
+        proc, conn = self.workers[name]
+        if request is not None:
+            conn.send(request)
+        kind, value = conn.recv()
+        if kind == "error":
+            raise LmexpError(f"bench variant {name} failed: {value}")
+        return value
+
+    def close(self) -> None:
+        for proc, conn in self.workers.values():
+            with contextlib.suppress(OSError):
+                conn.send("stop")
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+
+
+def time_variants(variants: Variants, repeats: int) -> dict[str, list[float]]:
+    """Each variant's words/s per repeat; the variants take turns, starting one later each
+    repeat, so a drift in machine speed hits them alike. One runs at a time: the others wait."""
+    names = list(variants.workers)
+    samples: dict[str, list[float]] = {name: [] for name in names}
     for repeat in range(repeats):
-        order = list(steps)[repeat % len(steps) :] + list(steps)[: repeat % len(steps)]
-        for name in order:
-            step, model = steps[name]
-            samples[name].append(time_steps(step, model, timed, device))
+        for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
+            samples[name].append(variants.ask(name, "time"))  # type: ignore[arg-type]
             log.info("repeat %d %-9s %10.0f words/s", repeat + 1, name, samples[name][-1])
     return samples
 
@@ -219,18 +311,17 @@ def run_bench(cfg: BenchConfig, device: torch.device) -> dict[str, Any]:
         )
     check_device_support(t, device.type)
     threads = configure_threads(t.threads)
-    corpus = load_corpus(cfg.data)
-    data = batchify(corpus.train, t.batch_size).to(device)
-    needed = b.warmup_batches + b.batches
-    batches = list(
-        itertools.islice(
-            itertools.cycle(list(windows(data, t.num_steps, drop_last=True))[:needed]), needed
+    load_corpus(cfg.data)  # a corpus that cannot be read is one sentence here, not in a worker
+    variants = Variants(cfg, device)
+    try:
+        samples = time_variants(variants, b.repeats)
+        eval_samples = (
+            [variants.ask("lmexp", "eval") for _ in range(b.repeats)]
+            if "lmexp" in b.variants
+            else []
         )
-    )
-    warmup, timed = batches[: b.warmup_batches], batches[b.warmup_batches :]
-
-    steps = build_variants(cfg, corpus.vocab_size, device)
-    samples = time_variants(steps, warmup, timed, b.repeats, device)
+    finally:
+        variants.close()
     variants = {name: stats(values) for name, values in samples.items()}
     port = variants.get("port", {}).get("wps_median")
     for values in variants.values():
@@ -254,17 +345,8 @@ def run_bench(cfg: BenchConfig, device: torch.device) -> dict[str, Any]:
         },
         "variants": variants,
     }
-    if "lmexp" in steps:
-        model = steps["lmexp"][1]
-        valid = batchify(corpus.valid, t.eval_batch_size).to(device)
-        eval_samples = []
-        for _ in range(b.repeats):
-            sync(device)
-            start = time.perf_counter()
-            _, tokens = evaluate(model, valid, t.eval_num_steps, b.eval_batches, t.precision)
-            sync(device)
-            eval_samples.append(tokens / (time.perf_counter() - start))
-        result["eval"] = {"lmexp": stats(eval_samples)}
+    if eval_samples:
+        result["eval"] = {"lmexp": stats(eval_samples)}  # type: ignore[arg-type]
     return result
 
 
