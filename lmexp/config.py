@@ -122,17 +122,17 @@ class LrPolicyConfig:
 @dataclass
 class OptimizerConfig:
     # fused_sgd: lmexp's clip + plain SGD in one pass (TF's and the 2017 port's update)
-    # sgd | asgd | adam: torch.optim's own, after clip_grad_norm_ (lmexp.optim.optimizers.OPTIMIZERS)
+    # sgd | asgd | adam | adamw: torch.optim's own, after clip_grad_norm_ (lmexp.optim.optimizers.OPTIMIZERS)
     # The learning rate is lr_policy.lr (the policy sets it each epoch); the clip norm is
     # trainer.max_grad_norm. Each key below is read only by the optimizers named beside it.
     kind: str = "fused_sgd"
-    weight_decay: float = 0.0  # sgd, asgd, adam: L2 penalty added to the gradient
+    weight_decay: float = 0.0  # sgd, asgd, adam: L2 penalty added to the gradient; adamw: decoupled
     momentum: float = 0.0  # sgd
     t0: float = 0.0  # asgd: the step averaging starts at (AWD-LSTM: 0, from the switch on)
     lambd: float = 0.0  # asgd: lr decay term (AWD-LSTM: 0, a constant lr)
-    beta1: float = 0.9  # adam
-    beta2: float = 0.999  # adam
-    eps: float = 1e-8  # adam
+    beta1: float = 0.9  # adam, adamw
+    beta2: float = 0.999  # adam, adamw
+    eps: float = 1e-8  # adam, adamw
 
 
 @dataclass

@@ -105,7 +105,7 @@ def test_unknown_key_and_wrong_type_name_the_key():
         ("model.cell=rnn", r"model\.cell='rnn' is not one of lstm, gru, rnn_tanh\."),
         (
             "optimizer.kind=lion",
-            r"optimizer\.kind='lion' is not one of fused_sgd, sgd, asgd, adam\.",
+            r"optimizer\.kind='lion' is not one of fused_sgd, sgd, asgd, adam, adamw\.",
         ),
         (
             "optimizer.weight_decay=1e-6",

@@ -26,6 +26,7 @@ SETTINGS = {
     "sgd": (OptimizerConfig(kind="sgd", momentum=0.9, weight_decay=1e-4), 0.5),
     "asgd": (OptimizerConfig(kind="asgd", weight_decay=1.2e-6), 1.0),
     "adam": (OptimizerConfig(kind="adam"), 0.003),
+    "adamw": (OptimizerConfig(kind="adamw", weight_decay=0.01), 0.003),
 }
 
 

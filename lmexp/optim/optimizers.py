@@ -104,6 +104,13 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         ("beta1", "beta2", "eps", "weight_decay"),
         "torch.optim.Adam after clip_grad_norm_",
     ),
+    "adamw": OptimizerSpec(
+        lambda params, lr, clip, o: torch.optim.AdamW(
+            params, lr=lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
+        ),
+        ("beta1", "beta2", "eps", "weight_decay"),
+        "torch.optim.AdamW (decoupled weight decay) after clip_grad_norm_",
+    ),
 }
 
 
