@@ -220,9 +220,10 @@ def bench_batches(
 def variant_worker(name: str, cfg: BenchConfig, device_name_: str, conn: Any) -> None:
     """One variant in a process of its own, as each implementation runs in its own program:
     variants sharing a process share its allocator and oneDNN caches, which made a baseline
-    measured there slower than the same loop run alone. It builds its data and model, warms up,
-    then times `bench.batches` batches each time the parent asks ("time"), scores validation
-    ("eval"), and ends on "stop"."""
+    measured there slower than the same loop run alone. It builds its data and model, then
+    answers the parent: "warmup" (bench.warmup_batches batches; cuDNN picks its kernels then,
+    so the parent warms one variant at a time), "time" (bench.batches batches, timed), "eval"
+    (validation words/s), and ends on "stop" or when the parent is gone."""
     try:
         device = torch.device(device_name_)
         configure_threads(cfg.trainer.threads)
@@ -230,11 +231,12 @@ def variant_worker(name: str, cfg: BenchConfig, device_name_: str, conn: Any) ->
             keep_freed_memory()  # as lmexp.train does; the baselines run as their programs did
         corpus, warmup, timed = bench_batches(cfg, device)
         loop, model = build_variant(name, cfg, corpus.vocab_size, device)
-        time_loop(loop, model, warmup, device)
         conn.send(("ready", None))
         while True:
             request = conn.recv()
-            if request == "time":
+            if request == "warmup":
+                conn.send(("warmup", time_loop(loop, model, warmup, device)))
+            elif request == "time":
                 conn.send(("time", time_loop(loop, model, timed, device)))
             elif request == "eval":
                 t = cfg.trainer
@@ -248,12 +250,16 @@ def variant_worker(name: str, cfg: BenchConfig, device_name_: str, conn: Any) ->
                 conn.send(("eval", tokens / (time.perf_counter() - start)))
             else:
                 return
+    except (EOFError, BrokenPipeError):
+        return  # the parent is gone
     except Exception as err:  # noqa: BLE001 - handed to the parent, which reports it
-        conn.send(("error", f"{type(err).__name__}: {err}"))
+        with contextlib.suppress(OSError):
+            conn.send(("error", f"{type(err).__name__}: {err}"))
 
 
 class Variants:
-    """The variants' worker processes, started together and stopped together."""
+    """The variants' worker processes: started together, warmed up one after another, stopped
+    together, also when one fails (`with Variants(cfg, device) as variants`)."""
 
     def __init__(self, cfg: BenchConfig, device: torch.device) -> None:
         ctx = multiprocessing.get_context("spawn")  # no fork after CUDA (or oneDNN) is set up
@@ -262,27 +268,50 @@ class Variants:
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=variant_worker, args=(name, cfg, str(device), child))
             proc.start()
+            child.close()  # the worker's end is the worker's: its death is then our EOF
             self.workers[name] = (proc, parent)
-        for name in self.workers:
-            log.info("warming up %s", name)
-            self.ask(name, None)
+
+    def __enter__(self) -> Variants:
+        try:
+            for name in self.workers:
+                self.ask(name, None)  # it has built its data and model
+            for name in self.workers:
+                log.info("warming up %s", name)
+                self.ask(name, "warmup")
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def ask(self, name: str, request: str | None) -> float | None:
         proc, conn = self.workers[name]
-        if request is not None:
-            conn.send(request)
-        kind, value = conn.recv()
+        try:
+            if request is not None:
+                conn.send(request)
+            kind, value = conn.recv()
+        except (EOFError, OSError):
+            proc.join(timeout=5)
+            raise LmexpError(
+                f"bench variant {name}'s process ended (exit code {proc.exitcode}), out of memory "
+                f"or crashed; run it alone with bench.variants=[{name}] to see why."
+            ) from None
         if kind == "error":
             raise LmexpError(f"bench variant {name} failed: {value}")
         return value
 
     def close(self) -> None:
-        for proc, conn in self.workers.values():
+        for _, conn in self.workers.values():
             with contextlib.suppress(OSError):
                 conn.send("stop")
+            conn.close()
+        for proc, _ in self.workers.values():
             proc.join(timeout=30)
             if proc.is_alive():
                 proc.kill()
+                proc.join()
 
 
 def time_variants(variants: Variants, repeats: int) -> dict[str, list[float]]:
@@ -312,16 +341,13 @@ def run_bench(cfg: BenchConfig, device: torch.device) -> dict[str, Any]:
     check_device_support(t, device.type)
     threads = configure_threads(t.threads)
     load_corpus(cfg.data)  # a corpus that cannot be read is one sentence here, not in a worker
-    variants = Variants(cfg, device)
-    try:
+    with Variants(cfg, device) as variants:
         samples = time_variants(variants, b.repeats)
         eval_samples = (
             [variants.ask("lmexp", "eval") for _ in range(b.repeats)]
             if "lmexp" in b.variants
             else []
         )
-    finally:
-        variants.close()
     variants = {name: stats(values) for name, values in samples.items()}
     port = variants.get("port", {}).get("wps_median")
     for values in variants.values():
@@ -387,7 +413,7 @@ def task(cfg: Any) -> None:
         out.write_text(json.dumps(result, indent=2) + "\n")
         log.info("wrote %s", out)
     if uri is not None:
-        from lmexp.tracking.queries import KIND_TAG
+        from lmexp.tracking.base import KIND_TAG
         from lmexp.tracking.runs import open_tracker
 
         tracker = open_tracker(

@@ -42,8 +42,8 @@ from lmexp.engine.runtime import (
 from lmexp.models.rnn import RNNLanguageModel, unpack_state
 from lmexp.reporting.names import child_name, single_name
 from lmexp.reporting.stats import words_per_second
-from lmexp.tracking.base import RunHistory, Tracker
-from lmexp.tracking.queries import PARENT_TAG, TrackingLost, run_history
+from lmexp.tracking.base import PARENT_TAG, RunHistory, Tracker
+from lmexp.tracking.queries import TrackingLost, run_history
 from lmexp.tracking.runs import open_tracker, rerun_decision
 from lmexp.tracking.stores import configured_store, redact
 from lmexp.tracking.views import ui_start
@@ -96,8 +96,8 @@ def run_training(cfg: TrainConfig, ctx: RunContext) -> float:
         if tracker.uri:
             remember_run(ctx.output_dir, tracker.run_id, redact(tracker.uri))
         run = Run(cfg, corpus, data, model, tracker, ckpt_dir, ctx.resolved, ctx.on_epoch_end)
-        history = run_history(uri, tracker.run_id)  # what the store holds of this run already
         try:
+            history = run_history(uri, tracker.run_id)  # what the store holds of this run already
             if resume is None:
                 tracker.log_params({**flatten(ctx.resolved), **ctx.choices})
             position = restore(run, resume, history) if resume else Position()

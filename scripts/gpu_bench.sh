@@ -78,7 +78,7 @@ if [ "$SMOKE" = 1 ]; then
   echo "SKIPPED the CUDA-only steps (SMOKE=1)"
 else
   step 90 cuda_tests "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_loop.py \
-    tests/test_model.py -k cuda
+    tests/test_rnn.py -k cuda
   bench large_bf16_compile model=large trainer.precision=bf16 trainer.compile=true \
     "bench.variants=[lmexp,port]"
   bench large_bf16_cuda_graphs model=large trainer.precision=bf16 trainer.cuda_graphs=true \

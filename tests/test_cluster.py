@@ -22,7 +22,7 @@ import services
 from conftest import TINY, expect_sweep_refused, run_module
 
 from lmexp.engine.fit import EPOCH_METRICS
-from lmexp.tracking.queries import PARENT_TAG
+from lmexp.tracking.base import PARENT_TAG
 
 pytestmark = pytest.mark.slow
 

@@ -47,7 +47,7 @@ def test_the_judge_prunes_a_trailing_trial_but_never_after_its_last_epoch():
 
     from lmexp.orchestration.search import PRUNED_ATTR
     from lmexp.orchestration.trials import Judge, Pruned
-    from lmexp.tracking.queries import PRUNED_TAG
+    from lmexp.tracking.base import PRUNED_TAG
 
     study = optuna.create_study(pruner=optuna.pruners.MedianPruner(n_startup_trials=1))
     good = study.ask()

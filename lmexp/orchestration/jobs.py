@@ -1,7 +1,7 @@
 """What one Hydra job of `python -m lmexp.train` runs: one run, trainer.seeds_per_job runs with
 successive seeds, or, in an Optuna search, a worker's trials. The Hydra side of training: it
-reads Hydra's runtime config into the RunContext lmexp.train takes, and adds what a search
-needs (the trial's pruner as an epoch callback); lmexp.train knows none of this.
+reads Hydra's runtime config into the RunContext lmexp.run takes, and adds what a search
+needs (the trial's pruner as an epoch callback); lmexp.run knows none of this.
 """
 
 from __future__ import annotations

@@ -42,7 +42,8 @@ from lmexp.engine.runtime import (
 from lmexp.orchestration.search import check_search, uses_search
 from lmexp.orchestration.slurm import check_cluster, follow_jobs, uses_slurm
 from lmexp.reporting.stats import SEED_KEY
-from lmexp.tracking.queries import KIND_TAG, SWEEP_FILE, read_sweep
+from lmexp.tracking.base import KIND_TAG
+from lmexp.tracking.queries import SWEEP_FILE, read_sweep
 from lmexp.tracking.stores import redact
 
 log = logging.getLogger("lmexp.sweep")

@@ -61,7 +61,7 @@ class Judge:
 
     def __call__(self, epoch: int, valid_ppl: float, last: bool) -> None:
         """Called after each epoch; raises Pruned when the pruner stops the trial."""
-        from lmexp.tracking.queries import PRUNED_TAG
+        from lmexp.tracking.base import PRUNED_TAG
 
         why = self.verdict(epoch, valid_ppl, last)
         if why is not None:

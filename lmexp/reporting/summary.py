@@ -23,14 +23,8 @@ from lmexp.reporting.stats import (
     verdict,
     words_per_second,
 )
-from lmexp.tracking.queries import (
-    FAILURE_TAG,
-    NOTE_TAG,
-    RunRecord,
-    experiment_names,
-    fetch_run,
-    fetch_runs,
-)
+from lmexp.tracking.base import FAILURE_TAG, NOTE_TAG
+from lmexp.tracking.queries import RunRecord, experiment_names, fetch_run, fetch_runs
 from lmexp.tracking.runs import end_run, set_run_outcome
 from lmexp.tracking.stores import redact
 from lmexp.tracking.views import ui_url
@@ -395,7 +389,7 @@ def sweep_frame(uri: str, parent_run_id: str, swept: list[str]) -> tuple[Any, An
     and its seed groups' statistics beside it (empty when the sweep has no trainer.seed axis).
 
         from lmexp.reporting.summary import sweep_frame
-        from lmexp.tracking.runs import read_sweep
+        from lmexp.tracking.queries import read_sweep
         sweep = read_sweep(Path("multirun/2026-11-29/10-00-00"))
         runs, groups = sweep_frame(sweep["tracking_uri"], sweep["parent_run_id"],
                                    sweep["swept_params"])

@@ -1,14 +1,27 @@
 """What the engine talks to while it trains: a write-only `Tracker` (params, per-epoch metrics,
 tags, artifacts, the model, a final status) and a `RunHistory` that reads back what a run
 already holds (which epochs it logged, for the backfill after a kill). Both are no-ops here
-(logger.kind=none); lmexp.tracking.runs implements them for MLflow. No MLflow import: another
-backend is one more implementation of these two classes, and the engine does not change.
+(logger.kind=none); MLflow's are lmexp.tracking.runs.MlflowTracker and
+lmexp.tracking.queries.MlflowHistory. No MLflow import: another backend is one more
+implementation of these two classes, and the engine does not change.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+# The names every store records a run under (MLflow's own where it has one).
+PARENT_TAG = "mlflow.parentRunId"
+FAILURE_TAG = "lmexp.failure_reason"
+NOTE_TAG = "mlflow.note.content"  # a run's description, Markdown on its Overview page
+# On a trial stopped by an Optuna pruner (its run ends KILLED): the epochs it trained.
+PRUNED_TAG = "lmexp.pruned_after_epoch"
+KIND_TAG = "lmexp.kind"  # "sweep" on a sweep's parent run, "bench" on lmexp.bench's runs
+# A run's model: its exported files as artifacts under model/, and the pyfunc model of that name,
+# so that mlflow.pyfunc.load_model(f"runs:/{run_id}/model") loads it.
+MODEL_NAME = "model"
+MODEL_FILES = ("model.pt", "config.json", "vocab.json")
 
 
 class Tracker:

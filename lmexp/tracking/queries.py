@@ -14,19 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from lmexp.config import first_line
-from lmexp.tracking.base import RunHistory
+from lmexp.tracking.base import (
+    KIND_TAG,
+    MODEL_FILES,
+    MODEL_NAME,
+    PARENT_TAG,
+    PRUNED_TAG,
+    RunHistory,
+)
 from lmexp.tracking.stores import TrackingError, redact
-
-PARENT_TAG = "mlflow.parentRunId"
-FAILURE_TAG = "lmexp.failure_reason"
-NOTE_TAG = "mlflow.note.content"  # a run's description, Markdown on its Overview page
-# On a trial stopped by an Optuna pruner (its run ends KILLED): the epochs it trained.
-PRUNED_TAG = "lmexp.pruned_after_epoch"
-KIND_TAG = "lmexp.kind"  # "sweep" on a sweep's parent run, "bench" on lmexp.bench's runs
-# A run's model: its exported files as artifacts under model/, and the pyfunc model of that name,
-# so that mlflow.pyfunc.load_model(f"runs:/{run_id}/model") loads it.
-MODEL_NAME = "model"
-MODEL_FILES = ("model.pt", "config.json", "vocab.json")
 
 
 class TrackingLost(TrackingError):

@@ -14,15 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from lmexp.config import first_line
-from lmexp.tracking.base import Tracker
-from lmexp.tracking.queries import (
-    FAILURE_TAG,
-    MODEL_FILES,
-    MODEL_NAME,
-    PARENT_TAG,
-    fetch_run,
-    lost_store,
-)
+from lmexp.tracking.base import FAILURE_TAG, MODEL_FILES, MODEL_NAME, PARENT_TAG, Tracker
+from lmexp.tracking.queries import fetch_run, lost_store
 from lmexp.tracking.queries import mlflow_client as _client
 from lmexp.tracking.stores import TrackingError, permission_refused, redact, sqlite_path, store_lock
 from lmexp.tracking.views import VIEW_TAG_PREFIX, _view_tag, experiment_view_tags, ui_url

@@ -2,7 +2,7 @@
 absolute, passwords hidden in all output), the checks made before any work (reachable, a
 database or sqlite file that opens and is writable, a server that accepts the login) and the
 locks that serialise the creation of a new store. No MLflow here (SQLAlchemy, lazily, for
-database stores): lmexp.tracking.runs writes and reads the runs."""
+database stores): lmexp.tracking.runs writes the runs, lmexp.tracking.queries reads them."""
 
 from __future__ import annotations
 
