@@ -181,7 +181,7 @@ def test_mlflow_pyfunc_model_loads_without_lmexp_and_agrees_with_lmexp(trained, 
     (folder,) = (cwd / "mlartifacts" / "models").glob("m-*/artifacts")
     assert "model_code_path" in (folder / "MLmodel").read_text()
     assert (folder / "pyfunc_model.py").read_text() == (
-        REPO / "lmexp" / "pyfunc_model.py"
+        REPO / "lmexp" / "tracking" / "pyfunc_model.py"
     ).read_text()
     assert not [p for p in folder.rglob("*") if p.suffix in (".pkl", ".pickle")]
 
