@@ -217,20 +217,28 @@ def test_a_study_belongs_to_one_search_folder_and_space(tmp_path):
         create_study(changed, space)
 
 
-@pytest.mark.unit
-def test_a_damaged_study_database_is_named_with_the_way_out_that_fits(tmp_path):
-    """The sweep folder's own optuna.db, truncated or with a page overwritten: named, with what
-    to do (not Optuna's 'exceeding max length', nor advice to leave a null storage null)."""
+def _study_in_its_sweep_folder(tmp_path: Path):
+    """A search's study made in the sweep folder's own optuna.db (hydra.sweeper.storage null):
+    its config, its space and the database file."""
     import optuna.distributions as d
 
-    from lmexp.config import LmexpError
     from lmexp.orchestration.search import create_study
 
     cfg = _study_config(tmp_path, "search")
     cfg.hydra.sweeper.storage = None
     space = {"lr_policy.lr": d.FloatDistribution(0.25, 4.0, log=True)}
     create_study(cfg, space)
-    db = tmp_path / "search" / "optuna.db"
+    return cfg, space, tmp_path / "search" / "optuna.db"
+
+
+@pytest.mark.unit
+def test_a_damaged_study_database_is_named_with_the_way_out_that_fits(tmp_path):
+    """The sweep folder's own optuna.db, truncated or with a page overwritten: named, with what
+    to do (not Optuna's 'exceeding max length', nor advice to leave a null storage null)."""
+    from lmexp.config import LmexpError
+    from lmexp.orchestration.search import create_study
+
+    cfg, space, db = _study_in_its_sweep_folder(tmp_path)
     good = db.read_bytes()
     for damaged in (good[: len(good) // 3], good[:5000] + b"\xff" * 4000 + good[9000:]):
         db.write_bytes(damaged)
@@ -250,16 +258,10 @@ def test_a_damaged_study_database_is_named_with_the_way_out_that_fits(tmp_path):
 def test_a_read_only_study_database_asks_for_write_access_not_a_backup(tmp_path):
     """An optuna.db this user may not write (another user's, a read-only copy) is named as such,
     with the fix that fits it, not Optuna's 'exceeding max length' nor advice to restore it."""
-    import optuna.distributions as d
-
     from lmexp.config import LmexpError
     from lmexp.orchestration.search import create_study
 
-    cfg = _study_config(tmp_path, "search")
-    cfg.hydra.sweeper.storage = None
-    space = {"lr_policy.lr": d.FloatDistribution(0.25, 4.0, log=True)}
-    create_study(cfg, space)
-    db = tmp_path / "search" / "optuna.db"
+    cfg, space, db = _study_in_its_sweep_folder(tmp_path)
     before = db.read_bytes()
     with read_only(db), pytest.raises(LmexpError) as err:
         create_study(cfg, space)

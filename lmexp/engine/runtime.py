@@ -228,6 +228,12 @@ def sqlite_problem(db: Path, timeout: float = 10.0, write: bool = True) -> str |
     return None
 
 
+def lacks_write_access(reason: str) -> bool:
+    """Whether sqlite_problem's reason is a file or folder this user may not write (the fix is
+    the permissions), not a damaged database (the fix is a backup)."""
+    return "readonly" in reason or "unable to open" in reason
+
+
 def check_writable(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -303,7 +303,7 @@ def open_storage(url: str, default: bool = False) -> Any:
     (hydra.sweeper.storage null), whose fix is another than a storage the user named."""
     import optuna
 
-    from lmexp.engine.runtime import sqlite_problem
+    from lmexp.engine.runtime import lacks_write_access, sqlite_problem
     from lmexp.tracking.stores import redact, sqlite_path
 
     db = sqlite_path(url)
@@ -317,7 +317,7 @@ def open_storage(url: str, default: bool = False) -> Any:
     if default:
         fix = (
             f"make {db} and its folder writable for this user"
-            if "readonly" in str(reason) or "unable to open" in str(reason)
+            if lacks_write_access(str(reason))
             else "restore it from a backup"
         )
         raise LmexpError(

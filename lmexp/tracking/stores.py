@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lmexp.config import LmexpError, first_line
-from lmexp.engine.runtime import sqlite_problem
+from lmexp.engine.runtime import lacks_write_access, sqlite_problem
 
 
 class TrackingError(LmexpError):
@@ -238,7 +238,7 @@ def check_sqlite(uri: str, db: Path, timeout: float, write: bool = True) -> None
     if reason is not None:
         fix = (
             f"make {db} and its folder writable for this user"
-            if "readonly" in reason or "unable to open" in reason
+            if lacks_write_access(reason)
             else f"restore {db} from a backup or move it away (a new store is then created)"
         )
         raise TrackingError(
