@@ -70,138 +70,282 @@ class ConfigError(LmexpError):
 #                shown by the report when runs differ (max_epochs may be extended)
 #   bookkeeping: where it reads and writes and what it prints; free, hidden by the report
 SHAPE, RECIPE, EXECUTION, BOOKKEEPING = "shape", "recipe", "execution", "bookkeeping"
+ROLES = (SHAPE, RECIPE, EXECUTION, BOOKKEEPING)
 
 
-def _role(role: str, default: Any) -> Any:
-    return field(default=default, metadata={"role": role})
+def _key(default: Any, help: str, allowed: str = "", role: str = RECIPE) -> Any:
+    """A schema key: its default, what it means (`help`, one or two sentences), the values
+    `validate` accepts (`allowed`, for the reference; empty: any value of its type) and its role.
+    docs/reference/configuration.md is generated from these (scripts/config_reference.py)."""
+    if isinstance(default, list):
+        return field(
+            default_factory=lambda: list(default),
+            metadata={"role": role, "help": help, "allowed": allowed},
+        )
+    return field(default=default, metadata={"role": role, "help": help, "allowed": allowed})
+
+
+_KEEP = "(0, 1]; 1.0 keeps every unit"
 
 
 @dataclass
 class ModelConfig:
-    name: str = _role(SHAPE, "small")
-    hidden_size: int = _role(SHAPE, 200)
-    num_layers: int = _role(SHAPE, 2)
-    init_scale: float = _role(SHAPE, 0.1)
-    tie_weights: bool = _role(SHAPE, False)
-    cell: str = _role(
-        SHAPE, "lstm"
-    )  # lstm | gru | rnn_tanh (lmexp.models.rnn.CELLS); TF's recipes are LSTMs
+    name: str = _key("small", "The preset's name, as the report and run names show it.", "", SHAPE)
+    hidden_size: int = _key(
+        200, "Units per recurrent layer; also the embedding size.", ">= 1", SHAPE
+    )
+    num_layers: int = _key(2, "Stacked recurrent layers.", ">= 1", SHAPE)
+    init_scale: float = _key(
+        0.1, "Weights start uniform in [-init_scale, init_scale] (TF's recipes).", "> 0", SHAPE
+    )
+    tie_weights: bool = _key(
+        False, "Share the embedding matrix with the softmax (Press & Wolf; Inan et al.).", "", SHAPE
+    )
+    cell: str = _key(
+        "lstm",
+        "The recurrent cell (lmexp.models.rnn.CELLS); TF's recipes are LSTMs.",
+        "lstm | gru | rnn_tanh",
+        SHAPE,
+    )
 
 
 @dataclass
 class DropoutConfig:
-    # standard: dropout on the non-recurrent connections (Zaremba et al.), fresh mask per step.
-    # variational: one mask per sequence, shared across time steps (Gal & Ghahramani).
-    # none: no dropout.
-    kind: str = _role(SHAPE, "standard")  # variational runs one nn.LSTM per layer
-    dp_keep_prob: float = 1.0
-    # variational only; None means "use dp_keep_prob".
-    keep_prob_embedding: float | None = None
-    keep_prob_between: float | None = None
-    keep_prob_output: float | None = None
-    # DropConnect on the hidden-to-hidden weights (AWD-LSTM's weight drop), with either kind:
-    # the probability of dropping each recurrent weight, a fresh mask per training batch.
-    weight_drop: float = 0.0
+    kind: str = _key(
+        "standard",
+        "standard: a fresh mask per step on the non-recurrent connections (Zaremba et al.); "
+        "variational: one mask per sequence, shared across steps (Gal & Ghahramani), one "
+        "nn.LSTM per layer; none: no dropout.",
+        "standard | variational | none",
+        SHAPE,
+    )
+    dp_keep_prob: float = _key(
+        1.0,
+        "Probability of keeping a unit, after the embedding, between layers and before "
+        "the softmax (TF's keep_prob; dropout = 1 - dp_keep_prob).",
+        _KEEP,
+    )
+    keep_prob_embedding: float | None = _key(
+        None,
+        "variational only: keep probability on the embedding output; null: dp_keep_prob.",
+        f"null or {_KEEP}",
+    )
+    keep_prob_between: float | None = _key(
+        None,
+        "variational only: keep probability between layers; null: dp_keep_prob.",
+        f"null or {_KEEP}",
+    )
+    keep_prob_output: float | None = _key(
+        None,
+        "variational only: keep probability on the last layer's output; null: dp_keep_prob.",
+        f"null or {_KEEP}",
+    )
+    weight_drop: float = _key(
+        0.0,
+        "DropConnect on the hidden-to-hidden weights (AWD-LSTM's weight drop): the "
+        "probability of dropping each recurrent weight, a fresh mask per training batch.",
+        "[0, 1); needs kind standard or variational",
+    )
 
 
 @dataclass
 class LrPolicyConfig:
-    # zaremba: lr * lr_decay ** max(epoch + 1 - max_epoch, 0)       (TF tutorial, 0-based epoch)
-    # port:    lr *= lr_decay ** max(epoch - max_epoch, 0) each epoch (2017 PyTorch port)
-    # plateau: lr /= plateau_factor when valid ppl stops improving for > plateau_patience epochs
-    # constant: lr
-    kind: str = "zaremba"
-    lr: float = 1.0
-    lr_decay: float = 0.5
-    max_epoch: int = 4
-    plateau_factor: float = 4.0
-    plateau_patience: int = 0
-    min_lr: float = 0.0
+    kind: str = _key(
+        "zaremba",
+        "zaremba: lr * lr_decay ** max(epoch + 1 - max_epoch, 0), 0-based epoch (TF); port: "
+        "lr *= lr_decay ** max(epoch - max_epoch, 0) each epoch (the 2017 port); plateau: "
+        "lr /= plateau_factor when validation stops improving; constant: lr.",
+        "zaremba | port | plateau | constant",
+    )
+    lr: float = _key(1.0, "The starting learning rate (every optimizer's lr).", "> 0, finite")
+    lr_decay: float = _key(0.5, "zaremba, port: the decay factor per epoch.", "(0, 1]")
+    max_epoch: int = _key(4, "zaremba, port: epochs at the starting lr before decay.", ">= 0")
+    plateau_factor: float = _key(
+        4.0, "plateau: the lr is divided by this when validation stops improving.", "> 1"
+    )
+    plateau_patience: int = _key(
+        0, "plateau: epochs without improvement tolerated before dividing.", ">= 0"
+    )
+    min_lr: float = _key(0.0, "plateau: the lr never goes below this.", ">= 0")
 
 
 @dataclass
 class OptimizerConfig:
-    # fused_sgd: lmexp's clip + plain SGD in one pass (TF's and the 2017 port's update)
-    # sgd | asgd | adam | adamw: torch.optim's own, after clip_grad_norm_ (lmexp.optim.optimizers.OPTIMIZERS)
-    # The learning rate is lr_policy.lr (the policy sets it each epoch); the clip norm is
-    # trainer.max_grad_norm. Each key below is read only by the optimizers named beside it.
-    kind: str = "fused_sgd"
-    weight_decay: float = 0.0  # sgd, asgd, adam: L2 penalty added to the gradient; adamw: decoupled
-    momentum: float = 0.0  # sgd
-    t0: float = 0.0  # asgd: the step averaging starts at (AWD-LSTM: 0, from the switch on)
-    lambd: float = 0.0  # asgd: lr decay term (AWD-LSTM: 0, a constant lr)
-    beta1: float = 0.9  # adam, adamw
-    beta2: float = 0.999  # adam, adamw
-    eps: float = 1e-8  # adam, adamw
+    kind: str = _key(
+        "fused_sgd",
+        "fused_sgd: lmexp's clip + plain SGD in one pass (TF's and the 2017 port's update); the "
+        "others are torch.optim's own after clip_grad_norm_ (lmexp.optim.optimizers.OPTIMIZERS). "
+        "The lr is lr_policy.lr, the clip norm trainer.max_grad_norm.",
+        "fused_sgd | sgd | asgd | adam | adamw",
+    )
+    weight_decay: float = _key(
+        0.0,
+        "sgd, asgd, adam: L2 penalty added to the gradient; adamw: decoupled decay.",
+        ">= 0; only the optimizers named",
+    )
+    momentum: float = _key(0.0, "sgd: momentum.", ">= 0; sgd only")
+    t0: float = _key(
+        0.0,
+        "asgd: the step averaging starts at (AWD-LSTM: 0, from the switch on).",
+        ">= 0; asgd only",
+    )
+    lambd: float = _key(0.0, "asgd: lr decay term (AWD-LSTM: 0, a constant lr).", ">= 0; asgd only")
+    beta1: float = _key(0.9, "adam, adamw: first-moment decay.", "[0, 1); adam, adamw only")
+    beta2: float = _key(0.999, "adam, adamw: second-moment decay.", "[0, 1); adam, adamw only")
+    eps: float = _key(1e-8, "adam, adamw: denominator term.", ">= 0; adam, adamw only")
 
 
 @dataclass
 class DataConfig:
-    name: str = _role(SHAPE, "ptb")  # ptb | text | tiny (lmexp.data.SOURCES)
-    # ptb: the folder holding ptb.{train,valid,test}.txt; None: download into cache_dir, verify.
-    # text: the folder holding a train, a valid and a test file (required).
-    root: str | None = _role(BOOKKEEPING, None)
-    cache_dir: str = _role(BOOKKEEPING, "~/.cache/lmexp")
-    url: str = _role(BOOKKEEPING, "http://www.fit.vutbr.cz/~imikolov/rnnlm/simple-examples.tgz")
-    verify_md5: bool = _role(BOOKKEEPING, True)
-    # The tiny corpus: a seeded Markov chain, generated in code (no files, no network).
-    tiny_vocab_size: int = 50
-    tiny_train_tokens: int = 20000
-    tiny_eval_tokens: int = 2000
-    tiny_seed: int = 1234
+    name: str = _key(
+        "ptb",
+        "The corpus (lmexp.data.SOURCES): ptb, any folder of plain text, or a seeded Markov "
+        "chain generated in code for tests.",
+        "ptb | text | tiny",
+        SHAPE,
+    )
+    root: str | None = _key(
+        None,
+        "ptb: the folder holding ptb.{train,valid,test}.txt, null to download into cache_dir and "
+        "verify; text: the folder holding a train, a valid and a test file (required).",
+        "null or a folder",
+        BOOKKEEPING,
+    )
+    cache_dir: str = _key(
+        "~/.cache/lmexp", "Where a downloaded corpus is kept.", "a folder", BOOKKEEPING
+    )
+    url: str = _key(
+        "http://www.fit.vutbr.cz/~imikolov/rnnlm/simple-examples.tgz",
+        "ptb: the archive downloaded when root is null.",
+        "a URL",
+        BOOKKEEPING,
+    )
+    verify_md5: bool = _key(
+        True, "ptb: check each file's MD5 against the published sums.", "", BOOKKEEPING
+    )
+    tiny_vocab_size: int = _key(50, "tiny: words in the vocabulary.", ">= 4")
+    tiny_train_tokens: int = _key(20000, "tiny: tokens in the train split.", ">= 100")
+    tiny_eval_tokens: int = _key(2000, "tiny: tokens in the valid and test splits.", ">= 10")
+    tiny_seed: int = _key(1234, "tiny: the seed the corpus is generated from.")
 
 
 @dataclass
 class TrainerConfig:
-    max_epochs: int = _role(EXECUTION, 13)
-    batch_size: int = _role(SHAPE, 20)
-    num_steps: int = _role(SHAPE, 20)
-    max_grad_norm: float = 5.0
-    # sum_steps: loss summed over time steps, averaged over the batch (TF; lr 1.0, clip 5).
-    # mean: per-token mean cross-entropy (the 2017 port and pytorch/examples; lr 20, clip 0.25).
-    loss_reduction: str = "sum_steps"
-    eval_batch_size: int = 20
-    test_batch_size: int = 1
-    eval_num_steps: int = 35
-    device: str = _role(EXECUTION, "auto")  # auto | cpu | cuda | cuda:N
-    seed: int = 0
-    # Each job (an Optuna trial, say) trains this many seeds, seed .. seed+k-1, each a run of its
-    # own, and returns the mean of their best validation perplexities.
-    seeds_per_job: int = 1
-    threads: int = _role(EXECUTION, 0)  # CPU threads for torch; 0 = one per physical core
-    limit_train_batches: int | None = None
-    limit_eval_batches: int | None = None
-    log_every_n_batches: int = _role(BOOKKEEPING, 50)
-    progress: bool = _role(BOOKKEEPING, True)
-    precision: str = _role(EXECUTION, "fp32")  # fp32 | bf16 | fp16
-    compile: bool = _role(EXECUTION, False)
-    # capture the step in CUDA graphs (torch.compile "reduce-overhead")
-    cuda_graphs: bool = _role(EXECUTION, False)
-    ckpt_every_n_batches: int = _role(BOOKKEEPING, 0)  # 0: checkpoint at epoch ends only
-    # continue from <run dir>/checkpoints/last.pt when it exists
-    resume: bool = _role(BOOKKEEPING, True)
-    # a checkpoint to resume from instead, or an exported model.pt to start from
-    ckpt_path: str | None = _role(BOOKKEEPING, None)
+    max_epochs: int = _key(
+        13, "Epochs to train; may be raised when a run resumes.", ">= 1", EXECUTION
+    )
+    batch_size: int = _key(20, "Sequences per training batch.", ">= 1", SHAPE)
+    num_steps: int = _key(20, "Unrolled steps (BPTT length) per training batch.", ">= 1", SHAPE)
+    max_grad_norm: float = _key(5.0, "Gradients are clipped to this global norm.", "> 0")
+    loss_reduction: str = _key(
+        "sum_steps",
+        "sum_steps: loss summed over steps and averaged over the batch (TF; lr 1.0, clip 5); "
+        "mean: per-token mean (the 2017 port and pytorch/examples; lr 20, clip 0.25).",
+        "sum_steps | mean",
+    )
+    eval_batch_size: int = _key(20, "Sequences per validation batch.", ">= 1")
+    test_batch_size: int = _key(1, "Sequences per test batch (TF: 1).", ">= 1")
+    eval_num_steps: int = _key(35, "Unrolled steps per validation and test batch.", ">= 1")
+    device: str = _key(
+        "auto",
+        "auto: the GPU when there is one, else the CPU.",
+        "auto | cpu | cuda | cuda:N",
+        EXECUTION,
+    )
+    seed: int = _key(0, "Seeds the weights, the dropout masks and the data order.")
+    seeds_per_job: int = _key(
+        1,
+        "Each job (an Optuna trial, say) trains seeds seed .. seed+k-1, each a run of its own, "
+        "and returns the mean of their best validation perplexities.",
+        ">= 1",
+    )
+    threads: int = _key(
+        0,
+        "CPU threads for torch; 0: one per physical core (a sweep divides them).",
+        ">= 0",
+        EXECUTION,
+    )
+    limit_train_batches: int | None = _key(
+        None, "Train on only the first N batches of each epoch (for smoke tests).", "null or >= 1"
+    )
+    limit_eval_batches: int | None = _key(
+        None, "Evaluate on only the first N batches (for smoke tests).", "null or >= 1"
+    )
+    log_every_n_batches: int = _key(
+        50, "Progress lines and step metrics every N batches.", ">= 1", BOOKKEEPING
+    )
+    progress: bool = _key(True, "Print progress lines.", "", BOOKKEEPING)
+    precision: str = _key(
+        "fp32",
+        "Autocast precision of the step: bf16 on AVX-512 BF16 CPUs and recent GPUs; fp16 on GPU.",
+        "fp32 | bf16 | fp16",
+        EXECUTION,
+    )
+    compile: bool = _key(False, "torch.compile the step.", "", EXECUTION)
+    cuda_graphs: bool = _key(
+        False,
+        "Capture the step in CUDA graphs (torch.compile reduce-overhead); GPU only.",
+        "",
+        EXECUTION,
+    )
+    ckpt_every_n_batches: int = _key(
+        0,
+        "Also checkpoint every N batches inside an epoch; 0: at epoch ends only.",
+        ">= 0",
+        BOOKKEEPING,
+    )
+    resume: bool = _key(
+        True, "Continue from <run dir>/checkpoints/last.pt when it exists.", "", BOOKKEEPING
+    )
+    ckpt_path: str | None = _key(
+        None,
+        "A checkpoint to resume from instead, or an exported model.pt to start from.",
+        "null or a file",
+        BOOKKEEPING,
+    )
 
 
 @dataclass
 class LoggerConfig:
-    kind: str = _role(BOOKKEEPING, "mlflow")  # mlflow | none
-    # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the folder the command ran from.
-    tracking_uri: str | None = _role(BOOKKEEPING, None)
-    # Used (with a warning) when tracking_uri cannot be reached; None: fail at start-up.
-    fallback_uri: str | None = _role(BOOKKEEPING, None)
-    experiment_name: str = _role(BOOKKEEPING, "lmexp")
-    run_name: str | None = _role(BOOKKEEPING, None)
-    log_model: bool = _role(BOOKKEEPING, True)
-    connect_timeout_s: float = _role(BOOKKEEPING, 5.0)
-    # MLflow system metrics (CPU, memory; GPU with nvidia-ml-py): null = on for PTB runs (which
-    # take minutes or more) and off for the tiny corpus; sampled every system_metrics_every_s.
-    system_metrics: bool | None = _role(BOOKKEEPING, None)
-    system_metrics_every_s: float = _role(BOOKKEEPING, 10.0)
-    # Where the MLflow UI is, for the links lmexp prints; None: the tracking server itself, or
-    # for a database store `mlflow ui`'s own address, http://127.0.0.1:5000.
-    ui_url: str | None = _role(BOOKKEEPING, None)
+    kind: str = _key("mlflow", "Track runs in MLflow, or not at all.", "mlflow | none", BOOKKEEPING)
+    tracking_uri: str | None = _key(
+        None,
+        "The MLflow store or server; null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in "
+        "the folder the command ran from.",
+        "null, a database URI or http(s)://",
+        BOOKKEEPING,
+    )
+    fallback_uri: str | None = _key(
+        None,
+        "Used, with a warning, when tracking_uri cannot be reached; null: fail at start-up.",
+        "null or a URI",
+        BOOKKEEPING,
+    )
+    experiment_name: str = _key("lmexp", "The MLflow experiment.", "not empty", BOOKKEEPING)
+    run_name: str | None = _key(
+        None, "The run's name; null: one made from the recipe and what differs.", "", BOOKKEEPING
+    )
+    log_model: bool = _key(True, "Log the best weights as an MLflow pyfunc model.", "", BOOKKEEPING)
+    connect_timeout_s: float = _key(
+        5.0, "How long to wait for a tracking server at start-up.", "> 0", BOOKKEEPING
+    )
+    system_metrics: bool | None = _key(
+        None,
+        "MLflow system metrics (CPU, memory; GPU with nvidia-ml-py); null: on for PTB runs, "
+        "off for the tiny corpus.",
+        "",
+        BOOKKEEPING,
+    )
+    system_metrics_every_s: float = _key(
+        10.0, "Seconds between system-metric samples.", "> 0", BOOKKEEPING
+    )
+    ui_url: str | None = _key(
+        None,
+        "Where the MLflow UI is, for the links lmexp prints; null: the tracking server itself, "
+        "or for a database store `mlflow ui`'s own address, http://127.0.0.1:5000.",
+        "null or http(s)://host:port",
+        BOOKKEEPING,
+    )
 
 
 @dataclass
@@ -217,13 +361,22 @@ class TrainConfig:
 
 @dataclass
 class BenchSettings:
-    variants: list[str] = field(default_factory=lambda: ["lmexp", "stock", "port", "cell_loop"])
-    repeats: int = 3
-    warmup_batches: int = 3
-    batches: int = 20
-    eval_batches: int = 20
-    output: str | None = None
-    log_mlflow: bool = False
+    variants: list[str] = _key(
+        ["lmexp", "stock", "port", "cell_loop"],
+        "What to time, each in a process of its own: lmexp's step; stock, the same model with "
+        "only public torch APIs; port, the 2017 port's loop; cell_loop, that loop over "
+        "nn.LSTMCell per layer and step (TF RNNCell style).",
+        "lmexp | stock | port | cell_loop",
+        EXECUTION,
+    )
+    repeats: int = _key(3, "Timed repeats per variant; the record keeps each.", ">= 1", EXECUTION)
+    warmup_batches: int = _key(3, "Untimed batches before each repeat.", ">= 0", EXECUTION)
+    batches: int = _key(20, "Timed training batches per repeat.", ">= 1", EXECUTION)
+    eval_batches: int = _key(20, "Timed evaluation batches per repeat.", ">= 0", EXECUTION)
+    output: str | None = _key(
+        None, "Write the record (JSON) here; null: print only.", "null or a file", BOOKKEEPING
+    )
+    log_mlflow: bool = _key(False, "Also log the record as an MLflow run.", "", BOOKKEEPING)
 
 
 @dataclass
@@ -231,16 +384,21 @@ class BenchConfig(TrainConfig):
     bench: BenchSettings = field(default_factory=BenchSettings)
 
 
-def schema_roles(schema: type = TrainConfig, prefix: str = "") -> dict[str, str]:
-    """Every dotted key of `schema` with its role (field metadata; RECIPE when unset)."""
-    roles = {}
+def schema_fields(schema: type = TrainConfig, prefix: str = "") -> dict[str, dataclasses.Field]:
+    """Every dotted key of `schema` with its dataclass field (type, default, metadata)."""
+    fields = {}
     for f in dataclasses.fields(schema):
         default = f.default_factory() if f.default_factory is not MISSING else None
         if dataclasses.is_dataclass(default) and not isinstance(default, type):
-            roles.update(schema_roles(type(default), f"{prefix}{f.name}."))
+            fields.update(schema_fields(type(default), f"{prefix}{f.name}."))
         else:
-            roles[f"{prefix}{f.name}"] = f.metadata.get("role", RECIPE)
-    return roles
+            fields[f"{prefix}{f.name}"] = f
+    return fields
+
+
+def schema_roles(schema: type = TrainConfig) -> dict[str, str]:
+    """Every dotted key of `schema` with its role (field metadata; RECIPE when unset)."""
+    return {key: f.metadata.get("role", RECIPE) for key, f in schema_fields(schema).items()}
 
 
 def keys_with_role(role: str, schema: type = TrainConfig) -> set[str]:
@@ -429,6 +587,16 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         lg.ui_url,
         "must be the UI's address, http://host:port (or null)",
     )
+    if isinstance(cfg, BenchConfig):
+        b = cfg.bench
+        for name, low in (
+            ("repeats", 1),
+            ("batches", 1),
+            ("warmup_batches", 0),
+            ("eval_batches", 0),
+        ):
+            value = getattr(b, name)
+            _check(value >= low, f"bench.{name}", value, f"must be an integer >= {low}")
     return cfg
 
 

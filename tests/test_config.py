@@ -227,3 +227,19 @@ def test_an_added_key_the_schema_lacks_is_refused_not_ignored(prefix):
     assert str(err.value) == (
         "Unknown config key 'trainer.max_epoch'; did you mean trainer.max_epochs?"
     )
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("bench.repeats=0", r"bench\.repeats=0 must be an integer >= 1\."),
+        ("bench.batches=0", r"bench\.batches=0 must be an integer >= 1\."),
+        ("bench.warmup_batches=-1", r"bench\.warmup_batches=-1 must be an integer >= 0\."),
+    ],
+)
+def test_bench_settings_out_of_range_are_one_sentence_before_any_timing(override, message):
+    # bench.repeats=0 used to reach statistics.median([]) after the workers had started.
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose("bench", overrides=[override])
+    with pytest.raises(ConfigError, match=message):
+        to_typed(cfg)
