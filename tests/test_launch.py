@@ -4,11 +4,12 @@ composes a config or a folder is touched."""
 from __future__ import annotations
 
 import logging
+import subprocess
 import sys
 
 import pytest
 
-from lmexp.config import LmexpError, TrainConfig
+from lmexp.config import LmexpError, TrainConfig, conf_dir
 from lmexp.orchestration.launch import check_sweeper_settings, launch
 
 # Fast, in-process tests of the library: the unit lane (pytest -m unit).
@@ -82,3 +83,16 @@ def test_a_misspelt_pruner_or_sampler_setting_is_refused_with_the_nearest_ones()
             "hydra.sweeper.sampler.seed=3",
         ]
     )
+
+
+@pytest.mark.parametrize("entry", ["lmexp.train", "lmexp.bench"])
+def test_help_lists_the_recipes_and_choices_not_the_bases(entry):
+    out = subprocess.run(
+        [sys.executable, "-m", entry, "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    groups = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line and "," in line)
+    recipes = sorted(p.stem for p in (conf_dir() / "experiment").glob("[!_]*.yaml"))
+    assert groups["experiment"].split(", ") == recipes
+    assert groups["model"] == "large, medium, small, tiny"
+    assert groups["hydra/launcher"] == "slurm, slurm_cpu"
+    assert "_pytorch_base" not in out and "_examples_tied" not in out

@@ -143,11 +143,28 @@ def unique_dir(root: str) -> str:
     raise LmexpError(f"No free folder under {base.parent}; set hydra.run.dir or hydra.sweep.dir.")
 
 
+def config_choices() -> str:
+    """The config groups and the choices of each, one `group: a, b, c` line per group, for
+    --help (conf/train.yaml's hydra.help.template). Unlike Hydra's own list, it leaves out the
+    bases (`_`-named, which check_group_choices refuses) and shows hydra/launcher's presets."""
+    from lmexp.config import conf_dir
+
+    conf = conf_dir()
+    lines = []
+    for folder in sorted(p for p in conf.rglob("*") if p.is_dir()):
+        choices = sorted(f.stem for f in folder.glob("*.yaml") if not f.stem.startswith("_"))
+        if choices:
+            lines.append(f"{folder.relative_to(conf).as_posix()}: {', '.join(choices)}")
+    return "\n".join(lines)
+
+
 def register_resolvers() -> None:
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("lmexp.unique_dir"):
         OmegaConf.register_new_resolver("lmexp.unique_dir", unique_dir, use_cache=True)
+    if not OmegaConf.has_resolver("lmexp.config_choices"):
+        OmegaConf.register_new_resolver("lmexp.config_choices", config_choices)
 
 
 def register_sweeper() -> None:
