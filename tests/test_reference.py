@@ -62,3 +62,44 @@ def test_a_config_choice_without_a_description_stops_the_reference(tmp_path):
     with pytest.raises(ref.MissingDescription, match=r"lr_policy/constant.yaml has no description"):
         ref.group_rows(conf)
     assert ("lr_policy", "zaremba") in {(g, c) for g, c, _ in ref.group_rows(conf_dir())}
+
+
+def _catalogue(root: Path | None = None):
+    spec = importlib.util.spec_from_file_location(
+        "error_catalogue", ROOT / "scripts" / "error_catalogue.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if root is not None:
+        module.ROOT, module.PAGE = root, root / "docs" / "troubleshooting.md"
+    return module
+
+
+def test_the_troubleshooting_page_lists_every_error_the_code_raises():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "error_catalogue.py"), "--check"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.unit
+def test_an_error_added_to_the_code_but_not_to_the_page_fails_the_check(tmp_path, capsys):
+    shutil.copytree(
+        ROOT / "lmexp", tmp_path / "lmexp", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    (tmp_path / "docs").mkdir()
+    shutil.copy(ROOT / "docs" / "troubleshooting.md", tmp_path / "docs")
+    catalogue = _catalogue(tmp_path)
+    assert catalogue.main(["--check"]) == 0  # the copy is current
+    (tmp_path / "lmexp" / "data" / "extra.py").write_text(
+        "from lmexp.data.corpus import DataError\n\n\n"
+        "def check(path):\n"
+        '    raise DataError(f"{path} is gone; restore it from the archive.")\n'
+    )
+    data = catalogue.render().split("### Data\n", 1)[1].split("\n### ", 1)[0]
+    assert "- ‹path› is gone; restore it from the archive." in data
+    assert catalogue.main(["--check"]) == 1
+    assert "does not list the errors the code raises" in capsys.readouterr().err
