@@ -1,5 +1,5 @@
 """The committed benchmark records (results/bench_cpu_*.json, written by `python -m lmexp.bench
-bench.output=...`) are well-formed, and the README's Throughput section shows their numbers."""
+bench.output=...`) are well-formed, and docs/benchmarks.md shows their numbers."""
 
 from __future__ import annotations
 
@@ -77,8 +77,8 @@ def test_bench_record_is_well_formed(path):
 
 
 def throughput_section() -> str:
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("\n## Throughput\n", 1)[1]
+    page = (REPO / "docs" / "benchmarks.md").read_text()
+    section = page.split("\n## On this CPU\n", 1)[1]
     return section.split("\n## ", 1)[0]
 
 
@@ -125,3 +125,14 @@ def test_readme_throughput_text_shows_the_recorded_numbers():
     assert cores and int(cores[1]) == config["threads"], "the README's core count"
     torch = ".".join(small["torch_version"].split(".")[:2])
     assert f"torch {torch} CPU" in text, f"the README's torch version (records: {torch})"
+
+
+def test_readme_throughput_line_shows_the_recorded_ratios():
+    """The landing page's one line on throughput quotes the records' lmexp-vs-port ratios."""
+    readme = " ".join((REPO / "README.md").read_text().split())
+    line = readme.split("Throughput (`python -m lmexp.bench`", 1)[1].split(". No GPU", 1)[0]
+    small = ratio(load(record_name("small", "fp32"))["variants"]["lmexp"]["ratio_vs_port"])
+    bf16 = ratio(load(record_name("small", "bf16"))["variants"]["lmexp"]["ratio_vs_port"])
+    medium = ratio(load("bench_cpu_medium.json")["variants"]["lmexp"]["ratio_vs_port"])
+    expected = f"{small} the port at the small size in fp32, {bf16} with bf16, {medium} at medium"
+    assert expected in line, line

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import services
-from conftest import TINY, expect_sweep_refused, run_module
+from conftest import REPO, TINY, expect_sweep_refused, run_module
 
 from lmexp.engine.fit import EPOCH_METRICS
 from lmexp.tracking.base import PARENT_TAG
@@ -135,6 +135,12 @@ def test_slurm_sweep_logs_every_epoch_once_to_the_server(team, tmp_path):
     # One line per job state change, and none of submitit's sacct warnings (no accounting here).
     assert "sacct" not in out and "accounting storage is disabled" not in out, out[-3000:]
     assert re.search(r"SLURM job \d+_\d: RUNNING", out), out[-3000:]
+    # docs/cluster.md shows these lines: each state it shows is printed in the same shape.
+    shown = re.search(r"```console\n(.*?)\n```", (REPO / "docs" / "cluster.md").read_text(), re.S)
+    for state, node in re.findall(r"SLURM job \d+_\d+: (\w+)( on \S+)?", shown[1]):
+        if state != "PENDING":  # a job may start before the first poll sees it pending
+            where = r" on \S+" if node else ""
+            assert re.search(rf"SLURM job \d+_\d+: {state}{where}\n", out), (state, out[-3000:])
     assert f" {cpus} threads;" in "".join(
         p.read_text() for p in (tmp_path / "sweep").glob(".submitit/*/*_log.out")
     )  # trainer.threads=0 took SLURM_CPUS_PER_TASK

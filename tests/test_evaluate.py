@@ -40,8 +40,8 @@ def split_text(cwd: Path, split: str) -> str:
 
 
 def readme_snippet(heading: str) -> str:
-    """The first Python block after a README heading, verbatim."""
-    section = (REPO / "README.md").read_text().split(f"\n### {heading}\n", 1)[1]
+    """The first Python block after a heading of docs/using-a-model.md, verbatim."""
+    section = (REPO / "docs" / "using-a-model.md").read_text().split(f"\n## {heading}\n", 1)[1]
     return section.split("```python\n", 1)[1].split("\n```", 1)[0]
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import (
+    REPO,
     TINY,
     expect_sweep_refused,
     metric_history,
@@ -429,11 +430,14 @@ def test_a_search_none_of_whose_trials_finished_exits_1_with_the_first_reason(
     )  # fmt: skip
     out = proc.stdout + proc.stderr
     assert proc.returncode == code, out[-3000:]
-    assert [ln.split("] ", 1)[-1] for ln in out.splitlines() if "trials failed" in ln] == [
+    shown = [ln.split("] ", 1)[-1] for ln in out.splitlines() if "trials failed" in ln]
+    assert shown == [
         line + " (its validation perplexity was not finite, or worse than 2x a uniform guess: "
         "its MLflow run says when); lower lr_policy.lr or trainer.max_grad_norm"
     ]
     assert "Traceback" not in out
+    if code == 0:  # docs/searches.md shows this line as the search prints it
+        assert f"[HYDRA] {shown[0]}\n" in (REPO / "docs" / "searches.md").read_text()
 
 
 # --- parallel workers ----------------------------------------------------------------------------
