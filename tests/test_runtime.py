@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 
 import pytest
 import torch
@@ -53,6 +54,39 @@ def test_hand_over_runs_the_previous_handler_but_not_pythons_keyboard_interrupt(
         ctrl_c.hand_over()
     except KeyboardInterrupt:
         pytest.fail("hand_over ran Python's SIGINT handler, undoing the clean stop")
+
+
+@pytest.mark.parametrize(
+    ("script", "ends"),
+    [
+        ('kill -TERM "$$"', SystemExit),  # SLURM's requeue signalled scontrol: it was accepted
+        ("exit 1", subprocess.CalledProcessError),  # scontrol refused: the error stands
+    ],
+)
+def test_a_requeue_whose_scontrol_the_requeue_itself_killed_ends_the_job_as_requeued(
+    tmp_path, monkeypatch, script, ends
+):
+    """submitit's handler runs `scontrol requeue <job>` with check_call; SLURM accepts it and
+    SIGTERMs the job's processes, scontrol too when it has not exited yet. A real scontrol
+    stand-in on PATH, killed by a real SIGTERM, makes check_call fail as it does on a cluster."""
+    (tmp_path / "scontrol").write_text(f"#!/bin/sh\n{script}\n")
+    (tmp_path / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+
+    def submitit_requeue(signum, frame):  # submitit's SlurmJobEnvironment._requeue
+        subprocess.check_call(["scontrol", "requeue", "5"], timeout=60)
+
+    previous = signal.signal(signal.SIGUSR2, submitit_requeue)
+    try:
+        usr2 = Preemption()
+        with usr2.installed():
+            os.kill(os.getpid(), signal.SIGUSR2)
+        with pytest.raises(ends) as stopped:
+            usr2.hand_over()
+        if ends is SystemExit:
+            assert stopped.value.code == -1  # as submitit exits after a requeue
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
 
 
 def test_local_jobs_at_once_follow_the_launcher():

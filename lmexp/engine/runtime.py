@@ -368,4 +368,21 @@ class Preemption:
         """Run the handler that was installed before ours (submitit requeues the job there)."""
         handler = self.previous.get(self.signum)
         if callable(handler) and handler is not signal.default_int_handler:
-            handler(self.signum, self.frame)
+            try:
+                handler(self.signum, self.frame)
+            except subprocess.CalledProcessError as err:
+                if not requeue_under_way(err):
+                    raise
+                # What submitit does after a requeue it saw succeed: exit, for the requeued
+                # job to resume from the checkpoint just written.
+                raise SystemExit(-1) from None
+
+
+def requeue_under_way(err: subprocess.CalledProcessError) -> bool:
+    """Whether a failed command was `scontrol requeue` killed by SIGTERM. SLURM accepts the
+    requeue, then signals every process of the job, scontrol among them when it has not exited
+    yet; submitit's check_call then reports the accepted requeue as a failure, and the job would
+    end with that error in its result file although SLURM runs it again. Only a requeue (or a
+    cancel) sends the job SIGTERM at that moment, and either way the job is to end now."""
+    cmd = err.cmd if isinstance(err.cmd, (list, tuple)) else str(err.cmd).split()
+    return list(cmd[:2]) == ["scontrol", "requeue"] and err.returncode == -signal.SIGTERM
