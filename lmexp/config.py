@@ -199,29 +199,35 @@ class OptimizerConfig:
 class DataConfig:
     name: str = _key(
         "ptb",
-        "The corpus (lmexp.data.SOURCES): ptb, any folder of plain text, or a seeded Markov "
-        "chain generated in code for tests.",
-        "ptb | text | tiny",
+        "The corpus (lmexp.data.SOURCES): ptb, WikiText-2, any folder of plain text, or a "
+        "seeded Markov chain generated in code for tests.",
+        "ptb | text | tiny | wikitext2",
         SHAPE,
     )
     root: str | None = _key(
         None,
-        "ptb: the folder holding ptb.{train,valid,test}.txt, null to download into cache_dir and "
-        "verify; text: the folder holding a train, a valid and a test file (required).",
-        "null or a folder",
+        "ptb: the folder holding ptb.{train,valid,test}.txt; wikitext2: the folder holding "
+        "wiki.{train,valid,test}.tokens, or wikitext-2-v1.zip; null: download into cache_dir and "
+        "verify. text: the folder holding a train, a valid and a test file (required).",
+        "null, a folder or (wikitext2) a zip",
         BOOKKEEPING,
     )
     cache_dir: str = _key(
         "~/.cache/lmexp", "Where a downloaded corpus is kept.", "a folder", BOOKKEEPING
     )
-    url: str = _key(
+    url: Any = _key(
         "http://www.fit.vutbr.cz/~imikolov/rnnlm/simple-examples.tgz",
-        "ptb: the archive downloaded when root is null.",
-        "a URL",
+        "ptb, wikitext2: the archive downloaded when root is null; a list is mirrors tried in "
+        "order (data=wikitext2 lists two).",
+        "a URL or a list of URLs",
         BOOKKEEPING,
     )
     verify_md5: bool = _key(
-        True, "ptb: check each file's MD5 against the published sums.", "", BOOKKEEPING
+        True,
+        "ptb, wikitext2: check each file against its published checksum (PTB's MD5, "
+        "WikiText-2's SHA-1).",
+        "",
+        BOOKKEEPING,
     )
     tiny_vocab_size: int = _key(50, "tiny: words in the vocabulary.", ">= 4")
     tiny_train_tokens: int = _key(20000, "tiny: tokens in the train split.", ">= 100")
@@ -525,6 +531,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(lr.min_lr >= 0, "lr_policy.min_lr", lr.min_lr, "must be >= 0")
     _check_optimizer(cfg.optimizer)
     _check_source(data.name)
+    urls = [data.url] if isinstance(data.url, str) else data.url
+    _check(
+        isinstance(urls, list) and bool(urls) and all(isinstance(u, str) and u for u in urls),
+        "data.url",
+        data.url,
+        "must be a URL or a non-empty list of URLs (mirrors, tried in order)",
+    )
     _check(data.tiny_vocab_size >= 4, "data.tiny_vocab_size", data.tiny_vocab_size, "must be >= 4")
     _check(
         data.tiny_train_tokens >= 100,

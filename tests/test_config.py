@@ -123,6 +123,7 @@ def test_unknown_key_and_wrong_type_name_the_key():
             r"optimizer\.beta1/beta2=\(0\.9, 1\.0\) must be < 1",
         ),
         ("logger.ui_url=gpu-7:8080", r"logger\.ui_url='gpu-7:8080' must be the UI's address, http"),
+        ("data.url=[]", r"data\.url=\[\] must be a URL or a non-empty list of URLs"),
     ],
 )
 def test_out_of_range_values_are_one_sentence_naming_the_key(override, message):

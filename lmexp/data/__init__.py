@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from lmexp.config import DataConfig
-from lmexp.data import ptb, text, tiny
+from lmexp.data import ptb, text, tiny, wikitext2
 from lmexp.data.batching import batch_splits, batchify, num_windows, windows
 from lmexp.data.corpus import (
     EOS,
@@ -34,6 +34,7 @@ SOURCES: dict[str, Callable[[DataConfig], Corpus]] = {
     "ptb": ptb.load,
     "text": text.load,
     "tiny": tiny.load,
+    "wikitext2": wikitext2.load,
 }
 
 

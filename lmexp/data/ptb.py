@@ -102,7 +102,13 @@ def ptb_root(cfg: DataConfig) -> Path:
         return cache
     except DataError:
         pass
-    return download_ptb(cfg.url, cache)
+    urls = [cfg.url] if isinstance(cfg.url, str) else list(cfg.url)
+    for url in urls[:-1]:  # mirrors tried in order; the last one's failure is the sentence
+        try:
+            return download_ptb(url, cache)
+        except DataError:
+            continue
+    return download_ptb(urls[-1], cache)
 
 
 def load_ptb(root: Path) -> Corpus:
