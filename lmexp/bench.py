@@ -193,7 +193,9 @@ def build_variant(
     model = model.to(device)
     if name == "lmexp":
         model.flatten_parameters()
-        return lmexp_loop(TrainStep.from_config(model, t, cfg.optimizer, cfg.lr_policy.lr)), model
+        return lmexp_loop(
+            TrainStep.from_config(model, t, cfg.optimizer, cfg.lr_policy.lr, cfg.regularizer)
+        ), model
     if name == "stock":
         model.flatten_parameters()
         sum_steps = t.loss_reduction == "sum_steps"

@@ -146,6 +146,13 @@ class DropoutConfig:
         "probability of dropping each recurrent weight, a fresh mask per training batch.",
         "[0, 1); needs kind standard or variational",
     )
+    embedding: float = _key(
+        0.0,
+        "Embedding dropout (AWD-LSTM's dropoute): the probability of dropping each word's whole "
+        "embedding row for a training batch, the kept rows scaled by 1/(1 - p), so every use of "
+        "a dropped word in the batch sees zeros.",
+        "[0, 1); needs kind standard or variational",
+    )
 
 
 @dataclass
@@ -355,9 +362,26 @@ class LoggerConfig:
 
 
 @dataclass
+class RegularizerConfig:
+    ar: float = _key(
+        0.0,
+        "Activation regularisation (AWD-LSTM's alpha): ar * mean(o^2) over the last layer's "
+        "dropped output o, added to the per-token mean loss of each training batch.",
+        ">= 0; needs kind standard or variational dropout",
+    )
+    tar: float = _key(
+        0.0,
+        "Temporal activation regularisation (AWD-LSTM's beta): tar * mean((h_t - h_{t-1})^2) "
+        "over the last layer's undropped output h, added likewise.",
+        ">= 0",
+    )
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     dropout: DropoutConfig = field(default_factory=DropoutConfig)
+    regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
     lr_policy: LrPolicyConfig = field(default_factory=LrPolicyConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -519,6 +543,35 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         "dropout.weight_drop",
         d.weight_drop,
         "needs dropout=standard, variational or weight_drop, not dropout.kind=none",
+    )
+    _check(
+        0.0 <= d.embedding < 1.0,
+        "dropout.embedding",
+        d.embedding,
+        "must be in [0, 1): the probability of dropping each word's embedding row",
+    )
+    _check(
+        d.embedding == 0.0 or d.kind != "none",
+        "dropout.embedding",
+        d.embedding,
+        "needs dropout=standard, variational or weight_drop, not dropout.kind=none",
+    )
+    reg = cfg.regularizer
+    _check(reg.ar >= 0, "regularizer.ar", reg.ar, "must be >= 0")
+    _check(reg.tar >= 0, "regularizer.tar", reg.tar, "must be >= 0")
+    _check(
+        reg.ar == 0.0 or d.kind != "none",
+        "regularizer.ar",
+        reg.ar,
+        "penalises the last layer's dropped output, which dropout.kind=none does not have; "
+        "choose dropout=standard or variational, or leave regularizer.ar at 0",
+    )
+    _check(
+        (reg.ar == 0.0 and reg.tar == 0.0) or not (t.compile or t.cuda_graphs),
+        "regularizer.ar/tar",
+        (reg.ar, reg.tar),
+        "are not computed in a compiled step yet; leave trainer.compile and "
+        "trainer.cuda_graphs off, or the regularizers at 0",
     )
     _choice("lr_policy.kind", lr.kind, ("zaremba", "port", "plateau", "constant"))
     _check(math.isfinite(lr.lr) and lr.lr > 0, "lr_policy.lr", lr.lr, "must be a positive number")

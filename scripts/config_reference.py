@@ -20,7 +20,8 @@ from lmexp.config import ROLES, BenchConfig, TrainConfig, conf_dir, schema_field
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "reference" / "configuration.md"
 SECTIONS = {
     "model": "The network's shape and cell.",
-    "dropout": "Dropout and weight drop.",
+    "dropout": "Dropout, weight drop and embedding dropout.",
+    "regularizer": "Activation regularisation (AWD-LSTM's AR and TAR).",
     "lr_policy": "The learning-rate schedule.",
     "optimizer": "The update rule.",
     "data": "The corpus.",
@@ -140,6 +141,12 @@ def render() -> str:
     ]
     out += [f"| `{g}` | `{c}` | {_cell(d)} |" for g, c, d in group_rows(conf)]
     rows = key_rows(TrainConfig) + [r for r in key_rows(BenchConfig) if r[0].startswith("bench.")]
+    unlisted = sorted({r[0].split(".")[0] for r in rows} - set(SECTIONS))
+    if unlisted:
+        raise MissingDescription(
+            f"config section {unlisted[0]} has no description; add it to SECTIONS in "
+            "scripts/config_reference.py."
+        )
     for section, about in SECTIONS.items():
         out += ["", f"## `{section}`", "", about, ""]
         out += [

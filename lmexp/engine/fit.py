@@ -78,7 +78,9 @@ def fit(run: Run, position: Position) -> None:
     if run.data["train"].device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     model.flatten_parameters()
-    step = TrainStep.from_config(model, t, run.cfg.optimizer, run.cfg.lr_policy.lr)
+    step = TrainStep.from_config(
+        model, t, run.cfg.optimizer, run.cfg.lr_policy.lr, run.cfg.regularizer
+    )
     if position.step_state is not None:
         step.load_state_dict(position.step_state)
     preemption = Preemption()

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lmexp.config import OptimizerConfig, TrainerConfig
+from lmexp.config import OptimizerConfig, RegularizerConfig, TrainerConfig
 from lmexp.data import num_windows, windows
 from lmexp.models.rnn import State, map_state
 from lmexp.optim.optimizers import build_optimizer, set_lr
@@ -92,6 +92,20 @@ class LinearCrossEntropy(torch.autograd.Function):
         return (probs @ weight) * scale, (probs.t() @ hidden) * scale, probs.sum(0) * scale, None
 
 
+def activation_penalty(
+    dropped: torch.Tensor, raw: torch.Tensor, ar: float, tar: float
+) -> torch.Tensor:
+    """AWD-LSTM's AR and TAR on the last layer's output, (steps, batch, hidden): ar times the
+    mean square of the dropped output, plus tar times the mean square of the undropped output's
+    change from one step to the next (awd-lstm-lm's main.py, alpha and beta)."""
+    penalty = dropped.new_zeros((), dtype=torch.float32)
+    if ar:
+        penalty = penalty + ar * dropped.float().pow(2).mean()
+    if tar and raw.size(0) > 1:
+        penalty = penalty + tar * (raw[1:] - raw[:-1]).float().pow(2).mean()
+    return penalty
+
+
 class TrainStep:
     """One truncated-BPTT step: forward, loss, backward, clip, optimizer step. Exactly what
     `train` runs.
@@ -118,8 +132,11 @@ class TrainStep:
         precision: str = "fp32",
         compile_model: bool = False,
         cuda_graphs: bool = False,
+        ar: float = 0.0,
+        tar: float = 0.0,
     ) -> None:
         self.model, self.optimizer = model, optimizer
+        self.ar, self.tar = ar, tar
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         device = self.params[0].device
         self.max_grad_norm = max_grad_norm
@@ -146,8 +163,14 @@ class TrainStep:
 
     @classmethod
     def from_config(
-        cls, model: nn.Module, trainer: TrainerConfig, optimizer: OptimizerConfig, lr: float
+        cls,
+        model: nn.Module,
+        trainer: TrainerConfig,
+        optimizer: OptimizerConfig,
+        lr: float,
+        regularizer: RegularizerConfig | None = None,
     ) -> TrainStep:
+        regularizer = regularizer or RegularizerConfig()
         return cls(
             model,
             build_optimizer(model, optimizer, lr, trainer.max_grad_norm),
@@ -156,6 +179,8 @@ class TrainStep:
             trainer.precision,
             trainer.compile,
             trainer.cuda_graphs,
+            regularizer.ar,
+            regularizer.tar,
         )
 
     def set_lr(self, lr: float) -> None:
@@ -177,13 +202,24 @@ class TrainStep:
         self, inputs: torch.Tensor, targets: torch.Tensor, state: State
     ) -> tuple[torch.Tensor, State]:
         """Returns the window's summed NLL (a detached device scalar) and the new state."""
+        penalty = None
         if self.fused_head:
-            hidden, state = self.model.features(inputs, detach(state))
+            hidden, raw, state = self.model.features_and_raw(inputs, detach(state))
             decoder = self.model.decoder
             flat = hidden.reshape(-1, hidden.size(-1))
             mean_nll = LinearCrossEntropy.apply(
                 flat, decoder.weight, decoder.bias, targets.reshape(-1)
             )
+            if self.ar or self.tar:
+                penalty = activation_penalty(hidden, raw, self.ar, self.tar)
+        elif self.ar or self.tar:  # not compiled (config.validate): the model's own parts
+            with autocast(self.device, self.precision):
+                hidden, raw, state = self.model.features_and_raw(inputs, detach(state))
+                logits = self.model.decoder(hidden)
+                mean_nll = F.cross_entropy(
+                    logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1)
+                )
+                penalty = activation_penalty(hidden, raw, self.ar, self.tar)
         else:
             if self.cuda_graphs:
                 # A new iteration: the graphs' previous outputs may be overwritten from here on.
@@ -195,7 +231,8 @@ class TrainStep:
                 mean_nll = F.cross_entropy(
                     logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1)
                 )
-        loss = mean_nll * inputs.size(0) if self.sum_steps else mean_nll
+        objective = mean_nll if penalty is None else mean_nll + penalty
+        loss = objective * inputs.size(0) if self.sum_steps else objective
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)

@@ -57,6 +57,16 @@ def locked_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return x * mask
 
 
+def embedding_dropout(weight: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """AWD-LSTM's dropoute: each word's whole embedding row dropped with probability p (one
+    mask per batch, so every occurrence of a dropped word sees zeros), the kept rows scaled by
+    1/(1 - p)."""
+    if not training or p == 0.0:
+        return weight
+    mask = weight.new_empty(weight.size(0), 1).bernoulli_(1.0 - p) / (1.0 - p)
+    return weight * mask
+
+
 class RNNLanguageModel(nn.Module):
     """Zaremba et al.'s model (cell="lstm"), or the same with a GRU. Time-major: tokens are
     (steps, batch), logits (steps, batch, vocab).
@@ -93,6 +103,7 @@ class RNNLanguageModel(nn.Module):
         self.p_between = drop(dropout.keep_prob_between)
         self.p_output = drop(dropout.keep_prob_output)
         self.p_weight = dropout.weight_drop if dropout.kind != "none" else 0.0
+        self.p_words = dropout.embedding if dropout.kind != "none" else 0.0
 
         self.embedding = nn.Embedding(vocab_size, hidden_size)
         if self.variational:
@@ -142,7 +153,19 @@ class RNNLanguageModel(nn.Module):
 
     def features(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """Everything but the decoder: the (dropped-out) recurrent output, (steps, batch, hidden)."""
-        x = self.embedding(tokens)
+        dropped, _, new_state = self.features_and_raw(tokens, state)
+        return dropped, new_state
+
+    def features_and_raw(
+        self, tokens: torch.Tensor, state: State
+    ) -> tuple[torch.Tensor, torch.Tensor, State]:
+        """The last layer's output after its dropout and before it (what AR and TAR penalise),
+        and the new state."""
+        if self.training and self.p_words:
+            weight = embedding_dropout(self.embedding.weight, self.p_words, True)
+            x = F.embedding(tokens, weight)
+        else:
+            x = self.embedding(tokens)
         if self.variational:
             x = locked_dropout(x, self.p_embedding, self.training)
             states = []
@@ -151,13 +174,14 @@ class RNNLanguageModel(nn.Module):
                     x = locked_dropout(x, self.p_between, self.training)
                 x, layer_new = self._recur(layer, x, layer_state(state, i))
                 states.append(layer_new)
+            raw = x
             x = locked_dropout(x, self.p_output, self.training)
             new_state = join_layers(states)
         else:
             x = F.dropout(x, self.p_embedding, self.training)
-            x, new_state = self._recur(self.rnn, x, state)
-            x = F.dropout(x, self.p_output, self.training)
-        return x, new_state
+            raw, new_state = self._recur(self.rnn, x, state)
+            x = F.dropout(raw, self.p_output, self.training)
+        return x, raw, new_state
 
     def _recur(self, rnn: nn.RNNBase, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """rnn(x, state); while training with weight drop, on dropped hidden-to-hidden weights."""
