@@ -183,11 +183,11 @@ class OptimizerConfig:
         "fused_sgd: lmexp's clip + plain SGD in one pass (TF's and the 2017 port's update); the "
         "others are torch.optim's own after clip_grad_norm_ (lmexp.optim.optimizers.OPTIMIZERS). "
         "The lr is lr_policy.lr, the clip norm trainer.max_grad_norm.",
-        "fused_sgd | sgd | asgd | adam | adamw",
+        "fused_sgd | sgd | asgd | nt_asgd | adam | adamw",
     )
     weight_decay: float = _key(
         0.0,
-        "sgd, asgd, adam: L2 penalty added to the gradient; adamw: decoupled decay.",
+        "sgd, asgd, nt_asgd, adam: L2 penalty added to the gradient; adamw: decoupled decay.",
         ">= 0; only the optimizers named",
     )
     momentum: float = _key(0.0, "sgd: momentum.", ">= 0; sgd only")
@@ -197,6 +197,12 @@ class OptimizerConfig:
         ">= 0; asgd only",
     )
     lambd: float = _key(0.0, "asgd: lr decay term (AWD-LSTM: 0, a constant lr).", ">= 0; asgd only")
+    nonmono: int = _key(
+        5,
+        "nt_asgd: switch to averaging when validation is worse than the best of the checks "
+        "made more than nonmono checks before (AWD-LSTM: 5).",
+        ">= 1; nt_asgd only",
+    )
     beta1: float = _key(0.9, "adam, adamw: first-moment decay.", "[0, 1); adam, adamw only")
     beta2: float = _key(0.999, "adam, adamw: second-moment decay.", "[0, 1); adam, adamw only")
     eps: float = _key(1e-8, "adam, adamw: denominator term.", ">= 0; adam, adamw only")
@@ -520,6 +526,7 @@ def _check_optimizer(o: OptimizerConfig) -> None:
         )
         _check(value >= 0, f"optimizer.{f.name}", value, "must be >= 0")
     _check(o.beta1 < 1 and o.beta2 < 1, "optimizer.beta1/beta2", (o.beta1, o.beta2), "must be < 1")
+    _check(o.nonmono >= 1, "optimizer.nonmono", o.nonmono, "must be >= 1")
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:

@@ -105,12 +105,12 @@ def test_unknown_key_and_wrong_type_name_the_key():
         ("model.cell=rnn", r"model\.cell='rnn' is not one of lstm, gru, rnn_tanh\."),
         (
             "optimizer.kind=lion",
-            r"optimizer\.kind='lion' is not one of fused_sgd, sgd, asgd, adam, adamw\.",
+            r"optimizer\.kind='lion' is not one of fused_sgd, sgd, asgd, nt_asgd, adam, adamw\.",
         ),
         (
             "optimizer.weight_decay=1e-6",
             r"optimizer\.weight_decay=1e-06 is not read by optimizer=fused_sgd; it is a setting "
-            r"of optimizer=sgd or asgd or adam",
+            r"of optimizer=sgd or asgd or nt_asgd or adam",
         ),
         (
             "optimizer=adam optimizer.momentum=0.9",

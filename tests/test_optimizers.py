@@ -25,6 +25,7 @@ SETTINGS = {
     "fused_sgd": (OptimizerConfig(kind="fused_sgd"), 1.0),
     "sgd": (OptimizerConfig(kind="sgd", momentum=0.9, weight_decay=1e-4), 0.5),
     "asgd": (OptimizerConfig(kind="asgd", weight_decay=1.2e-6), 1.0),
+    "nt_asgd": (OptimizerConfig(kind="nt_asgd", weight_decay=1.2e-6), 1.0),
     "adam": (OptimizerConfig(kind="adam"), 0.003),
     "adamw": (OptimizerConfig(kind="adamw", weight_decay=0.01), 0.003),
 }
@@ -36,7 +37,10 @@ def model_and_step(
     torch.manual_seed(seed)
     model = RNNLanguageModel(CORPUS.vocab_size, 24, 2, 0.1, DropoutConfig(kind="none"))
     settings, lr = SETTINGS[name]
-    return model, TrainStep(model, build_optimizer(model, settings, lr, clip), clip)
+    step = TrainStep(model, build_optimizer(model, settings, lr, clip), clip)
+    if name == "nt_asgd":
+        step.optimizer.switch()  # averaging from the start, so that there is state to carry
+    return model, step
 
 
 def train(step: TrainStep, model: RNNLanguageModel, start: int, stop: int, state=None):

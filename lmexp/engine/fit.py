@@ -31,6 +31,7 @@ from lmexp.engine.loop import (
 )
 from lmexp.engine.runtime import Preemption
 from lmexp.models.rnn import RNNLanguageModel, State, pack_state
+from lmexp.optim.optimizers import averaged_weights
 from lmexp.optim.schedules import learning_rate
 from lmexp.tracking.base import Tracker
 
@@ -109,12 +110,18 @@ def fit(run: Run, position: Position) -> None:
             if stopped:
                 mid_epoch(progress, state)
                 stop(run, preemption, epoch, progress.batch)
-            valid_ppl = perplexity(
-                *evaluate(
-                    model, run.data["valid"], t.eval_num_steps, t.limit_eval_batches, t.precision
+            with averaged_weights(step.optimizer):  # after NT-ASGD's switch, the averages
+                valid_ppl = perplexity(
+                    *evaluate(
+                        model,
+                        run.data["valid"],
+                        t.eval_num_steps,
+                        t.limit_eval_batches,
+                        t.precision,
+                    )
                 )
-            )
             check_diverged(valid_ppl, run.corpus.vocab_size, epoch + 1)
+            observe_validation(run, step, position, valid_ppl, epoch + 1)
             end_epoch(
                 run,
                 position,
@@ -123,6 +130,29 @@ def fit(run: Run, position: Position) -> None:
             )
             for callback in run.callbacks:
                 callback(epoch + 1, valid_ppl, epoch + 1 == t.max_epochs)
+    keep_averaged = getattr(step.optimizer, "keep_averaged", None)
+    if keep_averaged is not None:  # the test and the export use the averages
+        keep_averaged()
+
+
+def observe_validation(
+    run: Run, step: TrainStep, position: Position, valid_ppl: float, epoch: int
+) -> None:
+    """Tell an optimizer that switches on the validation history (NT-ASGD) this epoch's score;
+    a switch is logged and tagged (lmexp.averaging_from_epoch: the first averaged epoch)."""
+    observe = getattr(step.optimizer, "observe", None)
+    if observe is None:
+        return
+    if observe([h["valid_ppl"] for h in position.history] + [valid_ppl]):
+        log.info(
+            "Epoch %d: validation ppl %.2f is worse than the best of the checks made more than "
+            "%d before it; averaged SGD from epoch %d on",
+            epoch,
+            valid_ppl,
+            step.optimizer.nonmono,
+            epoch + 1,
+        )
+        run.tracker.set_tags({"lmexp.averaging_from_epoch": str(epoch + 1)})
 
 
 def progress_printer(epoch: int, lr: float) -> Any:
@@ -168,7 +198,8 @@ def end_epoch(run: Run, position: Position, record: dict[str, float], step: Trai
     position.best_valid = min(position.best_valid, record["valid_ppl"])
     save_checkpoint(run, "last.pt", position, step)
     if improved:
-        save_checkpoint(run, "best.pt", position, step)
+        with averaged_weights(step.optimizer):  # the best model is the one validated
+            save_checkpoint(run, "best.pt", position, step)
     run.tracker.log_metrics({k: record[k] for k in EPOCH_METRICS}, step=position.epoch)
     log.info(
         "Epoch %d: lr %.4g train ppl %.2f valid ppl %.2f, %.0f words/s, %.1f s",

@@ -11,7 +11,9 @@ and one YAML in conf/optimizer/; `lmexp.config.validate` reads the names and key
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +68,117 @@ class FusedSGD(torch.optim.Optimizer):
         return loss
 
 
+def nt_asgd_should_switch(history: list[float], nonmono: int) -> bool:
+    """NT-ASGD's trigger (Merity et al. 2017; awd-lstm-lm's main.py): the latest validation
+    score `history[-1]` is worse than the best of the checks made more than `nonmono` checks
+    before it. awd-lstm-lm: `len(best_val_loss) > nonmono and val_loss >
+    min(best_val_loss[:-nonmono])`, best_val_loss being the checks before this one."""
+    *before, latest = history
+    return len(before) > nonmono and latest > min(before[:-nonmono])
+
+
+class NTASGD(torch.optim.Optimizer):
+    """Non-monotonically triggered averaged SGD (AWD-LSTM): plain SGD with L2 weight decay
+    (`p -= lr * (g + weight_decay * p)`, after the step's clip_grad_norm_) until `switch()`,
+    then the same update with the running mean of the iterates kept beside each weight, from the
+    second step after the switch on: what torch.optim.ASGD(t0=0, lambd=0) computes, which
+    awd-lstm-lm switches to.
+
+    The training loop asks `observe(valid_history)` after each validation (it switches when
+    nt_asgd_should_switch says so), evaluates and saves the best model inside `averaged()`, and
+    ends with `keep_averaged()`. The switch and the averages are in `state_dict()`, so a resumed
+    run continues them exactly.
+    """
+
+    def __init__(
+        self, params: Iterable[nn.Parameter], lr: float, weight_decay: float, nonmono: int
+    ) -> None:
+        # averaged_steps: None while plain SGD; after the switch, the iterates averaged so far
+        defaults = {"lr": lr, "weight_decay": weight_decay, "averaged_steps": None}
+        super().__init__(params, defaults)
+        self.nonmono = nonmono
+
+    @property
+    def averaging(self) -> bool:
+        return self.param_groups[0]["averaged_steps"] is not None
+
+    def switch(self) -> None:
+        for group in self.param_groups:
+            group["averaged_steps"] = 0
+
+    def observe(self, valid_history: list[float]) -> bool:
+        """Switch to averaging if the history calls for it; whether it switched now."""
+        if self.averaging or not nt_asgd_should_switch(valid_history, self.nonmono):
+            return False
+        self.switch()
+        return True
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if group["weight_decay"]:
+                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+            torch._foreach_add_(params, grads, alpha=-group["lr"])
+            if group["averaged_steps"] is None:
+                continue
+            group["averaged_steps"] += 1
+            n = group["averaged_steps"]
+            for p in params:
+                state = self.state[p]
+                # torch.optim.ASGD's mu = 1 / max(1, step - t0) is set after each step's
+                # average, so it lags a step: the average restarts at the second step after the
+                # switch and is the mean of the iterates from there on (awd-lstm-lm's too).
+                if n <= 2 or "ax" not in state:
+                    state["ax"] = p.detach().clone()
+                else:
+                    state["ax"].add_(p - state["ax"], alpha=1.0 / (n - 1))
+        return loss
+
+    def _averaged_params(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [
+            (p, self.state[p]["ax"])
+            for group in self.param_groups
+            for p in group["params"]
+            if "ax" in self.state[p]
+        ]
+
+    @contextmanager
+    def averaged(self) -> Iterator[None]:
+        """The model's weights are the averages inside (after the switch), as they were after."""
+        pairs = self._averaged_params()
+        kept = [p.detach().clone() for p, _ in pairs]
+        with torch.no_grad():
+            for p, ax in pairs:
+                p.copy_(ax)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for (p, _), k in zip(pairs, kept, strict=True):
+                    p.copy_(k)
+
+    @torch.no_grad()
+    def keep_averaged(self) -> None:
+        """End of training: the model keeps the averages (for the test and the export)."""
+        for p, ax in self._averaged_params():
+            p.copy_(ax)
+
+
+def averaged_weights(optimizer: torch.optim.Optimizer) -> contextlib.AbstractContextManager:
+    """The weights to evaluate and to save as the best model: an averaging optimizer's averages,
+    else the model's own."""
+    averaged = getattr(optimizer, "averaged", None)
+    return averaged() if averaged is not None else contextlib.nullcontext()
+
+
 @dataclass(frozen=True)
 class OptimizerSpec:
     """How to build one optimizer, and the optimizer.* keys it reads (the others must stay at
@@ -96,6 +209,11 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         ),
         ("t0", "lambd", "weight_decay"),
         "torch.optim.ASGD (averaged SGD) after clip_grad_norm_",
+    ),
+    "nt_asgd": OptimizerSpec(
+        lambda params, lr, clip, o: NTASGD(params, lr, o.weight_decay, o.nonmono),
+        ("weight_decay", "nonmono"),
+        "SGD, switching to averaged SGD when validation stops improving (AWD-LSTM's NT-ASGD)",
     ),
     "adam": OptimizerSpec(
         lambda params, lr, clip, o: torch.optim.Adam(
