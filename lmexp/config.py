@@ -262,6 +262,13 @@ class TrainerConfig:
         "mean: per-token mean (the 2017 port and pytorch/examples; lr 20, clip 0.25).",
         "sum_steps | mean",
     )
+    bptt_jitter: bool = _key(
+        False,
+        "AWD-LSTM's random BPTT lengths: each training window's length drawn around num_steps "
+        "(N(num_steps, 5) with probability 0.95, else N(num_steps / 2, 5); at least 5) and its "
+        "lr scaled by length / num_steps; the same lengths for the same seed and epoch.",
+        "needs loss_reduction=mean",
+    )
     eval_batch_size: int = _key(20, "Sequences per validation batch.", ">= 1")
     test_batch_size: int = _key(1, "Sequences per test batch (TF: 1).", ">= 1")
     eval_num_steps: int = _key(35, "Unrolled steps per validation and test batch.", ">= 1")
@@ -614,6 +621,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _check(value >= 1, f"trainer.{name}", value, "must be a positive integer")
     _check(t.max_grad_norm > 0, "trainer.max_grad_norm", t.max_grad_norm, "must be positive")
     _choice("trainer.loss_reduction", t.loss_reduction, ("sum_steps", "mean"))
+    _check(
+        not t.bptt_jitter or t.loss_reduction == "mean",
+        "trainer.bptt_jitter",
+        t.bptt_jitter,
+        "follows AWD-LSTM, whose loss is the per-token mean (TF's sum_steps loss already grows "
+        "with the window's length); set trainer.loss_reduction=mean",
+    )
     _check(
         t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
         "trainer.device",

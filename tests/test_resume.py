@@ -176,8 +176,9 @@ def test_unreachable_tracking_server_with_fallback_trains_and_says_where(tmp_pat
         ["optimizer=asgd", "optimizer.t0=50"],
         ["model.cell=gru", "lr_policy.lr=0.3"],
         ["model.cell=rnn_tanh", "lr_policy.lr=0.3"],
+        ["trainer.bptt_jitter=true", "trainer.loss_reduction=mean", "lr_policy.lr=10"],
     ],
-    ids=["adam", "asgd", "gru", "rnn_tanh"],
+    ids=["adam", "asgd", "gru", "rnn_tanh", "bptt_jitter"],
 )
 def test_sigkill_mid_epoch_resumes_bit_identically_whatever_the_optimizer_or_cell(tmp_path, extra):
     """Adam's moments, ASGD's average (which starts at step 50 here) and a GRU's one-tensor

@@ -11,7 +11,14 @@ from collections.abc import Callable
 
 from lmexp.config import DataConfig
 from lmexp.data import ptb, text, tiny, wikitext2
-from lmexp.data.batching import batch_splits, batchify, num_windows, windows
+from lmexp.data.batching import (
+    batch_splits,
+    batchify,
+    jittered_lengths,
+    jittered_windows,
+    num_windows,
+    windows,
+)
 from lmexp.data.corpus import (
     EOS,
     SPLITS,
@@ -59,6 +66,8 @@ __all__ = [
     "corpus_from_words",
     "download_ptb",
     "encode",
+    "jittered_lengths",
+    "jittered_windows",
     "load_corpus",
     "load_ptb",
     "md5sum",

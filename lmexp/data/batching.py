@@ -44,6 +44,32 @@ def windows(
         yield batched[lo:hi], batched[lo + 1 : hi + 1]
 
 
+def jittered_lengths(steps: int, base: int, seed: int, epoch: int) -> list[int]:
+    """AWD-LSTM's random BPTT lengths covering `steps` time steps once (awd-lstm-lm's main.py):
+    each window's mean is `base` with probability 0.95, else base / 2; its length is a draw from
+    N(mean, 5) cut to an integer, at least 5, the last one cut to what is left. The lengths are a
+    function of (seed, epoch) alone, so a run resumed inside an epoch trains the same windows."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    lengths, used = [], 0
+    while used < steps:
+        mean = float(base) if torch.rand((), generator=generator).item() < 0.95 else base / 2
+        draw = torch.normal(mean, 5.0, (), generator=generator).item()
+        length = min(max(5, int(draw)), steps - used)
+        lengths.append(length)
+        used += length
+    return lengths
+
+
+def jittered_windows(
+    batched: torch.Tensor, lengths: list[int], start: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """windows() with the given lengths, from the start-th on."""
+    lo = sum(lengths[:start])
+    for length in lengths[start:]:
+        yield batched[lo : lo + length], batched[lo + 1 : lo + length + 1]
+        lo += length
+
+
 def batch_splits(corpus: Corpus, trainer: TrainerConfig) -> dict[str, torch.Tensor]:
     """The three splits batched as training and evaluation read them; a split too short for its
     batch size (or, for training, for one window of num_steps) is refused naming the keys."""

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from lmexp.config import Preempted, TrainConfig
-from lmexp.data import Corpus
+from lmexp.data import Corpus, jittered_lengths
 from lmexp.engine import checkpoint
 from lmexp.engine.loop import (
     EpochProgress,
@@ -106,6 +106,11 @@ def fit(run: Run, position: Position) -> None:
                 checkpoint_every=t.ckpt_every_n_batches,
                 on_checkpoint=mid_epoch,
                 should_stop=preemption.requested,
+                lengths=(
+                    jittered_lengths(run.data["train"].size(0) - 1, t.num_steps, t.seed, epoch)
+                    if t.bptt_jitter
+                    else None
+                ),
             )
             if stopped:
                 mid_epoch(progress, state)

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lmexp.config import OptimizerConfig, RegularizerConfig, TrainerConfig
-from lmexp.data import num_windows, windows
+from lmexp.data import jittered_windows, num_windows, windows
 from lmexp.models.rnn import State, map_state
 from lmexp.optim.optimizers import build_optimizer, set_lr
 
@@ -285,8 +285,11 @@ def train_epoch(
     checkpoint_every: int = 0,
     on_checkpoint: Callable[[EpochProgress, State], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    lengths: list[int] | None = None,
 ) -> tuple[EpochProgress, State, bool]:
-    """Train over `data` (time-major, batched) from progress.batch on.
+    """Train over `data` (time-major, batched) from progress.batch on: in windows of num_steps,
+    or of the given `lengths` (trainer.bptt_jitter), each window then at the epoch's lr times
+    its length / num_steps, as AWD-LSTM rescales it.
 
     Returns the epoch's totals, the final hidden state, and whether it stopped early because
     should_stop() became true (then progress.batch is where to resume). Raises DivergenceError at
@@ -295,7 +298,13 @@ def train_epoch(
     """
     step.model.train()
     progress = progress or EpochProgress()
-    total = num_windows(data, num_steps, drop_last=True)
+    if lengths is None:
+        total = num_windows(data, num_steps, drop_last=True)
+        batches = windows(data, num_steps, drop_last=True, start=progress.batch)
+    else:
+        total = len(lengths)
+        batches = jittered_windows(data, lengths, start=progress.batch)
+    epoch_lr = step.optimizer.param_groups[0]["lr"]
     if limit_batches is not None:
         total = min(total, limit_batches)
     pending = torch.zeros((), device=data.device)  # loss summed on the device between reads
@@ -318,9 +327,11 @@ def train_epoch(
             )
 
     stopped = False
-    for inputs, targets in windows(data, num_steps, drop_last=True, start=progress.batch):
+    for inputs, targets in batches:
         if progress.batch >= total:
             break
+        if lengths is not None:
+            step.set_lr(epoch_lr * inputs.size(0) / num_steps)
         nll, state = step(inputs, targets, state)
         pending += nll
         pending_tokens += targets.numel()
@@ -344,6 +355,7 @@ def train_epoch(
             break
     if pending_tokens:
         flush()
+    step.set_lr(epoch_lr)  # the epoch's own lr again, after the rescaled windows
     return progress, state, stopped
 
 
