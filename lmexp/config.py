@@ -95,6 +95,13 @@ class ModelConfig:
         200, "Units per recurrent layer; also the embedding size.", ">= 1", SHAPE
     )
     num_layers: int = _key(2, "Stacked recurrent layers.", ">= 1", SHAPE)
+    embedding_size: int | None = _key(
+        None,
+        "Units of the embedding; null: hidden_size. Where it differs (AWD-LSTM: 400 against "
+        "1150), the first layer takes it and, with tie_weights, the last layer gives it.",
+        "null or >= 1; other than hidden_size needs dropout.kind=variational",
+        SHAPE,
+    )
     init_scale: float = _key(
         0.1, "Weights start uniform in [-init_scale, init_scale] (TF's recipes).", "> 0", SHAPE
     )
@@ -543,6 +550,19 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(m.num_layers >= 1, "model.num_layers", m.num_layers, "must be a positive integer")
     _check(m.init_scale > 0, "model.init_scale", m.init_scale, "must be positive")
     _check_cell(m.cell)
+    _check(
+        m.embedding_size is None or m.embedding_size >= 1,
+        "model.embedding_size",
+        m.embedding_size,
+        "must be null or a positive integer",
+    )
+    _check(
+        m.embedding_size in (None, m.hidden_size) or d.kind == "variational",
+        "model.embedding_size",
+        m.embedding_size,
+        f"differs from model.hidden_size={m.hidden_size}, which needs one recurrent module per "
+        "layer: choose dropout=variational or weight_drop, or leave embedding_size null",
+    )
     _choice("dropout.kind", d.kind, ("standard", "variational", "none"))
     for name in ("dp_keep_prob", "keep_prob_embedding", "keep_prob_between", "keep_prob_output"):
         _keep_prob(f"dropout.{name}", getattr(d, name))

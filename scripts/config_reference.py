@@ -106,7 +106,7 @@ def choice_description(path: Path) -> str:
 def group_rows(conf: Path) -> list[tuple[str, str, str]]:
     """(group, choice, description) for every choosable config (bases, `_`-named, left out)."""
     rows = []
-    for folder in sorted(p for p in conf.rglob("*") if p.is_dir()):
+    for folder in sorted(p for p in conf.rglob("*") if p.is_dir() and p.name[0] != "_"):
         group = folder.relative_to(conf).as_posix()
         for path in sorted(folder.glob("*.yaml")):
             if not path.stem.startswith("_"):
@@ -134,7 +134,10 @@ def render() -> str:
     out += [
         "Choose one file of a group with `group=choice` (`model=medium`, "
         "`hydra/launcher=slurm`). `experiment` and `hparams_search` are empty by default; "
-        "base configs (named with a leading `_`) are what recipes build on and cannot be chosen.",
+        "base configs (named with a leading `_`) are what recipes build on and cannot be "
+        "chosen; `_recipe_data/` holds a recipe's settings for one corpus, which Hydra adds by "
+        "itself (`experiment=awd_lstm data=wikitext2` takes "
+        "`_recipe_data/awd_lstm_wikitext2.yaml`).",
         "",
         "| group | choice | what it is |",
         "|---|---|---|",

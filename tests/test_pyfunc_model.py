@@ -31,3 +31,23 @@ def test_word_rnn_gives_lmexp_models_logits_for_every_cell_and_dropout_kind(kind
     logits, plain_state = WordRNN(model.state_dict(), num_layers=3, cell=cell)(tokens)
     torch.testing.assert_close(logits, expected)
     torch.testing.assert_close(plain_state, state)
+
+
+@pytest.mark.parametrize("cell", sorted(lmexp_model.CELLS))
+def test_word_rnn_gives_the_logits_of_a_model_whose_layers_differ_in_size(cell):
+    """model.embedding_size other than hidden_size (AWD-LSTM's 400/1150/400): one module per
+    layer, the last giving the embedding's size to the tied softmax; logits equal over two
+    windows, the state carried."""
+    torch.manual_seed(0)
+    dropout = DropoutConfig(kind="variational", dp_keep_prob=0.5)
+    model = RNNLanguageModel(
+        20, 16, 3, 0.1, dropout=dropout, cell=cell, tie_weights=True, embedding_size=6
+    ).eval()
+    assert [(m.input_size, m.hidden_size) for m in model.layers] == [(6, 16), (16, 16), (16, 6)]
+    plain = WordRNN(model.state_dict(), num_layers=3, cell=cell)
+    state, plain_state = model.init_state(2), None
+    for _ in range(2):
+        tokens = torch.randint(0, 20, (7, 2))
+        expected, state = model(tokens, state)
+        logits, plain_state = plain(tokens, plain_state)
+        torch.testing.assert_close(logits, expected)

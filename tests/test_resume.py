@@ -177,8 +177,21 @@ def test_unreachable_tracking_server_with_fallback_trains_and_says_where(tmp_pat
         ["model.cell=gru", "lr_policy.lr=0.3"],
         ["model.cell=rnn_tanh", "lr_policy.lr=0.3"],
         ["trainer.bptt_jitter=true", "trainer.loss_reduction=mean", "lr_policy.lr=10"],
+        [  # the whole AWD-LSTM recipe at a tiny size: its 3 layers of two sizes, tied, every
+            # regulariser, random BPTT lengths and NT-ASGD (averaging from the first epoch)
+            "experiment=awd_lstm",
+            "model.hidden_size=48",
+            "model.embedding_size=24",
+            "trainer.num_steps=20",
+            "trainer.batch_size=10",
+            "trainer.eval_num_steps=35",
+            "lr_policy.lr=10",
+            "optimizer.nonmono=1",
+            "trainer.max_epochs=4",
+            "trainer.seed=0",
+        ],  # fmt: skip
     ],
-    ids=["adam", "asgd", "gru", "rnn_tanh", "bptt_jitter"],
+    ids=["adam", "asgd", "gru", "rnn_tanh", "bptt_jitter", "awd_lstm"],
 )
 def test_sigkill_mid_epoch_resumes_bit_identically_whatever_the_optimizer_or_cell(tmp_path, extra):
     """Adam's moments, ASGD's average (which starts at step 50 here) and a GRU's one-tensor

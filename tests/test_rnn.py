@@ -201,3 +201,26 @@ def test_weight_drop_on_cuda_keeps_cudnn_and_leaks_no_warning():  # pragma: no c
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # eval uses the flat weights as they are
         model(tokens, model.init_state(8))
+
+
+def test_layers_of_different_sizes_keep_one_state_padded_to_the_widest():
+    """AWD-LSTM's shape (embedding 6 here, hidden 16, the tied last layer giving 6): the state
+    is (layers, batch, 16), the last layer's units in its first 6 columns and zeros after, so
+    that checkpoints, detach and the rest of lmexp handle it as any other state."""
+    from lmexp.models.rnn import layer_sizes
+
+    assert layer_sizes(1150, 3, 400, tie_weights=True) == [(400, 1150), (1150, 1150), (1150, 400)]
+    assert layer_sizes(1150, 3, 400, tie_weights=False) == [(400, 1150), (1150, 1150), (1150, 1150)]
+    torch.manual_seed(0)
+    model = RNNLanguageModel(
+        30, 16, 3, 0.1, DropoutConfig(kind="variational"), tie_weights=True, embedding_size=6
+    )
+    assert model.decoder.weight is model.embedding.weight and model.embedding.weight.shape == (
+        30,
+        6,
+    )
+    logits, (h, c) = model(torch.randint(0, 30, (5, 2)), model.init_state(2))
+    assert logits.shape == (5, 2, 30) and h.shape == c.shape == (3, 2, 16)
+    assert torch.equal(h[2, :, 6:], torch.zeros(2, 10)) and h[2, :, :6].abs().sum() > 0
+    with pytest.raises(ValueError, match="one module per layer"):
+        RNNLanguageModel(30, 16, 3, 0.1, DropoutConfig(kind="standard"), embedding_size=6)

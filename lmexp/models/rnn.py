@@ -39,14 +39,31 @@ def unpack_state(tensors: list[torch.Tensor]) -> State:
     return tensors[0] if len(tensors) == 1 else tuple(tensors)
 
 
-def layer_state(state: State, layer: int) -> State:
-    return map_state(lambda s: s[layer : layer + 1], state)
+def layer_state(state: State, layer: int, size: int | None = None) -> State:
+    """Layer `layer`'s state; its first `size` units when layers differ in size (the state is
+    kept at the widest layer's size, the narrower layers' rows padded with zeros)."""
+    return map_state(lambda s: s[layer : layer + 1, :, :size], state)
 
 
-def join_layers(states: list[State]) -> State:
+def join_layers(states: list[State], width: int | None = None) -> State:
+    """The layers' states as one state; padded with zeros to `width` units where given."""
+
+    def pad(s: torch.Tensor) -> torch.Tensor:
+        return F.pad(s, (0, width - s.size(-1))) if width and s.size(-1) < width else s
+
     if isinstance(states[0], tuple):
-        return tuple(torch.cat(parts) for parts in zip(*states, strict=True))
-    return torch.cat(states)  # type: ignore[arg-type]
+        return tuple(torch.cat([pad(p) for p in parts]) for parts in zip(*states, strict=True))
+    return torch.cat([pad(s) for s in states])  # type: ignore[arg-type]
+
+
+def layer_sizes(
+    hidden_size: int, num_layers: int, embedding_size: int, tie_weights: bool
+) -> list[tuple[int, int]]:
+    """(input, output) units of each recurrent layer, as awd-lstm-lm sizes them: the first takes
+    the embedding, the last gives the embedding's size when the softmax is tied to it."""
+    inputs = [embedding_size] + [hidden_size] * (num_layers - 1)
+    outputs = [hidden_size] * (num_layers - 1) + [embedding_size if tie_weights else hidden_size]
+    return list(zip(inputs, outputs, strict=True))
 
 
 def locked_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -88,12 +105,19 @@ class RNNLanguageModel(nn.Module):
         dropout: DropoutConfig | None = None,
         tie_weights: bool = False,
         cell: str = "lstm",
+        embedding_size: int | None = None,
     ) -> None:
         super().__init__()
         dropout = dropout or DropoutConfig(kind="none")
         self.hidden_size, self.num_layers, self.cell = hidden_size, num_layers, cell
         rnn = CELLS[cell]
         self.variational = dropout.kind == "variational"
+        embedding_size = embedding_size or hidden_size
+        self.sizes = layer_sizes(hidden_size, num_layers, embedding_size, tie_weights)
+        self.uniform = embedding_size == hidden_size
+        self.state_size = max(out for _, out in self.sizes)
+        if not self.uniform and not self.variational:
+            raise ValueError("layers of different sizes need one module per layer (variational)")
         p = 0.0 if dropout.kind == "none" else 1.0 - dropout.dp_keep_prob
 
         def drop(keep: float | None) -> float:
@@ -105,15 +129,15 @@ class RNNLanguageModel(nn.Module):
         self.p_weight = dropout.weight_drop if dropout.kind != "none" else 0.0
         self.p_words = dropout.embedding if dropout.kind != "none" else 0.0
 
-        self.embedding = nn.Embedding(vocab_size, hidden_size)
+        self.embedding = nn.Embedding(vocab_size, embedding_size)
         if self.variational:
-            self.layers = nn.ModuleList(rnn(hidden_size, hidden_size) for _ in range(num_layers))
+            self.layers = nn.ModuleList(rnn(i, o) for i, o in self.sizes)
         else:
             between = self.p_between if num_layers > 1 else 0.0
             self.add_module(cell, rnn(hidden_size, hidden_size, num_layers, dropout=between))
-        self.decoder = nn.Linear(hidden_size, vocab_size)
+        self.decoder = nn.Linear(self.sizes[-1][1], vocab_size)
         if tie_weights:
-            # Embedding size equals hidden size here, so the shapes always match.
+            # The last layer gives the embedding's size when tied (layer_sizes).
             self.decoder.weight = self.embedding.weight
         # TF's uniform initializer covers every variable except the LSTM biases, which
         # BasicLSTMCell starts at zero (the tutorial sets forget_bias=0); a GRU's alike.
@@ -135,6 +159,7 @@ class RNNLanguageModel(nn.Module):
             dropout=dropout,
             tie_weights=model.tie_weights,
             cell=model.cell,
+            embedding_size=model.embedding_size,
         )
 
     @property
@@ -144,7 +169,7 @@ class RNNLanguageModel(nn.Module):
 
     def init_state(self, batch_size: int) -> State:
         weight = self.decoder.weight
-        shape = (self.num_layers, batch_size, self.hidden_size)
+        shape = (self.num_layers, batch_size, self.state_size)
         return unpack_state([weight.new_zeros(shape) for _ in range(STATE_TENSORS[self.cell])])
 
     def forward(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
@@ -172,11 +197,12 @@ class RNNLanguageModel(nn.Module):
             for i, layer in enumerate(self.layers):
                 if i > 0:
                     x = locked_dropout(x, self.p_between, self.training)
-                x, layer_new = self._recur(layer, x, layer_state(state, i))
+                size = None if self.uniform else self.sizes[i][1]
+                x, layer_new = self._recur(layer, x, layer_state(state, i, size))
                 states.append(layer_new)
             raw = x
             x = locked_dropout(x, self.p_output, self.training)
-            new_state = join_layers(states)
+            new_state = join_layers(states, None if self.uniform else self.state_size)
         else:
             x = F.dropout(x, self.p_embedding, self.training)
             raw, new_state = self._recur(self.rnn, x, state)

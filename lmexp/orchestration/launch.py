@@ -151,7 +151,7 @@ def config_choices() -> str:
 
     conf = conf_dir()
     lines = []
-    for folder in sorted(p for p in conf.rglob("*") if p.is_dir()):
+    for folder in sorted(p for p in conf.rglob("*") if p.is_dir() and p.name[0] != "_"):
         choices = sorted(f.stem for f in folder.glob("*.yaml") if not f.stem.startswith("_"))
         if choices:
             lines.append(f"{folder.relative_to(conf).as_posix()}: {', '.join(choices)}")

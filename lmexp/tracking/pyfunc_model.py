@@ -50,26 +50,47 @@ class WordRNN(nn.Module):
 
     def __init__(self, weights: dict[str, torch.Tensor], num_layers: int, cell: str) -> None:
         super().__init__()
-        vocab_size, hidden_size = weights["embedding.weight"].shape
-        self.embedding = nn.Embedding(vocab_size, hidden_size)
+        vocab_size, embedding_size = weights["embedding.weight"].shape
+        self.embedding = nn.Embedding(vocab_size, embedding_size)
         self.cell = cell
-        self.add_module(cell, CELLS[cell](hidden_size, hidden_size, num_layers))
-        self.decoder = nn.Linear(hidden_size, vocab_size)
-        # A variational model keeps one single-layer module per layer (layers.<i>.<name>_l0);
-        # without dropout that is exactly one multi-layer module's layer i.
-        renamed = {}
-        for key, value in weights.items():
-            if key.startswith("layers."):
-                _, layer, name = key.split(".")
-                key = f"{cell}.{name.removesuffix('_l0')}_l{layer}"
-            renamed[key] = value
+        # A variational model keeps one single-layer module per layer (layers.<i>.<name>_l0).
+        # Layers of one size are exactly one multi-layer module's; layers of different sizes
+        # (model.embedding_size, AWD-LSTM's 400/1150/400) stay one module each.
+        sizes = [
+            (
+                weights[f"layers.{i}.weight_ih_l0"].shape[1],
+                weights[f"layers.{i}.weight_hh_l0"].shape[1],
+            )
+            for i in range(num_layers)
+            if f"layers.{i}.weight_ih_l0" in weights
+        ]
+        self.per_layer = any(i != embedding_size or o != embedding_size for i, o in sizes)
+        if self.per_layer:
+            self.layers = nn.ModuleList(CELLS[cell](i, o) for i, o in sizes)
+            renamed = dict(weights)
+        else:
+            self.add_module(cell, CELLS[cell](embedding_size, embedding_size, num_layers))
+            renamed = {}
+            for key, value in weights.items():
+                if key.startswith("layers."):
+                    _, layer, name = key.split(".")
+                    key = f"{cell}.{name.removesuffix('_l0')}_l{layer}"
+                renamed[key] = value
+        self.decoder = nn.Linear(weights["decoder.weight"].shape[1], vocab_size)
         self.load_state_dict(renamed)
         self.eval()
 
     def forward(self, tokens: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
         """tokens (steps, batch) -> logits (steps, batch, vocab), and the new recurrent state."""
-        hidden, state = getattr(self, self.cell)(self.embedding(tokens), state)
-        return self.decoder(hidden), state
+        x = self.embedding(tokens)
+        if not self.per_layer:
+            hidden, state = getattr(self, self.cell)(x, state)
+            return self.decoder(hidden), state
+        states = []
+        for layer, layer_state in zip(self.layers, state or [None] * len(self.layers), strict=True):
+            x, layer_state = layer(x, layer_state)
+            states.append(layer_state)
+        return self.decoder(x), states
 
 
 class LanguageModel(mlflow.pyfunc.PythonModel):
