@@ -335,6 +335,15 @@ def run_bench(cfg: BenchConfig, device: torch.device) -> dict[str, Any]:
         raise LmexpError(
             f"bench.variants has unknown {sorted(unknown)}; choose from {', '.join(VARIANTS)}."
         )
+    if "cell_loop" in b.variants and (
+        cfg.dropout.kind == "variational"
+        or cfg.model.embedding_size not in (None, cfg.model.hidden_size)
+    ):
+        raise LmexpError(
+            "bench.variants cell_loop steps one fused multi-layer LSTM's weights, which "
+            "dropout.kind=variational (or a model.embedding_size of its own) splits into one "
+            "module per layer; leave cell_loop out of bench.variants for this model."
+        )
     if "cell_loop" in b.variants and cfg.model.cell != "lstm":
         raise LmexpError(
             f"bench.variants cell_loop is TF's LSTMCell loop, not model.cell={cfg.model.cell}; "

@@ -649,6 +649,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         "with the window's length); set trainer.loss_reduction=mean",
     )
     _check(
+        not (t.bptt_jitter and (t.compile or t.cuda_graphs)),
+        "trainer.bptt_jitter",
+        t.bptt_jitter,
+        "gives every window its own length, which a compiled step (or its CUDA graphs) would "
+        "recompile for; leave trainer.compile and trainer.cuda_graphs off with it",
+    )
+    _check(
         t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
         "trainer.device",
         t.device,

@@ -261,6 +261,11 @@ def restore(run: Run, resume: dict[str, Any], history: RunHistory) -> Position:
     # before lmexp saved it hold none, and fused_sgd has none to lose.
     if resume.get("step") and resume["config"].get("optimizer") == run.resolved["optimizer"]:
         position.step_state = resume["step"]
+    elif resume.get("step", {}).get("optimizer", {}).get("state"):
+        log.warning(
+            "The checkpoint's optimizer state (momentum, averages, NT-ASGD's switch) was made "
+            "with other optimizer settings and is not continued: the optimizer starts afresh."
+        )
     for key in EPOCH_METRICS:
         logged = history.logged_steps(key)
         for record in position.history:

@@ -222,5 +222,9 @@ def test_layers_of_different_sizes_keep_one_state_padded_to_the_widest():
     logits, (h, c) = model(torch.randint(0, 30, (5, 2)), model.init_state(2))
     assert logits.shape == (5, 2, 30) and h.shape == c.shape == (3, 2, 16)
     assert torch.equal(h[2, :, 6:], torch.zeros(2, 10)) and h[2, :, :6].abs().sum() > 0
+    # each layer gets its state contiguous, as cuDNN requires (a column slice is not)
+    from lmexp.models.rnn import layer_state
+
+    assert all(s.is_contiguous() for s in layer_state((h, c), 2, 6))
     with pytest.raises(ValueError, match="one module per layer"):
         RNNLanguageModel(30, 16, 3, 0.1, DropoutConfig(kind="standard"), embedding_size=6)

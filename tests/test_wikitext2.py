@@ -9,6 +9,7 @@ import functools
 import hashlib
 import http.server
 import io
+import os
 import random
 import threading
 import zipfile
@@ -61,10 +62,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if body is None:
             self.send_error(404)
             return
+        announced = len(body)
+        if isinstance(body, tuple):  # (announced length, bytes): breaks off mid-download
+            announced, body = body
         self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(announced))
         self.end_headers()
         self.wfile.write(body)
+        self.close_connection = True
 
     def log_message(self, *args):
         pass
@@ -109,15 +114,24 @@ def test_tokens_are_counted_as_the_published_sizes_count_them(tmp_path):
     assert corpus.vocab.count(UNK) == 1
 
 
-def test_the_first_mirror_that_answers_fills_the_cache_in_one_step(tmp_path):
-    routes = {"/mirror-b/wikitext-2-v1.zip": wt2_zip()}
+def test_the_first_mirror_that_serves_the_zip_fills_the_cache_in_one_step(tmp_path):
+    payload = wt2_zip()
+    routes = {
+        "/portal/wikitext-2-v1.zip": b"<html>Please log in to the network</html>",  # a proxy
+        "/broken/wikitext-2-v1.zip": (len(payload), payload[:1000]),  # breaks off
+        "/mirror-b/wikitext-2-v1.zip": payload,
+    }
     closed = f"http://127.0.0.1:{free_port()}/wikitext-2-v1.zip"  # nothing listens there
     with serving(routes) as base:
-        urls = [closed, f"{base}/mirror-a/wikitext-2-v1.zip", f"{base}/mirror-b/wikitext-2-v1.zip"]
+        paths = ["mirror-a", "portal", "broken", "mirror-b"]  # mirror-a: 404
+        urls = [closed, *(f"{base}/{p}/wikitext-2-v1.zip" for p in paths)]
         corpus = load_corpus(config(tmp_path, urls, verify_md5=False))
-    assert routes["_hits"] == ["/mirror-a/wikitext-2-v1.zip", "/mirror-b/wikitext-2-v1.zip"]
+    assert routes["_hits"] == [f"/{p}/wikitext-2-v1.zip" for p in paths]
     cache = tmp_path / "cache"
     assert leftovers(cache) == ["wikitext-2"]  # no staging folder left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (cache / "wikitext-2").stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
     assert sorted(p.name for p in (cache / "wikitext-2").iterdir()) == sorted(
         f"wiki.{s}.tokens" for s in FILES
     )

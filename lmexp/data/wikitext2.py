@@ -14,6 +14,7 @@ files as it reads PTB (`tokenize`: `<eos>` at each line end), so it counts the s
 from __future__ import annotations
 
 import hashlib
+import http.client
 import io
 import os
 import shutil
@@ -111,6 +112,9 @@ def extract(files: dict[str, bytes], dest: Path) -> Path:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would shut out a shared cache's users
     try:
         for split, data in files.items():
             (staging / FILES[split]).write_bytes(data)
@@ -130,15 +134,26 @@ def extract(files: dict[str, bytes], dest: Path) -> Path:
     return dest
 
 
-def download(urls: list[str], timeout: float = 60.0) -> tuple[bytes, str]:
-    """The first mirror that answers: (its bytes, its URL); DataError naming each failure."""
+def download(urls: list[str], verify: bool, timeout: float = 60.0) -> tuple[dict[str, bytes], str]:
+    """The three files from the first mirror whose zip reads and verifies: (files, its URL). A
+    mirror that does not answer, breaks off, or serves something else (a proxy's page, a
+    corrupt zip) is passed over for the next; DataError naming each failure if none serves."""
     failures = []
     for url in urls:
         try:
             with urllib.request.urlopen(url, timeout=timeout) as response:
-                return response.read(), url
-        except (urllib.error.URLError, OSError, ValueError) as err:
-            failures.append(f"{url}: {getattr(err, 'reason', err)}")
+                payload = response.read()
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as err:
+            failures.append(f"{url}: {getattr(err, 'reason', None) or err!r}")
+            continue
+        try:
+            files = read_zip(payload, url)
+            _check_files(files, f"{url}:wikitext-2", verify)
+            return files, url
+        except DataError as err:
+            if len(urls) == 1:
+                raise
+            failures.append(f"{url}: {err}")
     raise DataError(
         f"Could not download WikiText-2 from data.url ({'; '.join(failures)}); {GET_IT}."
     )
@@ -161,9 +176,7 @@ def wikitext2_root(cfg: DataConfig) -> Path:
         return cache
     except DataError:
         pass
-    payload, url = download(mirrors(cfg.url))
-    files = read_zip(payload, url)
-    _check_files(files, f"{url}:wikitext-2", cfg.verify_md5)
+    files, _ = download(mirrors(cfg.url), cfg.verify_md5)
     return extract(files, cache)
 
 

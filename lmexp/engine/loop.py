@@ -102,7 +102,8 @@ def activation_penalty(
     if ar:
         penalty = penalty + ar * dropped.float().pow(2).mean()
     if tar and raw.size(0) > 1:
-        penalty = penalty + tar * (raw[1:] - raw[:-1]).float().pow(2).mean()
+        raw = raw.float()
+        penalty = penalty + tar * (raw[1:] - raw[:-1]).pow(2).mean()
     return penalty
 
 

@@ -42,7 +42,10 @@ def unpack_state(tensors: list[torch.Tensor]) -> State:
 def layer_state(state: State, layer: int, size: int | None = None) -> State:
     """Layer `layer`'s state; its first `size` units when layers differ in size (the state is
     kept at the widest layer's size, the narrower layers' rows padded with zeros)."""
-    return map_state(lambda s: s[layer : layer + 1, :, :size], state)
+    if size is None:
+        return map_state(lambda s: s[layer : layer + 1], state)
+    # cuDNN takes only a contiguous state, which a column slice of a batch is not
+    return map_state(lambda s: s[layer : layer + 1, :, :size].contiguous(), state)
 
 
 def join_layers(states: list[State], width: int | None = None) -> State:
@@ -80,8 +83,12 @@ def embedding_dropout(weight: torch.Tensor, p: float, training: bool) -> torch.T
     1/(1 - p)."""
     if not training or p == 0.0:
         return weight
-    mask = weight.new_empty(weight.size(0), 1).bernoulli_(1.0 - p) / (1.0 - p)
-    return weight * mask
+    return weight * row_mask(weight, p)
+
+
+def row_mask(weight: torch.Tensor, p: float) -> torch.Tensor:
+    """(rows, 1): 0 for a dropped row (probability p), 1/(1 - p) for a kept one."""
+    return weight.new_empty(weight.size(0), 1).bernoulli_(1.0 - p) / (1.0 - p)
 
 
 class RNNLanguageModel(nn.Module):
@@ -186,11 +193,11 @@ class RNNLanguageModel(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, State]:
         """The last layer's output after its dropout and before it (what AR and TAR penalise),
         and the new state."""
+        x = self.embedding(tokens)
         if self.training and self.p_words:
-            weight = embedding_dropout(self.embedding.weight, self.p_words, True)
-            x = F.embedding(tokens, weight)
-        else:
-            x = self.embedding(tokens)
+            # embedding_dropout's rows, taken per token: the same values from the same draws,
+            # and the embedding's gradient stays sparse (only the rows a batch touches)
+            x = x * row_mask(self.embedding.weight, self.p_words)[tokens]
         if self.variational:
             x = locked_dropout(x, self.p_embedding, self.training)
             states = []

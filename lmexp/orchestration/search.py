@@ -80,7 +80,7 @@ def uses_search(config: DictConfig) -> bool:
 # (each a whole recipe: its own epochs, batch and lr schedule, which one study must share), not
 # the corpus (trials on two corpora have incomparable perplexities), nor the groups that say how
 # or where a run goes (trainer, logger, hydra/...).
-SEARCHABLE_GROUPS = ("dropout", "lr_policy", "optimizer")
+SEARCHABLE_GROUPS = ("dropout", "lr_policy", "optimizer", "regularizer")
 
 
 def distribution(key: str, override: Any, config: DictConfig | None = None) -> Any:
