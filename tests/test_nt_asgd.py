@@ -107,32 +107,36 @@ NT = [
 ]  # fmt: skip  (the tiny corpus at lr 3: validation worsens at epoch 5, so averaging from 6)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The 8-epoch run the resumed ones are compared with, in its own store."""
+    cwd = tmp_path_factory.mktemp("uninterrupted")
+    proc = run_module("lmexp.train", *NT, "trainer.max_epochs=8", "hydra.run.dir=ref", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return cwd
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("first", [4, 6], ids=["resumed-before-the-switch", "resumed-after-it"])
-def test_a_run_resumed_across_the_switch_is_the_uninterrupted_run(tmp_path, first):
-    reference = run_module(
-        "lmexp.train", *NT, "trainer.max_epochs=8", "hydra.run.dir=ref", cwd=tmp_path
-    )
-    assert reference.returncode == 0, reference.stderr[-3000:]
+def test_a_run_resumed_across_the_switch_is_the_uninterrupted_run(tmp_path, first, uninterrupted):
     for epochs in (first, 8):  # the second launch extends the first run in its folder
         proc = run_module(
             "lmexp.train", *NT, f"trainer.max_epochs={epochs}", "hydra.run.dir=split", cwd=tmp_path
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
-    db = tmp_path / "mlflow.db"
-    runs = {r.data.tags["output_dir"].rsplit("/", 1)[-1]: r for r in mlflow_runs(db)}
-    ref, split = runs["ref"], runs["split"]
+    db, ref_db = tmp_path / "mlflow.db", uninterrupted / "mlflow.db"
+    (ref,), (split,) = mlflow_runs(ref_db), mlflow_runs(db)
     assert ref.data.tags["lmexp.averaging_from_epoch"] == "6"  # the switch fell between
     assert split.data.tags["lmexp.averaging_from_epoch"] == "6"
     for key in ("valid_ppl", "train_ppl"):
         assert metric_history(db, split.info.run_id, key) == metric_history(
-            db, ref.info.run_id, key
+            ref_db, ref.info.run_id, key
         )
     assert split.data.metrics["test_ppl"] == ref.data.metrics["test_ppl"]
     # best.pt holds the averaged model that scored best_valid_ppl, last.pt the training weights
-    for run in ("ref", "split"):
-        best = checkpoint.load(tmp_path / run / "checkpoints" / "best.pt")
-        last = checkpoint.load(tmp_path / run / "checkpoints" / "last.pt")
+    for run in (uninterrupted / "ref", tmp_path / "split"):
+        best = checkpoint.load(run / "checkpoints" / "best.pt")
+        last = checkpoint.load(run / "checkpoints" / "last.pt")
         averages = last["step"]["optimizer"]["state"]
         assert averages and best["epoch"] >= 6
         assert not torch.equal(best["model"]["decoder.weight"], last["model"]["decoder.weight"])
