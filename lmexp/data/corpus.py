@@ -82,6 +82,11 @@ def encode(words: Sequence[str], vocab: Sequence[str]) -> torch.Tensor:
     return torch.tensor([index.get(w, unk) for w in words], dtype=torch.long)
 
 
+def mirrors(url: str | list[str]) -> list[str]:
+    """data.url as the list of URLs to try, in order (one URL, or a list of mirrors)."""
+    return [url] if isinstance(url, str) else list(url)
+
+
 def md5sum(path: Path) -> str:
     digest = hashlib.md5()
     with open(path, "rb") as f:

@@ -17,6 +17,7 @@ from lmexp.data.corpus import (
     DataError,
     atomic_write_bytes,
     corpus_from_words,
+    mirrors,
     read_words,
 )
 
@@ -102,7 +103,7 @@ def ptb_root(cfg: DataConfig) -> Path:
         return cache
     except DataError:
         pass
-    urls = [cfg.url] if isinstance(cfg.url, str) else list(cfg.url)
+    urls = mirrors(cfg.url)
     for url in urls[:-1]:  # mirrors tried in order; the last one's failure is the sentence
         try:
             return download_ptb(url, cache)

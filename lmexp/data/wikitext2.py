@@ -26,7 +26,14 @@ import zlib
 from pathlib import Path
 
 from lmexp.config import DataConfig
-from lmexp.data.corpus import SPLITS, Corpus, DataError, corpus_from_words, read_words
+from lmexp.data.corpus import (
+    SPLITS,
+    Corpus,
+    DataError,
+    corpus_from_words,
+    mirrors,
+    read_words,
+)
 
 FILES = {split: f"wiki.{split}.tokens" for split in SPLITS}
 # gluon-nlp's published SHA-1 of each file of wikitext-2-v1.zip (gluonnlp/data/language_model.py)
@@ -41,11 +48,6 @@ GET_IT = (
     f"download {ZIP_NAME} on a machine with internet access and set data.root to the zip (or to "
     "its wikitext-2 folder)"
 )
-
-
-def mirrors(url: str | list[str]) -> list[str]:
-    """data.url as the list of URLs to try, in order."""
-    return [url] if isinstance(url, str) else list(url)
 
 
 def _check_files(files: dict[str, bytes], where: str, verify: bool) -> None:
