@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,11 @@ import torch
 # cores with each other, and with anything else the machine runs (3 minutes, not 10 seconds,
 # for one bf16 test beside a training run).
 torch.set_num_threads(1)
+
+# The runs the tests start are to meet Ctrl-C as a user's terminal sends it. A shell that
+# starts pytest in the background (CI may) leaves SIGINT ignored, which every child would
+# inherit; with Python's handler here, each child starts with the default one instead.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO = Path(__file__).resolve().parents[1]
 PTB_DIR = Path(os.environ.get("LMEXP_PTB_DIR", REPO.parent / "shared" / "data" / "ptb"))

@@ -4,6 +4,7 @@ it, and stops through a callback's RunStopped, never an exit."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from lmexp.config import RunStopped, conf_dir, to_typed
 from lmexp.data import batch_splits, load_corpus
 from lmexp.engine import checkpoint
 from lmexp.engine.fit import EPOCH_METRICS, Position, Run, fit
+from lmexp.engine.loop import DivergenceError
 from lmexp.models.rnn import RNNLanguageModel
 from lmexp.orchestration.launch import register_configs
 from lmexp.tracking.base import Tracker
@@ -85,3 +87,36 @@ def test_a_callback_stops_the_fit_with_an_exception_after_the_epoch_is_kept(tmp_
     assert seen == [(1, False)]
     assert [c[1][0] for c in tracker.calls] == [1]  # epoch 1 logged, epochs 2-3 never trained
     assert checkpoint.load(run.ckpt_dir / "last.pt")["epoch"] == 1
+
+
+def _scripted_validation(monkeypatch, ratios: list[float], vocab_size: int) -> None:
+    """The fit loop's validation scores ratio x a uniform guess, epoch by epoch: a trajectory
+    scripted, not hoped for from one CPU's arithmetic."""
+    scores = iter(ratios)
+
+    def evaluate(*args, **kwargs) -> tuple[float, int]:
+        return math.log(next(scores) * vocab_size) * 1000, 1000  # loss sum, tokens
+
+    monkeypatch.setattr("lmexp.engine.fit.evaluate", evaluate)
+
+
+def test_a_first_epoch_worse_than_guessing_that_recovers_trains_to_the_end(tmp_path, monkeypatch):
+    run, tracker = _run(tmp_path, epochs=4)
+    _scripted_validation(monkeypatch, [7.5, 0.75, 0.53, 0.5], run.corpus.vocab_size)
+    position = Position()
+    fit(run, position)
+    assert position.epoch == 4 and [s for _, (s, *_) in tracker.calls] == [1, 2, 3, 4]
+
+
+def test_three_checks_in_a_row_worse_than_guessing_diverge_across_a_resume(tmp_path, monkeypatch):
+    """Two bad epochs, the run stopped and extended in the same position (as a resume restores
+    it): the third bad check in a row is divergence, and no epoch of it is logged or saved."""
+    run, tracker = _run(tmp_path, epochs=2)
+    _scripted_validation(monkeypatch, [1.5, 1.2, 1.1], run.corpus.vocab_size)
+    position = Position()
+    fit(run, position)
+    longer = replace(run, cfg=replace(run.cfg, trainer=replace(run.cfg.trainer, max_epochs=3)))
+    with pytest.raises(DivergenceError, match="after epoch 3 has been worse than a uniform guess"):
+        fit(longer, position)
+    assert position.epoch == 2 and len(tracker.calls) == 2
+    assert checkpoint.load(run.ckpt_dir / "last.pt")["epoch"] == 2

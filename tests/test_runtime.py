@@ -46,14 +46,20 @@ def test_hand_over_runs_the_previous_handler_but_not_pythons_keyboard_interrupt(
         assert seen == [signal.SIGUSR1]
     finally:
         signal.signal(signal.SIGUSR1, previous)
-    ctrl_c = Preemption()
-    with ctrl_c.installed():
-        os.kill(os.getpid(), signal.SIGINT)
-    assert ctrl_c.previous[signal.SIGINT] is signal.default_int_handler
+    # Python's own Ctrl-C handler, set here: a shell that starts pytest in the background
+    # leaves SIGINT ignored, and then Python never installs it.
+    interactive = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        ctrl_c.hand_over()
-    except KeyboardInterrupt:
-        pytest.fail("hand_over ran Python's SIGINT handler, undoing the clean stop")
+        ctrl_c = Preemption()
+        with ctrl_c.installed():
+            os.kill(os.getpid(), signal.SIGINT)
+        assert ctrl_c.previous[signal.SIGINT] is signal.default_int_handler
+        try:
+            ctrl_c.hand_over()
+        except KeyboardInterrupt:
+            pytest.fail("hand_over ran Python's SIGINT handler, undoing the clean stop")
+    finally:
+        signal.signal(signal.SIGINT, interactive)
 
 
 @pytest.mark.parametrize(

@@ -432,7 +432,7 @@ def test_a_search_none_of_whose_trials_finished_exits_1_with_the_first_reason(
     assert proc.returncode == code, out[-3000:]
     shown = [ln.split("] ", 1)[-1] for ln in out.splitlines() if "trials failed" in ln]
     assert shown == [
-        line + " (its validation perplexity was not finite, or worse than 2x a uniform guess: "
+        line + " (its validation perplexity was not finite, or far worse than a uniform guess: "
         "its MLflow run says when); lower lr_policy.lr or trainer.max_grad_norm"
     ]
     assert "Traceback" not in out

@@ -191,7 +191,7 @@ def test_a_failing_trial_is_told_fail_and_the_worker_goes_on_until_the_storage_f
     # Each failure's reason, in one line, for the search's closing line.
     reasons = [t.user_attrs.get(FAILURE_ATTR) for t in study.get_trials()]
     assert reasons[:3] == ["boom", "a bad checkpoint", None]
-    assert reasons[3].startswith("diverged (its validation perplexity was not finite, or worse")
+    assert reasons[3].startswith("diverged (its validation perplexity was not finite, or far worse")
 
 
 def test_a_dead_workers_trials_are_resumed_or_closed_by_the_next(tmp_path):

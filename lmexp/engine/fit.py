@@ -125,7 +125,9 @@ def fit(run: Run, position: Position) -> None:
                         t.precision,
                     )
                 )
-            check_diverged(valid_ppl, run.corpus.vocab_size, epoch + 1)
+            check_diverged(
+                [h["valid_ppl"] for h in position.history] + [valid_ppl], run.corpus.vocab_size
+            )
             observe_validation(run, step, position, valid_ppl, epoch + 1)
             end_epoch(
                 run,

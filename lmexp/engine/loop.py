@@ -31,21 +31,38 @@ class DivergenceError(RuntimeError):
 
 
 # A uniform guess over the vocabulary scores a perplexity of exactly its size, and an untrained
-# model about that. A model that scores worse than twice that after an epoch of training is
-# confidently wrong: diverged, however finite its loss (lr=25 on the tiny corpus ends near
-# 1e24 on 50 words). A rising validation perplexity alone is not divergence: the small recipe's
-# rises from 117.39 to 118.62 over epochs 6 to 9 as it overfits (results/ptb_small_cpu.json).
-DIVERGED_OVER_UNIFORM = 2.0
+# model about that. Validation says a run diverged when its perplexity
+# - is not finite: at once;
+# - is over HOPELESS_OVER_UNIFORM times that guess: at once, orders of magnitude past anything a
+#   run recovers from (lr=25 on the tiny corpus: 1e24 to 1e39 on 46 words);
+# - or is worse than that guess at DIVERGED_CHECKS validation checks in a row: a run that has
+#   learned nothing for that long.
+# One bad check is not divergence: a first epoch at a high lr can score several times worse than
+# guessing and recover (the tiny corpus at lr 3 on an AMD EPYC: 346 on 46 words, then 34.7 and
+# 24.2). Nor is a rising perplexity as a model overfits (the small recipe's rises from 117.39 to
+# 118.62 over epochs 6 to 9, results/ptb_small_cpu.json).
+HOPELESS_OVER_UNIFORM = 1000.0
+DIVERGED_CHECKS = 3
 
 
-def check_diverged(valid_ppl: float, vocab_size: int, epoch: int) -> None:
-    """Raise DivergenceError if an epoch's validation perplexity says the run diverged."""
-    if not math.isfinite(valid_ppl) or valid_ppl > DIVERGED_OVER_UNIFORM * vocab_size:
-        raise DivergenceError(
-            f"validation perplexity {valid_ppl:.4g} after epoch {epoch} is worse than "
-            f"{DIVERGED_OVER_UNIFORM:g}x a uniform guess over the {vocab_size}-word vocabulary; "
-            "lower lr_policy.lr or trainer.max_grad_norm"
-        )
+def check_diverged(valid_history: list[float], vocab_size: int) -> None:
+    """Raise DivergenceError if the validation perplexities so far (one per epoch, the last just
+    measured) say the run diverged."""
+    epoch, valid_ppl = len(valid_history), valid_history[-1]
+    if not math.isfinite(valid_ppl):
+        why = "is not finite"
+    elif valid_ppl > HOPELESS_OVER_UNIFORM * vocab_size:
+        why = f"is over {HOPELESS_OVER_UNIFORM:g}x a uniform guess"
+    elif len(valid_history) >= DIVERGED_CHECKS and all(
+        ppl > vocab_size for ppl in valid_history[-DIVERGED_CHECKS:]
+    ):
+        why = f"has been worse than a uniform guess for {DIVERGED_CHECKS} epochs in a row"
+    else:
+        return
+    raise DivergenceError(
+        f"validation perplexity {valid_ppl:.4g} after epoch {epoch} {why} over the "
+        f"{vocab_size}-word vocabulary; lower lr_policy.lr or trainer.max_grad_norm"
+    )
 
 
 def perplexity(loss_sum: float, tokens: int) -> float:

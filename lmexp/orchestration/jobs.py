@@ -7,6 +7,7 @@ needs (the trial's pruner as an epoch callback); lmexp.run knows none of this.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import sys
@@ -42,7 +43,11 @@ def task(cfg: Any) -> float:
         if OmegaConf.select(HydraConfig.get(), "sweeper._target_") == SWEEPER_TARGET:
             worker = ctx.job_num or 0
             return run_trials(cfg, ctx.output_dir.parent, worker, trial_runner(ctx), compose_job)
-        return train_job(typed, ctx)
+        value = train_job(typed, ctx)
+        if ctx.job_num is None and not math.isfinite(value):
+            sys.exit(1)  # diverged (said and recorded): a chain of commands stops here; a
+            # sweep's job returns +inf instead, which its sweeper counts as a failed job
+        return value
     except LmexpError as err:
         log.error("%s", err)
         sys.exit(2)

@@ -228,7 +228,7 @@ def train_trial(
             TrialState.FAIL,
             value,
             (
-                "diverged (its validation perplexity was not finite, or worse than 2x a uniform "
+                "diverged (its validation perplexity was not finite, or far worse than a uniform "
                 "guess: its MLflow run says when); lower lr_policy.lr or trainer.max_grad_norm"
             ),
         )
