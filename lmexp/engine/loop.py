@@ -325,19 +325,22 @@ def train_epoch(
     epoch_lr = step.optimizer.param_groups[0]["lr"]
     if limit_batches is not None:
         total = min(total, limit_batches)
-    pending = torch.zeros((), device=data.device)  # loss summed on the device between reads
+    # The epoch's loss, summed on the device in float64 batch by batch from where it stood: one
+    # sum in one order however often it is read, so an epoch stopped and resumed between two
+    # reads (a signal, a checkpoint) ends with the uninterrupted epoch's train_ppl, bit for bit.
+    loss_sum = torch.tensor(progress.loss_sum, dtype=torch.float64, device=data.device)
     pending_tokens = 0
     start = time.perf_counter()
 
     def flush() -> None:
-        nonlocal pending, pending_tokens, start
-        value = pending.item()  # the only host sync, once per log interval
+        nonlocal pending_tokens, start
+        value = loss_sum.item()  # the only host sync, once per log interval
         now = time.perf_counter()
-        progress.loss_sum += value
+        mean = (value - progress.loss_sum) / pending_tokens if pending_tokens else 0.0
+        progress.loss_sum = value
         progress.tokens += pending_tokens
         progress.seconds += now - start
-        mean = value / pending_tokens if pending_tokens else 0.0
-        pending, pending_tokens, start = torch.zeros((), device=data.device), 0, now
+        pending_tokens, start = 0, now
         if not math.isfinite(perplexity(mean, 1)):
             raise DivergenceError(
                 f"training loss became {mean:.4g} per token (perplexity {perplexity(mean, 1)}) at "
@@ -351,7 +354,7 @@ def train_epoch(
         if lengths is not None:
             step.set_lr(epoch_lr * inputs.size(0) / num_steps)
         nll, state = step(inputs, targets, state)
-        pending += nll
+        loss_sum.add_(nll)
         pending_tokens += targets.numel()
         progress.batch += 1
         done = progress.batch >= total
