@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 
 import torch
 
-from lmexp.config import RunStopped, TrainConfig, flatten
+from lmexp.config import Preempted, RunStopped, TrainConfig, flatten
 from lmexp.data import Corpus, batch_splits, load_corpus
 from lmexp.engine import checkpoint
 from lmexp.engine.fit import EPOCH_METRICS, EpochCallback, Position, Run, fit
@@ -68,6 +69,9 @@ class RunContext:
     swept: list[str] = field(default_factory=list)  # the keys the sweep varies
     choices: dict[str, str] = field(default_factory=dict)  # config groups a search chose
     on_epoch_end: list[EpochCallback] = field(default_factory=list)
+    # the launch that continues this run when it is one of several (a seed loop's): its
+    # overrides and folder; None for the run's own
+    launch: tuple[list[str], Path] | None = None
 
 
 def run_training(cfg: TrainConfig, ctx: RunContext) -> float:
@@ -85,20 +89,21 @@ def run_training(cfg: TrainConfig, ctx: RunContext) -> float:
         ckpt_dir = ctx.output_dir / "checkpoints"
         check_writable(ckpt_dir)
         resume = find_resume(t, ckpt_dir, ctx.resolved, corpus.vocab)
-        if resume is None and not t.resume:
+        continues = resume is not None and not (resume.get("fork") or resume.get("init_only"))
+        if not t.resume and not continues:
             set_aside(ctx.output_dir)
         model = build_model(cfg, corpus, device, resume)
         tags = run_tags(device, ctx, cfg)
-        if resume is not None and resume.get("init_only"):
-            log.info("Starting a new run from the weights of %s", resume["path"])
-            tags["init_from"], resume = resume["path"], None
-        tracker = start_tracking(cfg, ctx, uri, tags, resume["mlflow_run_id"] if resume else None)
+        resume = started_from(resume, tags)
+        tracker = start_tracking(
+            cfg, ctx, uri, tags, resume["mlflow_run_id"] if continues else None
+        )
         if tracker.uri:
             remember_run(ctx.output_dir, tracker.run_id, redact(tracker.uri))
         run = Run(cfg, corpus, data, model, tracker, ckpt_dir, ctx.resolved, ctx.on_epoch_end)
         try:
             history = run_history(uri, tracker.run_id)  # what the store holds of this run already
-            if resume is None:
+            if not continues:  # a new run: its own settings are its params
                 tracker.log_params({**flatten(ctx.resolved), **ctx.choices})
             position = restore(run, resume, history) if resume else Position()
             log.info(
@@ -123,6 +128,8 @@ def run_training(cfg: TrainConfig, ctx: RunContext) -> float:
         except RunStopped as stop:  # preempted, pruned, the study lost: checkpointed, not failed
             tracker.set_tags(stop.tags)
             tracker.finish(stop.status, stop.reason)
+            if isinstance(stop, Preempted):
+                log.warning("To resume: %s.", resume_how(ctx))
             stop.after_close()
             raise
         except DivergenceError as err:
@@ -176,6 +183,25 @@ def build_model(
                 "same size and dropout kind, or leave trainer.ckpt_path unset."
             ) from err
     return model.to(device)
+
+
+def started_from(resume: dict[str, Any] | None, tags: dict[str, str]) -> dict[str, Any] | None:
+    """What a new run starting from another run's checkpoint or an exported model records of it
+    (tags); the checkpoint to restore, None when only its weights are taken."""
+    if resume is not None and resume.get("init_only"):
+        log.info("Starting a new run from the weights of %s", resume["path"])
+        tags["init_from"] = resume["path"]
+        return None
+    if resume is not None and resume.get("fork"):
+        origin = f"{resume['path']} (MLflow run {resume.get('mlflow_run_id')})"
+        log.info(
+            "Starting a new run from %s at epoch %d, with this command's settings; that run is "
+            "left as it is",
+            origin,
+            resume["epoch"] + 1,
+        )
+        tags["lmexp.started_from"] = origin
+    return resume
 
 
 def checked_store(cfg: TrainConfig, ctx: RunContext) -> str | None:
@@ -320,15 +346,26 @@ def export_model(
     return out
 
 
+def resume_command(ctx: RunContext) -> str:
+    """The command that continues this run: its own overrides, in its own folder (a run started
+    elsewhere, the same command would start a new run in a new time-stamped folder)."""
+    overrides, folder = ctx.launch or (ctx.overrides, ctx.output_dir)
+    args = [
+        *(o for o in overrides if not o.startswith("trainer.resume=")),
+        f"hydra.run.dir={folder}",
+    ]
+    return " ".join(["python -m lmexp.train", *(shlex.quote(a) for a in args)])
+
+
+def resume_how(ctx: RunContext) -> str:
+    """How to continue a stopped run: its sweep rerun into its folder, or the exact command."""
+    if ctx.job_num is not None:
+        return f"rerun the sweep's command with hydra.sweep.dir={ctx.output_dir.parent}"
+    return f"run {resume_command(ctx)}"
+
+
 def resume_advice(last: Path, ctx: RunContext, run_id: str | None) -> str:
     """How to go on with a run whose tracking store stopped answering."""
     if not last.exists():
         return "rerun once it answers again (no epoch was checkpointed yet)"
-    if ctx.job_num is not None:
-        return (
-            f"rerun the sweep with hydra.sweep.dir={ctx.output_dir.parent} once it answers "
-            f"again to continue MLflow run {run_id}"
-        )
-    return (
-        f"rerun with trainer.ckpt_path={last} once it answers again to continue MLflow run {run_id}"
-    )
+    return f"once it answers again, {resume_how(ctx)} to continue MLflow run {run_id}"

@@ -333,7 +333,9 @@ def test_tracking_server_gone_past_the_retries_stops_with_a_resumable_checkpoint
         errors = [line for line in out.splitlines() if "[ERROR]" in line]
         assert len(errors) == 1, out[-3000:]
         assert f"Tracking store {server.url} stopped answering" in errors[0]
-        assert "trainer.ckpt_path=" in errors[0] and "Traceback" not in out
+        advice = f"once it answers again, run python -m lmexp.train {' '.join(args[:-1])} "
+        assert f"{advice}hydra.run.dir={tmp_path / 'run'} to continue MLflow run" in errors[0]
+        assert "Traceback" not in out
         server.start()
         again = _train(*args, cwd=tmp_path)
         assert again.returncode == 0, again.stderr[-3000:]

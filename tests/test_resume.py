@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -119,6 +120,46 @@ def test_sigterm_or_ctrl_c_mid_epoch_checkpoints_exits_cleanly_and_resume_finish
     assert run.data.metrics["test_ppl"] == ref.data.metrics["test_ppl"]
 
 
+def test_the_advice_after_sigterm_resumes_and_another_folder_forks_a_run_of_its_own(tmp_path):
+    """The stopped run prints the exact command that resumes it. Its checkpoint given to a run
+    in another folder, with other settings, starts a new MLflow run with those settings as its
+    params; the stopped run's MLflow run is not touched, and the advised command then finishes
+    it with each of its epochs logged once."""
+    args = [*SLOW_TINY, "trainer.max_epochs=2", "trainer.progress=true",
+            "trainer.log_every_n_batches=20"]  # fmt: skip
+    proc = start([*args, "hydra.run.dir=A"], tmp_path)
+    wait_for_line(tmp_path / "A" / "train.log", "epoch 1 [", proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    (advice,) = [ln.split("To resume: run ", 1)[1] for ln in out.splitlines() if "To resume" in ln]
+    command = shlex.split(advice.removesuffix("."))
+    assert command == ["python", "-m", "lmexp.train", *args, f"hydra.run.dir={tmp_path / 'A'}"]
+
+    last = tmp_path / "A" / "checkpoints" / "last.pt"
+    fork = run_module(
+        "lmexp.train", *args, "lr_policy.lr=0.5", "optimizer=sgd", f"trainer.ckpt_path={last}",
+        "hydra.run.dir=B", cwd=tmp_path,
+    )  # fmt: skip
+    assert fork.returncode == 0, fork.stderr[-3000:]
+    db = tmp_path / "mlflow.db"
+    runs = {r.data.tags["output_dir"].rsplit("/", 1)[-1]: r for r in mlflow_runs(db)}
+    a, b = runs["A"], runs["B"]
+    assert a.info.status == "KILLED" and "valid_ppl" not in a.data.metrics  # left as it was
+    assert b.info.status == "FINISHED" and b.info.run_id != a.info.run_id
+    assert (b.data.params["lr_policy.lr"], b.data.params["optimizer.kind"]) == ("0.5", "sgd")
+    assert b.data.tags["lmexp.started_from"] == f"{last} (MLflow run {a.info.run_id})"
+
+    resumed = run_module(*command[2:], cwd=tmp_path)  # the advice, as printed
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    runs = {r.data.tags["output_dir"].rsplit("/", 1)[-1]: r for r in mlflow_runs(db)}
+    assert set(runs) == {"A", "B"} and runs["A"].info.status == "FINISHED"
+    for run in runs.values():
+        for key in COMPARED:
+            assert [s for s, _ in metric_history(db, run.info.run_id, key)] == [1, 2], key
+    assert runs["A"].data.params["lr_policy.lr"] == "1.0"
+
+
 def test_divergence_fails_the_run_and_keeps_the_good_checkpoint(tmp_path):
     good = run_module(
         "lmexp.train", *TINY, "trainer.max_epochs=1", "hydra.run.dir=run", cwd=tmp_path
@@ -126,16 +167,19 @@ def test_divergence_fails_the_run_and_keeps_the_good_checkpoint(tmp_path):
     assert good.returncode == 0, good.stderr[-3000:]
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     before = last.read_bytes()
-    bad = run_module(  # continue from that checkpoint, in its folder, with a diverging lr
+    bad = run_module(  # a run of its own from that checkpoint, with a diverging lr
         "lmexp.train", *TINY, "trainer.max_epochs=3", "lr_policy.lr=1e9", "trainer.max_grad_norm=1e30",
-        "trainer.log_every_n_batches=1", f"trainer.ckpt_path={last}", "hydra.run.dir=run", cwd=tmp_path,
+        "trainer.log_every_n_batches=1", f"trainer.ckpt_path={last}", "hydra.run.dir=bad", cwd=tmp_path,
     )  # fmt: skip
     assert bad.returncode == 1  # a chain of commands stops (a sweep's job returns +inf instead)
     assert "Run diverged" in bad.stdout + bad.stderr
-    (run,) = mlflow_runs(tmp_path / "mlflow.db")
-    assert run.info.status == "FAILED"
-    assert "diverged" in run.data.tags["lmexp.failure_reason"]
-    assert last.read_bytes() == before  # no NaN checkpoint replaced the good one
+    runs = {
+        r.data.tags["output_dir"].rsplit("/", 1)[-1]: r for r in mlflow_runs(tmp_path / "mlflow.db")
+    }
+    assert runs["run"].info.status == "FINISHED" and runs["bad"].info.status == "FAILED"
+    assert "diverged" in runs["bad"].data.tags["lmexp.failure_reason"]
+    assert last.read_bytes() == before  # the good checkpoint is untouched
+    assert not (tmp_path / "bad" / "checkpoints" / "last.pt").exists()  # and no NaN one written
 
 
 def test_a_finite_but_hopeless_perplexity_fails_the_run_as_diverged(tmp_path):

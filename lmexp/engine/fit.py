@@ -241,12 +241,7 @@ def stop(run: Run, preemption: Preemption, epoch: int, batch: int) -> None:
     assert preemption.signum is not None
     name = signal.Signals(preemption.signum).name
     log.warning(
-        "%s received: checkpoint saved at epoch %d batch %d in %s; rerun the same command (or "
-        "trainer.ckpt_path=%s) to resume.",
-        name,
-        epoch + 1,
-        batch,
+        "%s received: checkpoint saved at epoch %d batch %d in %s.", name, epoch + 1, batch,
         run.ckpt_dir,
-        run.ckpt_dir / "last.pt",
-    )
+    )  # fmt: skip
     raise Preempted(f"stopped by {name} at epoch {epoch + 1}; resumable", preemption)

@@ -57,22 +57,23 @@ def find_resume(
 ) -> dict[str, Any] | None:
     """The verified checkpoint to start from, or None for a fresh start.
 
-    trainer.ckpt_path names a checkpoint to continue (its settings must match) or an exported
-    model.pt whose weights start a new run (`state["init_only"]`); once this run has its own
-    last.pt, a rerun continues from that instead of starting over from the exported weights.
+    A run's own last.pt continues it, its MLflow run too (its settings must match). Otherwise
+    trainer.ckpt_path names where a new run starts: another run's checkpoint, whose position,
+    weights and history it continues as a run of its own (`state["fork"]`: the other run and
+    its MLflow run are left as they are), or an exported model.pt, whose weights start it
+    (`state["init_only"]`). Once this run has its own last.pt, a rerun continues from that.
     """
     own = ckpt_dir / "last.pt"
-    if trainer.ckpt_path:
-        path, same_run = Path(trainer.ckpt_path).expanduser(), False
-        state = checkpoint.load_any(path)
-        if is_exported_model(state):
-            if trainer.resume and own.exists():
-                path, same_run, state = own, True, checkpoint.load(own)
-            else:
-                return _initial_weights(path, state, vocab)
-    elif trainer.resume and own.exists():
+    given = Path(trainer.ckpt_path).expanduser() if trainer.ckpt_path else None
+    if trainer.resume and own.exists():
         path, same_run = own, True
         state = checkpoint.load(path)
+    elif given is not None:
+        path, same_run = given, given.resolve() == own.resolve()
+        state = checkpoint.load_any(path)
+        if is_exported_model(state):
+            return _initial_weights(path, state, vocab)
+        state["fork"] = not same_run
     else:
         return None
     check_same_experiment(path, flatten(state.get("config", {})), flatten(resolved), same_run)

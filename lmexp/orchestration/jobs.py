@@ -23,7 +23,7 @@ from lmexp.engine.runtime import SWEEP_STOPPING, SWEEPER_PID_ENV
 from lmexp.orchestration.search import SWEEPER_TARGET
 from lmexp.orchestration.trials import run_trials
 from lmexp.reporting.stats import SEED_KEY
-from lmexp.run import RunContext, run_training
+from lmexp.run import RunContext, resume_how, run_training
 from lmexp.tracking.queries import read_sweep
 from lmexp.tracking.stores import redact
 
@@ -38,6 +38,7 @@ def task(cfg: Any) -> float:
 
     watch_sweeper()
     _running.set()
+    ctx = None
     try:
         typed, ctx = to_typed(cfg), hydra_context(cfg)
         if OmegaConf.select(HydraConfig.get(), "sweeper._target_") == SWEEPER_TARGET:
@@ -54,10 +55,8 @@ def task(cfg: Any) -> float:
     except RunStopped as stop:  # a preemption signal: the run is checkpointed and closed
         sys.exit(stop.exit_code)
     except KeyboardInterrupt:  # a second Ctrl-C (or one before training): the run closed KILLED
-        log.warning(
-            "Interrupted: stopped at once; rerun the same command to resume from the last "
-            "checkpoint, if one was written."
-        )
+        how = f"; to resume from the last checkpoint, if one was written: {resume_how(ctx)}"
+        log.warning("Interrupted: stopped at once%s.", how if ctx is not None else "")
         sys.exit(130)
     finally:
         _running.clear()
@@ -111,6 +110,7 @@ def over_seeds(cfg: TrainConfig, ctx: RunContext) -> float:
             resolved=resolved,
             overrides=[*ctx.overrides, f"trainer.seed={seed}"],
             swept=[*ctx.swept, SEED_KEY] if SEED_KEY not in ctx.swept else ctx.swept,
+            launch=ctx.launch or (ctx.overrides, ctx.output_dir),
         )
         results.append(run_training(replace(cfg, trainer=replace(cfg.trainer, seed=seed)), one))
     mean = sum(results) / len(results)
