@@ -85,6 +85,7 @@ def run_training(cfg: TrainConfig, ctx: RunContext) -> float:
         threads = configure_threads(t.threads)
         uri = checked_store(cfg, ctx)  # a store that refuses the run does so before any work
         corpus = load_corpus(cfg.data)
+        warn_unseen(corpus)
         data = {name: split.to(device) for name, split in batch_splits(corpus, t).items()}
         ckpt_dir = ctx.output_dir / "checkpoints"
         check_writable(ckpt_dir)
@@ -104,7 +105,9 @@ def run_training(cfg: TrainConfig, ctx: RunContext) -> float:
         try:
             history = run_history(uri, tracker.run_id)  # what the store holds of this run already
             if not continues:  # a new run: its own settings are its params
-                tracker.log_params({**flatten(ctx.resolved), **ctx.choices})
+                tracker.log_params(
+                    {**flatten(ctx.resolved), **ctx.choices, **unseen_params(corpus)}
+                )
             position = restore(run, resume, history) if resume else Position()
             log.info(
                 "model=%s: %.2fM parameters, vocab %d, device %s, %d threads; MLflow run %s at %s",
@@ -165,6 +168,28 @@ def set_aside(output_dir: Path) -> None:
         output_dir,
         kept,
     )
+
+
+def warn_unseen(corpus: Corpus) -> None:
+    """Say how many valid and test words the train split never has: they are read as <unk>,
+    which the model cannot learn when the train split holds no <unk> either."""
+    for split, rate in corpus.unseen.items():
+        if rate > 0:
+            log.warning(
+                "%.2f%% of the %s split's words never occur in the train split and are read as "
+                "<unk>%s.",
+                100 * rate,
+                split,
+                ""
+                if corpus.trains_unk
+                else ", which the train split never holds: the model "
+                "cannot learn to score them, and its perplexity there says little",
+            )
+
+
+def unseen_params(corpus: Corpus) -> dict[str, str]:
+    """The share of each evaluation split's words missing from the train split, as params."""
+    return {f"data.unseen_{split}": f"{rate:.6g}" for split, rate in corpus.unseen.items()}
 
 
 def build_model(

@@ -205,3 +205,18 @@ def test_a_text_folder_that_cannot_serve_is_one_sentence_naming_it(tmp_path, set
     cfg = DataConfig(name="text", root=None if setup == "unset" else str(root))
     with pytest.raises(DataError, match=message):
         load_corpus(cfg)
+
+
+def test_valid_and_test_words_missing_from_train_are_counted_and_old_mac_lines_are_lines(tmp_path):
+    """data=text: the share of each evaluation split's words that the train split never has
+    (read as <unk>), and a file with old-Mac \\r line ends read as lines."""
+    from lmexp.data import load_corpus
+
+    (tmp_path / "train.txt").write_text("the cat sat\rthe dog sat\r")
+    (tmp_path / "valid.txt").write_text("the cow sat\nthe cat ran\n")  # cow, ran: 2 of 8 tokens
+    (tmp_path / "test.txt").write_text("the cat sat\r\n")
+    corpus = load_corpus(DataConfig(name="text", root=str(tmp_path)))
+    assert corpus.vocab_size == 6  # the, sat, <eos>, cat, dog and <unk>
+    assert corpus.train.numel() == 8  # two lines of three words and their <eos>
+    assert corpus.unseen == {"valid": 0.25, "test": 0.0}
+    assert not corpus.trains_unk

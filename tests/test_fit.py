@@ -120,3 +120,19 @@ def test_three_checks_in_a_row_worse_than_guessing_diverge_across_a_resume(tmp_p
         fit(longer, position)
     assert position.epoch == 2 and len(tracker.calls) == 2
     assert checkpoint.load(run.ckpt_dir / "last.pt")["epoch"] == 2
+
+
+def test_a_divergence_over_validation_words_train_never_has_names_them_not_the_lr(
+    tmp_path, monkeypatch
+):
+    run, _ = _run(tmp_path, epochs=3)
+    assert not run.corpus.trains_unk  # the tiny corpus has no <unk> of its own
+    run.corpus.unseen = {"valid": 0.125, "test": 0.0}
+    _scripted_validation(monkeypatch, [1.5, 1.2, 1.1], run.corpus.vocab_size)
+    with pytest.raises(DivergenceError) as err:
+        fit(run, Position())
+    assert str(err.value).endswith(
+        "12.5% of the validation words never occur in the train split and are read as <unk>, "
+        "which the train split never holds, so the model cannot score them: give the train "
+        "split those words or <unk> (data.root) before lowering lr_policy.lr"
+    )

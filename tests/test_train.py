@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, metric_history, mlflow_runs, read_only, run_module
+from conftest import TINY, metric_history, mlflow_runs, read_only, run_module, text_folder
 
 from lmexp.engine import checkpoint
 
@@ -433,3 +433,28 @@ def test_data_text_on_ptbs_files_trains_to_data_ptbs_numbers(ptb_dir, tmp_path):
     assert len(ppls["ptb"]) == 5 and ppls["text"] == ppls["ptb"], ppls  # 2 epochs x 2, test
     weights = {n: torch.load(tmp_path / n / "model" / "model.pt") for n in ("ptb", "text")}
     assert all(torch.equal(weights["ptb"][k], weights["text"][k]) for k in weights["ptb"])
+
+
+def test_a_corpus_whose_valid_words_train_never_has_says_so_and_logs_the_share(tmp_path):
+    """data=text with validation words the train split lacks: the run says what share of each
+    split is read as <unk> that training never sees, and logs it as a param."""
+    root = text_folder(
+        tmp_path / "corpus", {"train": "train.txt", "valid": "valid.txt", "test": "test.txt"}
+    )
+    (root / "valid.txt").write_text((root / "valid.txt").read_text() + "zebra quokka\n")
+    valid_tokens = len((root / "valid.txt").read_text().replace("\n", " <eos> ").split())
+    proc = run_module(
+        "lmexp.train", "data=text", f"data.root={root}", "model=tiny", "trainer.threads=1",
+        "trainer.progress=false", "trainer.max_epochs=1", cwd=tmp_path,
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    share = 2 / valid_tokens
+    assert (
+        f"{100 * share:.2f}% of the valid split's words never occur in the train split and are "
+        "read as <unk>, which the train split never holds" in out
+    )
+    assert "of the test split's words" not in out
+    (run,) = mlflow_runs(tmp_path / "mlflow.db")
+    assert float(run.data.params["data.unseen_valid"]) == pytest.approx(share, rel=1e-5)
+    assert float(run.data.params["data.unseen_test"]) == 0.0

@@ -12,7 +12,7 @@ import hashlib
 import os
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,18 +36,26 @@ class Corpus:
     train: torch.Tensor
     valid: torch.Tensor
     test: torch.Tensor
+    # the share of the valid and test words that the train split never has (read as <unk>)
+    unseen: dict[str, float] = field(default_factory=dict)
 
     @property
     def vocab_size(self) -> int:
         return len(self.vocab)
+
+    @property
+    def trains_unk(self) -> bool:
+        """Whether the train split holds <unk> itself, so the model learns its probability."""
+        return bool((self.train == self.vocab.index(UNK)).any())
 
     def split(self, name: str) -> torch.Tensor:
         return {"train": self.train, "valid": self.valid, "test": self.test}[name]
 
 
 def tokenize(text: str) -> list[str]:
-    """Split on white space with `<eos>` at each line end, as TF's `_read_words` does."""
-    return text.replace("\n", f" {EOS} ").split()
+    """Split on white space with `<eos>` at each line end, as TF's `_read_words` does; a line
+    ends at \\n, \\r\\n or an old Mac's lone \\r."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").replace("\n", f" {EOS} ").split()
 
 
 def read_text(path: Path) -> str:
@@ -112,4 +120,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def corpus_from_words(words: dict[str, list[str]]) -> Corpus:
     """The corpus of three tokenized splits, its vocabulary built from the train split."""
     vocab = build_vocab(words["train"])
-    return Corpus(vocab, *(encode(words[s], vocab) for s in SPLITS))
+    known = set(vocab)
+    unseen = {
+        s: sum(w not in known for w in words[s]) / max(len(words[s]), 1) for s in ("valid", "test")
+    }
+    return Corpus(vocab, *(encode(words[s], vocab) for s in SPLITS), unseen=unseen)

@@ -22,6 +22,7 @@ from lmexp.config import Preempted, TrainConfig
 from lmexp.data import Corpus, jittered_lengths
 from lmexp.engine import checkpoint
 from lmexp.engine.loop import (
+    LR_ADVICE,
     EpochProgress,
     TrainStep,
     check_diverged,
@@ -126,7 +127,9 @@ def fit(run: Run, position: Position) -> None:
                     )
                 )
             check_diverged(
-                [h["valid_ppl"] for h in position.history] + [valid_ppl], run.corpus.vocab_size
+                [h["valid_ppl"] for h in position.history] + [valid_ppl],
+                run.corpus.vocab_size,
+                divergence_advice(run.corpus),
             )
             observe_validation(run, step, position, valid_ppl, epoch + 1)
             end_epoch(
@@ -140,6 +143,19 @@ def fit(run: Run, position: Position) -> None:
     keep_averaged = getattr(step.optimizer, "keep_averaged", None)
     if keep_averaged is not None:  # the test and the export use the averages
         keep_averaged()
+
+
+def divergence_advice(corpus: Corpus) -> str:
+    """What to change when validation says a run diverged: the lr, or the corpus when its
+    validation words are missing from the train split, which holds no <unk> to learn them by."""
+    rate = corpus.unseen.get("valid", 0.0)
+    if rate > 0 and not corpus.trains_unk:
+        return (
+            f"{rate:.1%} of the validation words never occur in the train split and are read as "
+            "<unk>, which the train split never holds, so the model cannot score them: give the "
+            "train split those words or <unk> (data.root) before lowering lr_policy.lr"
+        )
+    return LR_ADVICE
 
 
 def observe_validation(

@@ -45,9 +45,12 @@ HOPELESS_OVER_UNIFORM = 1000.0
 DIVERGED_CHECKS = 3
 
 
-def check_diverged(valid_history: list[float], vocab_size: int) -> None:
+LR_ADVICE = "lower lr_policy.lr or trainer.max_grad_norm"
+
+
+def check_diverged(valid_history: list[float], vocab_size: int, advice: str = LR_ADVICE) -> None:
     """Raise DivergenceError if the validation perplexities so far (one per epoch, the last just
-    measured) say the run diverged."""
+    measured) say the run diverged; advice ends the sentence."""
     epoch, valid_ppl = len(valid_history), valid_history[-1]
     if not math.isfinite(valid_ppl):
         why = "is not finite"
@@ -61,7 +64,7 @@ def check_diverged(valid_history: list[float], vocab_size: int) -> None:
         return
     raise DivergenceError(
         f"validation perplexity {valid_ppl:.4g} after epoch {epoch} {why} over the "
-        f"{vocab_size}-word vocabulary; lower lr_policy.lr or trainer.max_grad_norm"
+        f"{vocab_size}-word vocabulary; {advice}"
     )
 
 
