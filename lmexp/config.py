@@ -525,6 +525,7 @@ def _check_optimizer(o: OptimizerConfig) -> None:
     from lmexp.optim.optimizers import OPTIMIZERS
 
     _choice("optimizer.kind", o.kind, tuple(OPTIMIZERS))
+    _check(o.nonmono >= 1, "optimizer.nonmono", o.nonmono, "must be >= 1")  # one rule, not two
     spec, defaults = OPTIMIZERS[o.kind], OptimizerConfig()
     for f in dataclasses.fields(OptimizerConfig):
         value = getattr(o, f.name)
@@ -540,12 +541,22 @@ def _check_optimizer(o: OptimizerConfig) -> None:
         )
         _check(value >= 0, f"optimizer.{f.name}", value, "must be >= 0")
     _check(o.beta1 < 1 and o.beta2 < 1, "optimizer.beta1/beta2", (o.beta1, o.beta2), "must be < 1")
-    _check(o.nonmono >= 1, "optimizer.nonmono", o.nonmono, "must be >= 1")
+
+
+def _check_finite(section: Any, prefix: str = "") -> None:
+    """No number in the config is inf or NaN: no key means anything by them."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float):
+            _check(math.isfinite(value), f"{prefix}{f.name}", value, "must be a finite number")
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Check ranges and choices; raise ConfigError naming the first bad key and how to fix it."""
     m, d, lr, data, t, lg = cfg.model, cfg.dropout, cfg.lr_policy, cfg.data, cfg.trainer, cfg.logger
+    _check_finite(cfg)
     _check(m.hidden_size >= 1, "model.hidden_size", m.hidden_size, "must be a positive integer")
     _check(m.num_layers >= 1, "model.num_layers", m.num_layers, "must be a positive integer")
     _check(m.init_scale > 0, "model.init_scale", m.init_scale, "must be positive")

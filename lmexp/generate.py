@@ -7,6 +7,7 @@ Deterministic for a given --seed. Prompt words outside the vocabulary are report
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import torch
@@ -58,8 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
-        if args.words < 1 or args.temperature <= 0 or args.top_k < 0:
-            raise LmexpError("--words must be >= 1, --temperature > 0 and --top-k >= 0.")
+        if args.words < 1 or not 0 < args.temperature < math.inf or args.top_k < 0:
+            raise LmexpError(
+                "--words must be >= 1, --temperature a finite number > 0 and --top-k >= 0."
+            )
         model, vocab, _ = resolve_model(args.model, args.tracking_uri, args.device)
     except LmexpError as err:
         print(f"lmexp.generate: error: {err}", file=sys.stderr)

@@ -118,6 +118,13 @@ def test_unknown_key_and_wrong_type_name_the_key():
             r"optimizer=sgd \(choose one",
         ),
         ("optimizer=sgd optimizer.momentum=-0.9", r"optimizer\.momentum=-0\.9 must be >= 0"),
+        ("regularizer=awd regularizer.ar=inf", r"regularizer\.ar=inf must be a finite number"),
+        (
+            "optimizer=sgd optimizer.weight_decay=inf",
+            r"optimizer\.weight_decay=inf must be a finite number",
+        ),
+        ("trainer.max_grad_norm=nan", r"trainer\.max_grad_norm=nan must be a finite number"),
+        ("optimizer=nt_asgd optimizer.nonmono=-3", r"optimizer\.nonmono=-3 must be >= 1\.$"),
         (
             "optimizer=adam optimizer.beta2=1.0",
             r"optimizer\.beta1/beta2=\(0\.9, 1\.0\) must be < 1",

@@ -230,6 +230,17 @@ def test_device_that_is_not_one_or_not_visible_is_one_sentence(trained, monkeypa
     )
 
 
+@pytest.mark.parametrize("temperature", ["nan", "inf", "0"])
+def test_generate_refuses_a_temperature_that_is_not_a_finite_positive_number(trained, temperature):
+    cwd, _, _ = trained
+    proc = run_module("lmexp.generate", "run/model/model.pt", "--temperature", temperature, cwd=cwd)
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        "lmexp.generate: error: --words must be >= 1, --temperature a finite number > 0 and "
+        "--top-k >= 0.\n"
+    )
+
+
 def test_generate_is_deterministic_per_seed_and_emits_only_vocabulary(trained):
     cwd, run_id, _ = trained
     args = ["run/model/model.pt", "--prompt", "w1 w2 zebra", "--words", "40", "--seed", "7"]

@@ -51,3 +51,10 @@ def test_word_rnn_gives_the_logits_of_a_model_whose_layers_differ_in_size(cell):
         expected, state = model(tokens, state)
         logits, plain_state = plain(tokens, plain_state)
         torch.testing.assert_close(logits, expected)
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), 0.0, -1.0])
+def test_a_temperature_that_is_not_a_finite_positive_number_is_refused(temperature):
+    with pytest.raises(ValueError, match=r"^words must be >= 1, temperature a finite number > 0"):
+        pyfunc_model.generation({"temperature": temperature})
+    assert pyfunc_model.generation({"temperature": 0.5})["temperature"] == 0.5

@@ -17,6 +17,7 @@ and seed. The artifacts are the exported folder's files (model.pt, config.json, 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -179,8 +180,8 @@ def generation(params: dict[str, Any]) -> dict[str, Any]:
         "top_k": int(given["top_k"]),
         "seed": int(given["seed"]),
     }
-    if settings["words"] < 1 or settings["temperature"] <= 0 or settings["top_k"] < 0:
-        raise ValueError("words must be >= 1, temperature > 0 and top_k >= 0.")
+    if settings["words"] < 1 or not 0 < settings["temperature"] < math.inf or settings["top_k"] < 0:
+        raise ValueError("words must be >= 1, temperature a finite number > 0 and top_k >= 0.")
     return settings
 
 
