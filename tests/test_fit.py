@@ -136,3 +136,17 @@ def test_a_divergence_over_validation_words_train_never_has_names_them_not_the_l
         "which the train split never holds, so the model cannot score them: give the train "
         "split those words or <unk> (data.root) before lowering lr_policy.lr"
     )
+
+
+def test_the_progress_line_gives_the_epoch_out_of_all_and_the_time_left(caplog):
+    """10 of 100 batches in 5 s: 90 more in this epoch and 300 in the 3 after it, at 0.5 s each."""
+    from lmexp.engine.fit import progress_printer
+    from lmexp.engine.loop import EpochProgress
+
+    on_log = progress_printer(2, 5, 1.0)
+    with caplog.at_level("INFO", logger="lmexp.train"):
+        on_log(
+            EpochProgress(batch=10, loss_sum=10 * 350 * math.log(90), tokens=3500, seconds=5.0), 100
+        )
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line == "epoch 2/5 [   10/100] ppl     90.00      700 words/s lr 1, 3m15s left"

@@ -95,7 +95,7 @@ def test_sigterm_or_ctrl_c_mid_epoch_checkpoints_exits_cleanly_and_resume_finish
     assert reference.returncode == 0, reference.stderr[-3000:]
     args = [*common, "hydra.run.dir=run"]
     proc = start(args, tmp_path)
-    wait_for_line(tmp_path / "run" / "train.log", "epoch 1 [", proc)
+    wait_for_line(tmp_path / "run" / "train.log", "epoch 1/", proc)
     proc.send_signal(sig)
     out, _ = proc.communicate(timeout=60)
     name = signal.Signals(sig).name
@@ -128,7 +128,7 @@ def test_the_advice_after_sigterm_resumes_and_another_folder_forks_a_run_of_its_
     args = [*SLOW_TINY, "trainer.max_epochs=2", "trainer.progress=true",
             "trainer.log_every_n_batches=20"]  # fmt: skip
     proc = start([*args, "hydra.run.dir=A"], tmp_path)
-    wait_for_line(tmp_path / "A" / "train.log", "epoch 1 [", proc)
+    wait_for_line(tmp_path / "A" / "train.log", "epoch 1/", proc)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
@@ -367,7 +367,7 @@ def test_a_rerun_after_a_kill_before_the_first_checkpoint_continues_the_same_mlf
     line, and does it in the run the killed attempt opened: one job stays one MLflow run."""
     args = [*SLOW_TINY, "trainer.max_epochs=1", "trainer.progress=true", "hydra.run.dir=run"]
     proc = start(args, tmp_path)
-    wait_for_line(tmp_path / "run" / "train.log", "epoch 1 [", proc)  # a tenth of epoch 1 done
+    wait_for_line(tmp_path / "run" / "train.log", "epoch 1/", proc)  # a tenth of epoch 1 done
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
@@ -450,7 +450,7 @@ def test_sigusr2_checkpoints_then_hands_over_to_the_previous_handler(tmp_path):
         stderr=subprocess.STDOUT,
         text=True,
     )
-    wait_for_line(tmp_path / "run" / "train.log", "epoch 1 [", proc)
+    wait_for_line(tmp_path / "run" / "train.log", "epoch 1/", proc)
     proc.send_signal(signal.SIGUSR2)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out[-3000:]

@@ -471,7 +471,7 @@ def test_report_closes_a_sweep_whose_sweeper_was_killed(tmp_path):
     ]  # fmt: skip
     proc = _sweep_proc(tmp_path, *TINY, *slow, "dropout.dp_keep_prob=0.5,0.9")
     deadline = time.monotonic() + 240
-    while not any("epoch 1 [" in p.read_text() for p in tmp_path.glob("multirun/*/*/0/train.log")):
+    while not any("epoch 1/" in p.read_text() for p in tmp_path.glob("multirun/*/*/0/train.log")):
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
         time.sleep(0.05)
     proc.kill()  # SIGKILL: no handler runs, the parent and the job's run stay RUNNING

@@ -300,7 +300,7 @@ def test_a_run_folder_held_by_a_live_run_is_refused_before_anything_is_written(t
     )  # fmt: skip
     log = tmp_path / "run" / "train.log"
     deadline = time.monotonic() + 120
-    while not (log.is_file() and "epoch 1 [" in log.read_text()):
+    while not (log.is_file() and "epoch 1/" in log.read_text()):
         assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()
         time.sleep(0.05)
     overrides = (tmp_path / "run" / ".hydra" / "overrides.yaml").read_text()

@@ -103,7 +103,7 @@ def fit(run: Run, position: Position) -> None:
                 position.partial,
                 limit_batches=t.limit_train_batches,
                 log_every=t.log_every_n_batches,
-                on_log=progress_printer(epoch + 1, lr) if t.progress else None,
+                on_log=progress_printer(epoch + 1, t.max_epochs, lr) if t.progress else None,
                 checkpoint_every=t.ckpt_every_n_batches,
                 on_checkpoint=mid_epoch,
                 should_stop=preemption.requested,
@@ -178,16 +178,18 @@ def observe_validation(
         run.tracker.set_tags({"lmexp.averaging_from_epoch": str(epoch + 1)})
 
 
-def progress_printer(epoch: int, lr: float) -> Any:
-    """A live line on a terminal; otherwise a log line at each tenth of the epoch."""
+def progress_printer(epoch: int, epochs: int, lr: float) -> Any:
+    """A live line on a terminal; otherwise a log line at each tenth of the epoch. It gives the
+    epoch out of all, and the training time left at this epoch's pace (validation not counted)."""
     tty = sys.stderr.isatty()
     last_tenth = -1
 
     def on_log(progress: EpochProgress, total: int) -> None:
         nonlocal last_tenth
+        left = (total - progress.batch + (epochs - epoch) * total) * progress.seconds
         line = (
-            f"epoch {epoch} [{progress.batch:>5}/{total}] ppl {progress.ppl:9.2f} "
-            f"{progress.wps:8.0f} words/s lr {lr:.4g}"
+            f"epoch {epoch}/{epochs} [{progress.batch:>5}/{total}] ppl {progress.ppl:9.2f} "
+            f"{progress.wps:8.0f} words/s lr {lr:.4g}, {duration(left / progress.batch)} left"
         )
         if tty:
             print(
@@ -198,6 +200,14 @@ def progress_printer(epoch: int, lr: float) -> Any:
             log.info(line)
 
     return on_log
+
+
+def duration(seconds: float) -> str:
+    """3h05m, 4m07s or 12s: a time left, to the precision it has."""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def ppl_record(
@@ -256,6 +266,8 @@ def stop(run: Run, preemption: Preemption, epoch: int, batch: int) -> None:
     KILLED, then Preempted hands the signal to the handler installed before lmexp's)."""
     assert preemption.signum is not None
     name = signal.Signals(preemption.signum).name
+    if run.cfg.trainer.progress and sys.stderr.isatty():
+        print(file=sys.stderr)  # end the live progress line: the notice gets a line of its own
     log.warning(
         "%s received: checkpoint saved at epoch %d batch %d in %s.", name, epoch + 1, batch,
         run.ckpt_dir,
