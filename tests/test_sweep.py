@@ -42,6 +42,13 @@ def test_dp_keep_prob_sweep_children_parent_and_ordered_report(tmp_path):
         "lmexp.train", "-m", *SWEEP, "dropout.dp_keep_prob=0.35,0.5,0.65", cwd=tmp_path
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # the folder --sweep-dir and hydra.sweep.dir= take, said at the start and at the end
+    folder = [
+        ln.split("Sweep folder: ", 1)[1]
+        for ln in (proc.stdout + proc.stderr).splitlines()
+        if "Sweep folder: " in ln
+    ]
+    assert folder == [str(sweep_dir(tmp_path)), f"{sweep_dir(tmp_path)} (its report in report/)"]
     db = tmp_path / "mlflow.db"
     parent, children = split_runs(db)
     assert len(children) == 3 and all(r.info.status == "FINISHED" for r in children)

@@ -322,6 +322,7 @@ class MlflowSweepCallback(Callback):
             "runs": self.expected,
         }
         write_private(sweep_dir / SWEEP_FILE, json.dumps(record))  # the jobs read the URI here
+        log.info("Sweep folder: %s", sweep_dir.resolve())
         log.info("MLflow sweep parent run %s in %s", parent, redact(uri))
         ui = config.logger.get("ui_url")
         page = ui_url(uri, experiment_id, view=parent, ui=ui)
@@ -331,7 +332,9 @@ class MlflowSweepCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.parent is not None:
+            sweep_dir = self.parent["sweep_dir"].resolve()
             self._summarize("FINISHED")
+            log.info("Sweep folder: %s (its report in report/)", sweep_dir)
 
     def _summarize(self, status: str | None) -> None:
         from lmexp.reporting.summary import summarize_sweep
