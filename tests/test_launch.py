@@ -69,6 +69,45 @@ def test_a_base_config_chosen_as_a_recipe_is_one_sentence_naming_the_recipes(
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["regularizer.tar=abc"], "Invalid config: regularizer.tar='abc' is not a number"),
+        (["optimizer.nonmono=1.5"], "Invalid config: optimizer.nonmono=1.5 is not an integer"),
+        (["trainer.bptt_jitter=maybe"], "Invalid config: trainer.bptt_jitter='maybe' is not true or false"),
+        (["model.embedding_size=wide"], "Invalid config: model.embedding_size='wide' is not an integer"),
+        (["-m", "lr_policy.lr=1,x"], "Invalid config: lr_policy.lr='x' is not a number"),  # a sweep's value
+    ],
+)  # fmt: skip
+def test_a_value_of_the_wrong_type_is_one_sentence_naming_the_key(
+    argv, message, monkeypatch, caplog, tmp_path
+):
+    """Hydra's own error for these is five lines and exit 1; any other bad value is one
+    sentence and exit 2, and so are these."""
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as stop:
+        launch(_never, "train", [*argv, "data=tiny"], TrainConfig)
+    assert stop.value.code == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{message}; see docs/reference/configuration.md for its allowed values."
+    ]
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+@pytest.mark.parametrize("argv", [["model=huge"], ["-m", "model=small,huge"]])
+def test_a_preset_that_does_not_exist_is_one_sentence_naming_the_presets(
+    argv, monkeypatch, caplog, tmp_path
+):
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as stop:
+        launch(_never, "train", [*argv, "data=tiny"], TrainConfig)
+    assert stop.value.code == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        "model=huge is not one of model=large, medium, small, tiny; python -m lmexp.train "
+        "--help lists each group's choices."
+    ]
+
+
 def test_a_misspelt_pruner_or_sampler_setting_is_refused_with_the_nearest_ones():
     with pytest.raises(LmexpError, match=r"pruner\.n_warmup_step is a setting none of .* did you mean n_warmup_steps\?"):  # fmt: skip
         check_sweeper_settings(["hydra.sweeper.pruner.n_warmup_step=2"])

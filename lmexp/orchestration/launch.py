@@ -72,13 +72,82 @@ def check_group_choices(argv: list[str], conf: Path) -> None:
         key, _, value = arg.lstrip("+~").partition("=")
         if not (conf / key).is_dir() or key.startswith("hydra"):
             continue
+        recipes = sorted(f.stem for f in (conf / key).glob("*.yaml") if f.stem[0] != "_")
         for choice in re.split(r"[,()\s]+", value):  # a sweep's a,b and choice(a,b) too
             if choice.startswith("_") and (conf / key / f"{choice}.yaml").is_file():
-                recipes = sorted(f.stem for f in (conf / key).glob("*.yaml") if f.stem[0] != "_")
                 raise LmexpError(
                     f"{key}={choice} is a base the {key} configs build on, not one to choose; "
                     f"choose one of {key}={', '.join(recipes)}."
                 )
+        if re.fullmatch(r"[\w.-]+(,[\w.-]+)*", value):  # plain choices, not a sweep function
+            for choice in value.split(","):
+                if choice != "null" and not (conf / key / f"{choice}.yaml").is_file():
+                    raise LmexpError(
+                        f"{key}={choice} is not one of {key}={', '.join(recipes)}; "
+                        f"python -m lmexp.train --help lists each group's choices."
+                    )
+
+
+def check_value_types(argv: list[str], schema: type) -> None:
+    """A value of the wrong type for its key (regularizer.tar=abc, optimizer.nonmono=1.5) in one
+    sentence naming the key and the type it takes, as any other bad value is; Hydra's own error
+    for it is five lines. Checked as Hydra would merge it, each value of a sweep's list too."""
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    parser = OverridesParser.create()
+    for arg in argv:
+        if arg.startswith(("-", "hydra", "~")) or "=" not in arg:
+            continue
+        try:
+            (override,) = parser.parse_overrides([arg])
+        except Exception:  # noqa: BLE001 - Hydra's own message says what it cannot parse
+            continue
+        key = override.key_or_group
+        annotation = _annotation(schema, key)
+        if annotation is None:  # a config group, or a key the key check already named
+            continue
+        value = override.value()
+        values = value.list if isinstance(value, ChoiceSweep) else [value]
+        if override.is_sweep_override() and not isinstance(value, ChoiceSweep):
+            continue  # range(), interval(): their own grammar checks the numbers
+        for one in values:
+            try:
+                OmegaConf.update(OmegaConf.structured(schema), key, one, merge=True)
+            except OmegaConfBaseException:
+                raise LmexpError(
+                    f"Invalid config: {key}={one!r} is not {_type_words(annotation)}; see "
+                    "docs/reference/configuration.md for its allowed values."
+                ) from None
+
+
+def _annotation(schema: type, key: str) -> Any:
+    """The type a dotted key has in the schema's dataclasses; None where it is not a leaf."""
+    import dataclasses
+    import typing
+
+    cls: Any = schema
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return None
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            return None
+        cls = hints[part]
+    return None if dataclasses.is_dataclass(cls) else cls
+
+
+def _type_words(annotation: Any) -> str:
+    import typing
+
+    kinds = set(typing.get_args(annotation)) or {annotation}
+    for kind, words in ((bool, "true or false"), (int, "an integer"), (float, "a number")):
+        if kind in kinds:
+            return words
+    return f"a value of type {getattr(annotation, '__name__', annotation)}"
 
 
 def check_sweeper_settings(argv: list[str]) -> None:
@@ -201,6 +270,7 @@ def launch(task: Callable[[Any], Any], config_name: str, argv: list[str], schema
     try:
         check_override_keys(argv, schema, groups)
         check_group_choices(argv, conf)
+        check_value_types(argv, schema)
         check_extras(argv)
         check_sweeper_settings(argv)
     except LmexpError as err:
