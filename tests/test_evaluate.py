@@ -261,6 +261,12 @@ def test_generate_is_deterministic_per_seed_and_emits_only_vocabulary(trained):
     assert set(generated) <= vocab
     by_id = run_module("lmexp.generate", run_id, *args[1:], cwd=cwd)
     assert by_id.stdout == first.stdout
+    by_short_id = run_module("lmexp.generate", run_id[:8], *args[1:], cwd=cwd)  # as tables show it
+    assert by_short_id.stdout == first.stdout, by_short_id.stderr
+    other = "0" if run_id[0] != "0" else "1"
+    nobody = run_module("lmexp.generate", other * 8, *args[1:], cwd=cwd)
+    assert nobody.returncode == 2
+    assert f"has an id starting with {other * 8}; check the run id" in nobody.stderr
 
 
 def test_report_record_of_a_run_matches_its_mlflow_metrics(trained):

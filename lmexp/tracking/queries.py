@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,13 +104,45 @@ class MlflowHistory(RunHistory):
         return {m.step for m in self.client.get_metric_history(self.run_id, key)}
 
 
+def full_run_id(uri: str, run_id: str) -> str:
+    """The run id that the short one (the 8 characters lmexp's tables show) starts, when one
+    run's does; a full id, or what is no id's start, as it is (fetching it then says why)."""
+    if not re.fullmatch(r"[0-9a-f]{1,31}", run_id):
+        return run_id
+    from mlflow.entities import ViewType
+
+    client = mlflow_client(uri)
+    experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    matches, token = [], None
+    while experiments:
+        page = client.search_runs(
+            experiments, run_view_type=ViewType.ALL, max_results=1000, page_token=token
+        )
+        matches += [r.info.run_id for r in page if r.info.run_id.startswith(run_id)]
+        token = page.token
+        if not token:
+            break
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise TrackingError(
+            f"No run in {redact(uri)} has an id starting with {run_id}; check the run id and "
+            "logger.tracking_uri (--tracking-uri), or pass a model.pt path."
+        )
+    raise TrackingError(
+        f"{run_id} starts {len(matches)} run ids in {redact(uri)} "
+        f"({', '.join(sorted(m[: len(run_id) + 4] for m in matches))}...); give more of it."
+    )
+
+
 def download_model(uri: str, run_id: str, dest: Path) -> Path:
     """Fetch a run's exported model (model/model.pt, config.json, vocab.json) into dest; return
-    the path of model.pt."""
+    the path of model.pt. run_id may be the start of one run's id."""
     from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    run_id = full_run_id(uri, run_id)
     client = mlflow_client(uri)
     local, base = [], None
     for name in MODEL_FILES:  # each lands in dest itself
