@@ -78,6 +78,17 @@ def test_a_store_that_cannot_be_used_is_one_sentence_naming_it(tmp_path, store, 
     assert (tmp_path / "notes.txt").read_text().startswith("not a database")  # left as it was
 
 
+def test_a_stopped_server_tells_a_report_where_to_point_not_how_to_train(tmp_path):
+    """lmexp.report, lmexp.evaluate and lmexp.generate read (--tracking-uri) and never train."""
+    port = _closed_port()
+    with pytest.raises(TrackingError) as err:
+        check_store(f"http://127.0.0.1:{port}", timeout=2, read_only=True)
+    assert str(err.value).endswith(
+        "start it, or pass --tracking-uri (or set MLFLOW_TRACKING_URI) to the store the runs were "
+        "logged to."
+    )
+
+
 def test_a_report_reads_only_a_store_that_exists_and_creates_none(tmp_path):
     with pytest.raises(TrackingError, match="does not exist, so there are no runs to read"):
         check_store(f"sqlite:///{tmp_path}/mlflow.db", read_only=True)

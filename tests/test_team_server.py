@@ -140,6 +140,39 @@ def test_a_wrong_password_is_refused_without_being_echoed(server, tmp_path):
             assert WRONG not in path.read_text(errors="replace"), path
 
 
+@pytest.mark.parametrize("how", ["login-in-the-uri", "wrong-password"])
+def test_a_login_problem_is_one_sentence_and_never_falls_back_to_another_store(
+    server, tmp_path, how
+):
+    """With logger.fallback_uri set (for a server that is down), a login problem still stops
+    the run: a login written into the URI (which the health check once read as a host name)
+    or a refused one. No run in either store, and the password echoed nowhere."""
+    host = server.url.split("://", 1)[1]
+    uri = f"http://{WRITER[0]}:{WRONG}@{host}" if how == "login-in-the-uri" else server.url
+    env = {"MLFLOW_TRACKING_USERNAME": WRITER[0] if how == "wrong-password" else ""}
+    env["MLFLOW_TRACKING_PASSWORD"] = WRONG if how == "wrong-password" else ""
+    before = len(_runs(server.url))
+    proc = run_module(
+        "lmexp.train", *TINY, "trainer.max_epochs=1", f"logger.tracking_uri={uri}",
+        f"logger.experiment_name={EXPERIMENT}", "logger.fallback_uri=sqlite:///fallback.db",
+        cwd=tmp_path, env=env,
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-2000:]
+    errors = [line for line in out.splitlines() if "[ERROR]" in line]
+    if how == "login-in-the-uri":
+        assert errors[0].endswith(
+            f"Tracking URI http://{WRITER[0]}:***@{host} holds a login; give the server's address "
+            "alone and the login in the environment (MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD), where it stays out of the run's params, logs and shell "
+            "history."
+        )
+    else:
+        assert "refused the login of user 'writer' (HTTP 401)" in errors[0]
+    assert len(errors) == 1 and WRONG not in out and "fallback" not in errors[0]
+    assert not (tmp_path / "fallback.db").exists() and len(_runs(server.url)) == before
+
+
 def test_a_reader_can_search_the_runs_but_not_train_into_them(server, tmp_path):
     before = len(_runs(server.url, READER))  # searching is what READ allows
     proc = _train(server, tmp_path, _as(READER))

@@ -26,6 +26,11 @@ class TrackingError(LmexpError):
     """The tracking store cannot be reached or opened."""
 
 
+class LoginError(TrackingError):
+    """The server refuses the login, or the URI carries one: the user's to fix, never a reason
+    to log elsewhere (logger.fallback_uri is for a store that is down)."""
+
+
 def resolve_tracking_uri(configured: str | None, launch_dir: Path) -> str:
     """logger.tracking_uri, else $MLFLOW_TRACKING_URI, else sqlite:///<launch dir>/mlflow.db.
 
@@ -91,6 +96,12 @@ def check_store(uri: str, timeout: float = 5.0, read_only: bool = False) -> None
     elif is_database(uri):
         check_database(uri, timeout)
     elif scheme in ("http", "https"):
+        if "@" in urllib.parse.urlparse(uri).netloc:
+            raise LoginError(
+                f"Tracking URI {redact(uri)} holds a login; give the server's address alone and "
+                f"the login in the environment ({USER_VAR} and {PASSWORD_VAR}), where it stays "
+                "out of the run's params, logs and shell history."
+            )
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
                 pass
@@ -98,9 +109,15 @@ def check_store(uri: str, timeout: float = 5.0, read_only: bool = False) -> None
             pass  # the server answered: it is reachable
         except (urllib.error.URLError, OSError) as err:
             reason = getattr(err, "reason", err)
+            how = (
+                "start it, or pass --tracking-uri (or set MLFLOW_TRACKING_URI) to the store the "
+                "runs were logged to"
+                if read_only
+                else "start it, fix logger.tracking_uri, or set "
+                "logger.fallback_uri=sqlite:///mlflow.db to train anyway"
+            )
             raise TrackingError(
-                f"Tracking server {redact(uri)} cannot be reached ({reason}); start it, fix "
-                "logger.tracking_uri, or set logger.fallback_uri=sqlite:///mlflow.db to train anyway."
+                f"Tracking server {redact(uri)} cannot be reached ({reason}); {how}."
             ) from err
         check_login(uri, timeout)
     elif scheme in ("", "file"):
@@ -139,7 +156,7 @@ def check_login(uri: str, timeout: float) -> None:
             pass
     except urllib.error.HTTPError as err:
         if err.code == 401:
-            raise TrackingError(login_refused(uri)) from None
+            raise LoginError(login_refused(uri)) from None
     except (urllib.error.URLError, OSError):
         pass  # reachable a moment ago; MLflow's client retries what follows
 
@@ -328,7 +345,7 @@ def usable_store(
         check_store(uri, timeout)
         return uri, None
     except TrackingError as err:
-        if not fallback_uri:
+        if not fallback_uri or isinstance(err, LoginError):
             raise
         check_store(fallback_uri, timeout)
         return fallback_uri, f"{err} Logging to the fallback {redact(fallback_uri)} instead."
