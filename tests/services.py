@@ -10,6 +10,8 @@ to reach it, and stops it all on Enter.
 from __future__ import annotations
 
 import contextlib
+import functools
+import http.server
 import os
 import re
 import shutil
@@ -18,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -440,3 +443,45 @@ if __name__ == "__main__":
         print(f"export SLURM_CONF={cluster.env['SLURM_CONF']}")
         print(f"MLflow server: {server.url} (backend {pg.uri('mlflow', '***')})")
         input("Running; press Enter to stop everything. ")
+
+
+# --- a file server: the mirrors a download is tried against -------------------------------------
+
+
+class FileHandler(http.server.BaseHTTPRequestHandler):
+    def __init__(self, *args, routes, **kwargs):
+        self.routes = routes
+        super().__init__(*args, **kwargs)
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        body = self.routes.get(self.path)
+        self.routes.setdefault("_hits", []).append(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        announced = len(body)
+        if isinstance(body, tuple):  # (announced length, bytes): breaks off mid-download
+            announced, body = body
+        self.send_response(200)
+        self.send_header("Content-Length", str(announced))
+        self.end_headers()
+        self.wfile.write(body)
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def serving(routes: dict[str, bytes]):
+    """A real HTTP server on a free loopback port, in a thread; its base URL."""
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(FileHandler, routes=routes)
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

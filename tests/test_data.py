@@ -1,13 +1,16 @@
 from __future__ import annotations
 
 import io
+import re
 import shutil
+import socket
 import tarfile
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import text_folder
+from services import free_port, serving
 
 from lmexp.config import DataConfig
 from lmexp.data import (
@@ -15,6 +18,7 @@ from lmexp.data import (
     DataError,
     batchify,
     build_vocab,
+    download_ptb,
     encode,
     load_corpus,
     md5sum,
@@ -134,6 +138,63 @@ def test_offline_download_says_how_to_point_data_root(tmp_path):
     cfg = DataConfig(cache_dir=str(tmp_path), url="http://127.0.0.1:9/simple-examples.tgz")
     with pytest.raises(DataError, match=r"Could not download PTB .* set data\.root"):
         ptb_root(cfg)
+
+
+def test_a_ptb_mirror_that_breaks_off_or_serves_a_page_is_passed_over_for_the_next(
+    ptb_dir, tmp_path, caplog
+):
+    """The same download path as WikiText-2's, against a real HTTP server: nothing listening,
+    a 404, a proxy's page, an archive cut off mid-download (IncompleteRead), then the archive."""
+    payload = _archive(ptb_dir, tmp_path / "simple-examples.tgz").read_bytes()
+    routes = {
+        "/portal/simple-examples.tgz": b"<html>Please log in</html>",
+        "/broken/simple-examples.tgz": (len(payload), payload[:5000]),
+        "/good/simple-examples.tgz": payload,
+    }
+    closed = f"http://127.0.0.1:{free_port()}/simple-examples.tgz"
+    with serving(routes) as base, caplog.at_level("INFO", logger="lmexp.data"):
+        urls = [
+            closed,
+            *(f"{base}/{p}/simple-examples.tgz" for p in ("gone", "portal", "broken", "good")),
+        ]
+        root = ptb_root(DataConfig(cache_dir=str(tmp_path / "cache"), url=urls))
+    assert [r.getMessage() for r in caplog.records] == [f"Downloading PTB from {u}" for u in urls]
+    assert all(md5sum(root / f"ptb.{s}.txt") == PTB_MD5[s] for s in PTB_MD5)
+
+
+def test_no_ptb_mirror_serving_is_one_sentence_naming_each_once(ptb_dir, tmp_path):
+    routes = {"/portal/simple-examples.tgz": b"<html>Please log in</html>"}
+    closed = f"http://127.0.0.1:{free_port()}/simple-examples.tgz"
+    with serving(routes) as base, pytest.raises(DataError) as err:
+        portal = f"{base}/portal/simple-examples.tgz"
+        ptb_root(DataConfig(cache_dir=str(tmp_path / "cache"), url=[closed, portal]))
+    message = str(err.value)
+    assert message.startswith(f"Could not download PTB from data.url ({closed}: ")
+    assert f"; {portal} is not a tar archive (truncated, or not simple-examples.tgz: a " in message
+    assert message.endswith(
+        "set data.root to its simple-examples/data folder (which holds ptb.train.txt, "
+        "ptb.valid.txt and ptb.test.txt), or to the .tgz itself."
+    )
+    assert message.count(portal) == 1 and ".;" not in message and "\n" not in message
+    assert not (tmp_path / "cache" / "ptb").exists()
+
+
+def test_a_mirror_that_never_answers_is_named_with_the_time_it_was_given(tmp_path):
+    with socket.socket() as silent:  # accepts connections (the backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/simple-examples.tgz"
+        with pytest.raises(DataError, match=rf"\({re.escape(url)}: no answer within 1 s\)"):
+            download_ptb([url], tmp_path / "ptb", timeout=1)
+
+
+def test_the_ptb_archive_itself_is_a_data_root(ptb_dir, tmp_path):
+    archive = _archive(ptb_dir, tmp_path / "simple-examples.tgz")
+    cfg = DataConfig(root=str(archive), cache_dir=str(tmp_path / "cache"))
+    assert load_corpus(cfg).test.equal(load_corpus(DataConfig(root=str(ptb_dir))).test)
+    corrupt = _archive(ptb_dir, tmp_path / "bad.tgz", corrupt=True)
+    with pytest.raises(DataError, match=r"ptb\.test\.txt from .*bad\.tgz has MD5"):
+        ptb_root(DataConfig(root=str(corrupt), cache_dir=str(tmp_path / "other")))
 
 
 @pytest.mark.parametrize(

@@ -4,20 +4,16 @@ one-sentence refusals (offline, a truncated zip, missing files), then a real tra
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import hashlib
-import http.server
 import io
 import os
 import random
-import threading
 import zipfile
 from pathlib import Path
 
 import pytest
 from conftest import TINY, mlflow_runs, run_module
-from services import free_port
+from services import free_port, serving
 
 from lmexp.config import DataConfig
 from lmexp.data import DataError, load_corpus, wikitext2
@@ -49,45 +45,6 @@ def wt2_zip(files: dict[str, str] = FILES) -> bytes:
         for split, text in files.items():
             archive.writestr(f"wikitext-2/wiki.{split}.tokens", text)
     return buffer.getvalue()
-
-
-class Handler(http.server.BaseHTTPRequestHandler):
-    def __init__(self, *args, routes, **kwargs):
-        self.routes = routes
-        super().__init__(*args, **kwargs)
-
-    def do_GET(self):  # noqa: N802 (http.server's name)
-        body = self.routes.get(self.path)
-        self.routes.setdefault("_hits", []).append(self.path)
-        if body is None:
-            self.send_error(404)
-            return
-        announced = len(body)
-        if isinstance(body, tuple):  # (announced length, bytes): breaks off mid-download
-            announced, body = body
-        self.send_response(200)
-        self.send_header("Content-Length", str(announced))
-        self.end_headers()
-        self.wfile.write(body)
-        self.close_connection = True
-
-    def log_message(self, *args):
-        pass
-
-
-@contextlib.contextmanager
-def serving(routes: dict[str, bytes]):
-    """A real HTTP server on a free loopback port, in a thread; its base URL."""
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(Handler, routes=routes)
-    )
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def config(tmp_path: Path, url, **kw) -> DataConfig:

@@ -9,15 +9,23 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import http.client
+import logging
 import os
 import tempfile
-from collections.abc import Sequence
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from lmexp.config import LmexpError
+
+log = logging.getLogger("lmexp.data")
+T = TypeVar("T")
 
 SPLITS = ("train", "valid", "test")
 EOS = "<eos>"
@@ -93,6 +101,43 @@ def encode(words: Sequence[str], vocab: Sequence[str]) -> torch.Tensor:
 def mirrors(url: str | list[str]) -> list[str]:
     """data.url as the list of URLs to try, in order (one URL, or a list of mirrors)."""
     return [url] if isinstance(url, str) else list(url)
+
+
+def download(
+    urls: list[str],
+    read: Callable[[bytes, str], T],
+    what: str,
+    get_it: str,
+    timeout: float = 60.0,
+) -> T:
+    """What `read(payload, url)` makes of the first mirror's download it accepts, each mirror
+    said as it is tried. A mirror that does not answer within timeout, breaks off, or serves
+    what `read` refuses (a proxy's page, a truncated archive) is passed over for the next; none
+    serving is one DataError naming each failure and how to get the corpus (get_it). With one
+    URL, read's own refusal is the sentence."""
+    failures = []
+    for url in urls:
+        log.info("Downloading %s from %s", what, url)
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                payload = response.read()
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as err:
+            failures.append(f"{url}: {_download_failure(err, timeout)}")
+            continue
+        try:
+            return read(payload, url)
+        except DataError as err:
+            if len(urls) == 1:
+                raise
+            failures.append(str(err).rstrip("."))  # it names the URL itself
+    raise DataError(f"Could not download {what} from data.url ({'; '.join(failures)}); {get_it}.")
+
+
+def _download_failure(err: BaseException, timeout: float) -> str:
+    reason = getattr(err, "reason", None) or err
+    if isinstance(reason, TimeoutError):
+        return f"no answer within {timeout:g} s"
+    return str(reason) if isinstance(reason, str) else repr(reason)
 
 
 def md5sum(path: Path) -> str:

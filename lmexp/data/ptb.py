@@ -6,8 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import tarfile
-import urllib.error
-import urllib.request
+import zlib
 from pathlib import Path
 
 from lmexp.config import DataConfig
@@ -17,6 +16,7 @@ from lmexp.data.corpus import (
     DataError,
     atomic_write_bytes,
     corpus_from_words,
+    download,
     mirrors,
     read_words,
 )
@@ -56,60 +56,75 @@ def check_ptb_folder(root: Path, verify_md5: bool = True) -> None:
                 )
 
 
-def download_ptb(url: str, dest: Path, timeout: float = 60.0) -> Path:
-    """Fetch Mikolov's archive, verify each split's MD5 and write the files atomically into dest."""
-    dest.mkdir(parents=True, exist_ok=True)
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            payload = response.read()
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        reason = getattr(err, "reason", err)
-        raise DataError(
-            f"Could not download PTB from {url} ({reason}); download simple-examples.tgz on a "
-            "machine with internet access and set data.root to the folder holding its "
-            "ptb.train.txt, ptb.valid.txt and ptb.test.txt."
-        ) from err
+GET_IT = (
+    "download simple-examples.tgz on a machine with internet access, extract it, and set "
+    "data.root to its simple-examples/data folder (which holds ptb.train.txt, ptb.valid.txt and "
+    "ptb.test.txt), or to the .tgz itself"
+)
+
+
+def read_archive(payload: bytes, source: str) -> dict[str, bytes]:
+    """The three PTB files of Mikolov's archive, each MD5-verified; DataError for anything else
+    (not a tar archive, a file missing, a corrupt file)."""
     try:
         archive = tarfile.open(fileobj=io.BytesIO(payload), mode="r:*")  # noqa: SIM115 (closed below)
-    except tarfile.TarError as err:
-        raise DataError(f"The download from {url} is not a tar archive ({err}).") from err
+    except tarfile.TarError:
+        raise DataError(
+            f"{source} is not a tar archive (truncated, or not simple-examples.tgz: a proxy's "
+            "page?)."
+        ) from None
+    files = {}
     with archive:
         # Read the three files by name; nothing else in the archive is extracted.
         members = {Path(m.name).name: m for m in archive.getmembers() if m.isfile()}
         for split in SPLITS:
             name = f"ptb.{split}.txt"
             if name not in members:
-                raise DataError(f"The archive from {url} has no {name}.")
-            data = archive.extractfile(members[name]).read()  # type: ignore[union-attr]
+                raise DataError(f"The archive {source} has no {name}.")
+            try:
+                data = archive.extractfile(members[name]).read()  # type: ignore[union-attr]
+            except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
+                raise DataError(f"{source} is truncated or corrupt ({err}).") from None
             got = hashlib.md5(data).hexdigest()
             if got != PTB_MD5[split]:
                 raise DataError(
-                    f"{name} from {url} has MD5 {got}, not {PTB_MD5[split]}; the download is "
-                    "corrupt: delete it and try again, or set data.root to a verified copy."
+                    f"{name} from {source} has MD5 {got}, not {PTB_MD5[split]}; the archive is "
+                    "corrupt or another corpus: use Mikolov's simple-examples.tgz, or set "
+                    "data.root to a verified copy."
                 )
-            atomic_write_bytes(dest / name, data)
+            files[name] = data
+    return files
+
+
+def download_ptb(urls: list[str], dest: Path, timeout: float = 60.0) -> Path:
+    """Fetch Mikolov's archive from the first mirror that serves it, verify each split's MD5
+    and write the files atomically into dest."""
+    return keep(download(urls, read_archive, "PTB", GET_IT, timeout), dest)
+
+
+def keep(files: dict[str, bytes], dest: Path) -> Path:
+    """The verified files written into dest, each atomically."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        atomic_write_bytes(dest / name, data)
     return dest
 
 
 def ptb_root(cfg: DataConfig) -> Path:
     """The verified PTB folder: data.root if given, else the cache (downloading once)."""
+    cache = Path(cfg.cache_dir).expanduser() / "ptb"
     if cfg.root:
         root = Path(cfg.root).expanduser().resolve()
+        if root.is_file():  # simple-examples.tgz itself: its three files, verified, into the cache
+            return keep(read_archive(root.read_bytes(), str(root)), cache)
         check_ptb_folder(root, cfg.verify_md5)
         return root
-    cache = Path(cfg.cache_dir).expanduser() / "ptb"
     try:
         check_ptb_folder(cache, verify_md5=True)
         return cache
     except DataError:
         pass
-    urls = mirrors(cfg.url)
-    for url in urls[:-1]:  # mirrors tried in order; the last one's failure is the sentence
-        try:
-            return download_ptb(url, cache)
-        except DataError:
-            continue
-    return download_ptb(urls[-1], cache)
+    return download_ptb(mirrors(cfg.url), cache)
 
 
 def load_ptb(root: Path) -> Corpus:

@@ -14,13 +14,10 @@ files as it reads PTB (`tokenize`: `<eos>` at each line end), so it counts the s
 from __future__ import annotations
 
 import hashlib
-import http.client
 import io
 import os
 import shutil
 import tempfile
-import urllib.error
-import urllib.request
 import zipfile
 import zlib
 from pathlib import Path
@@ -31,6 +28,7 @@ from lmexp.data.corpus import (
     Corpus,
     DataError,
     corpus_from_words,
+    download,
     mirrors,
     read_words,
 )
@@ -94,9 +92,9 @@ def read_zip(payload: bytes, source: str) -> dict[str, bytes]:
                 )
             return {split: archive.read(members[name]) for split, name in FILES.items()}
     except (zipfile.BadZipFile, zlib.error, EOFError) as err:
+        how = "" if "://" in source else f"; delete it and download it again, or {GET_IT}"
         raise DataError(
-            f"{source} is not a readable zip ({err}): truncated or corrupt; delete it and "
-            f"download it again, or {GET_IT}."
+            f"{source} is not a readable zip ({err}): truncated or corrupt{how}."
         ) from err
 
 
@@ -136,29 +134,17 @@ def extract(files: dict[str, bytes], dest: Path) -> Path:
     return dest
 
 
-def download(urls: list[str], verify: bool, timeout: float = 60.0) -> tuple[dict[str, bytes], str]:
-    """The three files from the first mirror whose zip reads and verifies: (files, its URL). A
-    mirror that does not answer, breaks off, or serves something else (a proxy's page, a
-    corrupt zip) is passed over for the next; DataError naming each failure if none serves."""
-    failures = []
-    for url in urls:
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as response:
-                payload = response.read()
-        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as err:
-            failures.append(f"{url}: {getattr(err, 'reason', None) or err!r}")
-            continue
-        try:
-            files = read_zip(payload, url)
-            _check_files(files, f"{url}:wikitext-2", verify)
-            return files, url
-        except DataError as err:
-            if len(urls) == 1:
-                raise
-            failures.append(f"{url}: {err}")
-    raise DataError(
-        f"Could not download WikiText-2 from data.url ({'; '.join(failures)}); {GET_IT}."
-    )
+def download_zip(
+    urls: list[str], verify: bool, timeout: float = 60.0
+) -> tuple[dict[str, bytes], str]:
+    """The three files from the first mirror whose zip reads and verifies: (files, its URL)."""
+
+    def read(payload: bytes, url: str) -> tuple[dict[str, bytes], str]:
+        files = read_zip(payload, url)
+        _check_files(files, f"{url}:wikitext-2", verify)
+        return files, url
+
+    return download(urls, read, "WikiText-2", GET_IT, timeout)
 
 
 def wikitext2_root(cfg: DataConfig) -> Path:
@@ -178,7 +164,7 @@ def wikitext2_root(cfg: DataConfig) -> Path:
         return cache
     except DataError:
         pass
-    files, _ = download(mirrors(cfg.url), cfg.verify_md5)
+    files, _ = download_zip(mirrors(cfg.url), cfg.verify_md5)
     return extract(files, cache)
 
 
