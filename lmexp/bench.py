@@ -170,6 +170,32 @@ def time_loop(
     return words / (time.perf_counter() - start)
 
 
+# The repeats of a variant on a quiet machine stay within a few percent of each other (at most
+# 7% in the committed records: results/bench_cpu_*.json). Past SPREAD_LIMIT the machine was busy
+# or throttling, and a median's ratio to another says nothing about the programs.
+SPREAD_LIMIT = 0.20
+
+
+def judge(variants: dict[str, dict[str, float]], repeats: int) -> list[str]:
+    """Why the table's ratios cannot be trusted, one sentence each; none when they can."""
+    if repeats < 3:
+        return [
+            f"bench.repeats={repeats}: too few repeats to tell a quiet machine from a busy one; "
+            "use 3 or more before comparing the ratios."
+        ]
+    warnings = []
+    for name, v in variants.items():
+        spread = (v["wps_max"] - v["wps_min"]) / v["wps_median"]
+        if spread > SPREAD_LIMIT:
+            warnings.append(
+                f"{name}'s repeats spread {spread:.0%} of its median ({v['wps_min']:.0f} to "
+                f"{v['wps_max']:.0f} words/s; a quiet machine stays under {SPREAD_LIMIT:.0%}): "
+                "something else ran on these cores, so the ratios mean nothing; rerun on a "
+                "quiet machine."
+            )
+    return warnings
+
+
 def stats(samples: list[float]) -> dict[str, float]:
     return {
         "wps_median": statistics.median(samples),
@@ -381,6 +407,7 @@ def run_bench(cfg: BenchConfig, device: torch.device) -> dict[str, Any]:
             "bench.warmup_batches": b.warmup_batches,
         },
         "variants": variants,
+        "warnings": judge(variants, b.repeats),
     }
     if eval_samples:
         result["eval"] = {"lmexp": stats(eval_samples)}  # type: ignore[arg-type]
@@ -418,6 +445,8 @@ def task(cfg: Any) -> None:
         log.error("%s", err)
         sys.exit(2)
     print(format_table(result), flush=True)
+    for warning in result["warnings"]:
+        log.warning("Not a result: %s", warning)
     if typed.bench.output:
         out = Path(typed.bench.output)
         out.parent.mkdir(parents=True, exist_ok=True)
