@@ -257,7 +257,7 @@ def start_tracking(
     elif ctx.parent_run_id:
         name = child_name(ctx.swept, ctx.overrides, ctx.job_num)
     else:
-        name = single_name(cfg.model.name, ctx.overrides)
+        name = single_name(cfg.model.name, ctx.overrides, ctx.output_dir.name)
     system_metrics = lg.system_metrics if lg.system_metrics is not None else cfg.data.name != "tiny"
     earlier = remembered_run(ctx.output_dir, redact(uri)) if run_id is None else None
     if earlier is not None:

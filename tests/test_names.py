@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lmexp.reporting.names import child_name, parent_name, single_name
+from lmexp.reporting.names import MAX_NAME_CHARS, child_name, parent_name, single_name
 
 # Fast, in-process tests of the library: the unit lane (pytest -m unit).
 pytestmark = pytest.mark.unit
@@ -36,8 +36,12 @@ def test_a_single_run_is_named_by_its_recipe_and_what_it_changed():
         "data.root=/data/ptb", "model=small", "dropout.dp_keep_prob=0.8", "lr_policy=plateau",
         "trainer.threads=1", "trainer.progress=false", "logger.experiment_name=x",
     ]  # fmt: skip
-    assert single_name("small", overrides) == "small dp_keep_prob=0.8 lr_policy=plateau"
-    assert single_name("medium", []) == "medium"
+    assert single_name("small", overrides, "16-39-15") == (
+        "small dp_keep_prob=0.8 lr_policy=plateau (16-39-15)"
+    )
+    assert single_name("medium", [], "16-40-02") == "medium (16-40-02)"
+    long = single_name("small", [f"model.k{i}=1" for i in range(40)], "16-40-02")
+    assert long.endswith("… (16-40-02)") and len(long) == MAX_NAME_CHARS
 
 
 def test_a_parent_is_named_by_what_its_sweep_varies():

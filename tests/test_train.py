@@ -63,7 +63,7 @@ def test_tiny_run_logs_every_metric_every_epoch_and_learns(tmp_path):
     assert (tmp_path / "out" / "run" / "checkpoints" / "last.pt").is_file()
     assert (tmp_path / "out" / "run" / "checkpoints" / "best.pt").is_file()
     # Named by its recipe and what the command changed; its mean speed under its own name.
-    assert run.info.run_name == "tiny data=tiny max_epochs=4"
+    assert run.info.run_name == "tiny data=tiny max_epochs=4 (run)"  # and its folder
     wps = [v for _, v in metric_history(db, run.info.run_id, "train_wps")]
     seconds = [v for _, v in metric_history(db, run.info.run_id, "epoch_time_s")]
     words = sum(w * t for w, t in zip(wps, seconds, strict=True))  # all words over all time

@@ -46,16 +46,18 @@ def child_name(swept: list[str], overrides: list[str], job_num: int | None) -> s
     return f"{name} #{job_num}" if shortened or not parts else name
 
 
-def single_name(recipe: str, overrides: list[str]) -> str:
-    """`small dp_keep_prob=0.8 lr_policy=plateau`: the recipe and what the command changed."""
+def single_name(recipe: str, overrides: list[str], folder: str) -> str:
+    """`small dp_keep_prob=0.8 lr_policy=plateau (16-39-15)`: the recipe, what the command
+    changed, and its run folder, so that two runs of one command have names of their own."""
     values = _values(overrides)
     named = [
         k for k in values if k not in _NOT_NAMED and k != "model" and not k.startswith("hydra")
     ]
     short = short_keys(named)
     parts = [recipe, *(f"{short[k]}={short_value(values[k])[0]}" for k in named)]
-    name = " ".join(parts)
-    return name if len(name) <= MAX_NAME_CHARS else name[: MAX_NAME_CHARS - 1] + "…"
+    name, end = " ".join(parts), f" ({folder})"
+    room = MAX_NAME_CHARS - len(end)
+    return (name if len(name) <= room else name[: room - 1] + "…") + end
 
 
 def parent_name(swept: list[str], folder: str) -> str:
