@@ -206,6 +206,7 @@ def test_unreachable_tracking_server_fails_within_seconds_naming_it(tmp_path):
     assert "Tracking server http://127.0.0.1:9 cannot be reached" in proc.stdout + proc.stderr
     assert "Epoch 1" not in proc.stdout + proc.stderr
     assert time.monotonic() - started < 30
+    assert list((tmp_path / "outputs").rglob("*")) == []  # no folder of a run that never ran
 
 
 def test_unreachable_tracking_server_with_fallback_trains_and_says_where(tmp_path):

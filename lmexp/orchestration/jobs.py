@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -51,6 +52,7 @@ def task(cfg: Any) -> float:
         return value
     except LmexpError as err:
         log.error("%s", err)
+        discard_if_bare()
         sys.exit(2)
     except RunStopped as stop:  # a preemption signal: the run is checkpointed and closed
         sys.exit(stop.exit_code)
@@ -60,6 +62,28 @@ def task(cfg: Any) -> float:
         sys.exit(130)
     finally:
         _running.clear()
+
+
+# What Hydra and lmexp put in a run folder before any work: the composed config, the log, the lock.
+BARE = {".hydra", "train.log", ".lmexp.lock"}
+
+
+def discard_if_bare() -> None:
+    """A single run refused before it wrote anything (a missing corpus, no GPU) leaves no folder
+    behind: it would hold only Hydra's config and the log of the error just printed, and make the
+    folder of a real run to resume harder to find among them."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    out = Path(hc.runtime.output_dir)
+    if hc.mode == RunMode.MULTIRUN or not out.is_dir():
+        return
+    if {p.name for p in out.iterdir()} <= BARE:
+        shutil.rmtree(out, ignore_errors=True)
+        day = out.parent  # outputs/<date>/, Hydra's, when nothing else is left in it
+        if day.parent.name == "outputs" and not any(day.iterdir()):
+            day.rmdir()
 
 
 _running = threading.Event()  # set while this process runs a job
