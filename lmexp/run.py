@@ -347,7 +347,9 @@ def finish(run: Run, position: Position, ctx: RunContext) -> None:
         },
         step=t.max_epochs,
     )
-    log.info("Test perplexity %.2f (best valid %.2f)", test_ppl, position.best_valid)
+    log.info(  # the final weights are tested, not best.pt's: say so beside the best valid
+        "Test perplexity %.2f of the final model (best valid %.2f)", test_ppl, position.best_valid
+    )
     if t.limit_eval_batches is not None:
         log.warning("Not the full test split: %s.", eval_scope(t.limit_eval_batches))
     export_model(run.model, run.corpus, ctx, run.tracker, test_ppl, run.cfg.logger.log_model)

@@ -456,6 +456,7 @@ def test_a_corpus_whose_valid_words_train_never_has_says_so_and_logs_the_share(t
     )
     assert "of the test split's words" not in out
     assert " INFO mlflow" not in out  # a fresh store: MLflow's own table-creation lines are quiet
+    assert re.search(r"Test perplexity [\d.]+ of the final model \(best valid [\d.]+\)", out)
     (run,) = mlflow_runs(tmp_path / "mlflow.db")
     assert float(run.data.params["data.unseen_valid"]) == pytest.approx(share, rel=1e-5)
     assert float(run.data.params["data.unseen_test"]) == 0.0
