@@ -133,5 +133,13 @@ def test_help_lists_the_recipes_and_choices_not_the_bases(entry):
     recipes = sorted(p.stem for p in (conf_dir() / "experiment").glob("[!_]*.yaml"))
     assert groups["experiment"].split(", ") == recipes
     assert groups["model"] == "large, medium, small, tiny"
-    assert groups["hydra/launcher"] == "slurm, slurm_cpu"
+    # lmexp's presets and the Hydra launchers its sweep extra installs (the README uses joblib)
+    assert (
+        groups["hydra/launcher"]
+        == "basic, joblib, slurm, slurm_cpu, submitit_local, submitit_slurm"
+    )
     assert "_pytorch_base" not in out and "_examples_tied" not in out
+    if entry == "lmexp.bench":  # examples and the bench's own keys, not the whole training config
+        assert "python -m lmexp.bench model=medium trainer.precision=bf16" in out
+        assert "bench.repeats=3" in out and "bench.log_mlflow=false" in out
+        assert "lr_decay:" not in out  # no dump of the training config

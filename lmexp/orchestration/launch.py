@@ -216,15 +216,29 @@ def config_choices() -> str:
     """The config groups and the choices of each, one `group: a, b, c` line per group, for
     --help (conf/train.yaml's hydra.help.template). Unlike Hydra's own list, it leaves out the
     bases (`_`-named, which check_group_choices refuses) and shows hydra/launcher's presets."""
+    import importlib.util
+
     from lmexp.config import conf_dir
 
     conf = conf_dir()
     lines = []
     for folder in sorted(p for p in conf.rglob("*") if p.is_dir() and p.name[0] != "_"):
         choices = sorted(f.stem for f in folder.glob("*.yaml") if not f.stem.startswith("_"))
+        group = folder.relative_to(conf).as_posix()
+        if group == "hydra/launcher":  # Hydra's own launchers too, those installed
+            plugins = {"basic": "hydra", **PLUGIN_LAUNCHERS}
+            choices += [c for c, m in plugins.items() if importlib.util.find_spec(m) is not None]
         if choices:
-            lines.append(f"{folder.relative_to(conf).as_posix()}: {', '.join(choices)}")
+            lines.append(f"{group}: {', '.join(sorted(choices))}")
     return "\n".join(lines)
+
+
+# Hydra's launcher plugins lmexp's sweep extra installs, by the choice that selects each.
+PLUGIN_LAUNCHERS = {
+    "joblib": "hydra_plugins.hydra_joblib_launcher",
+    "submitit_local": "hydra_plugins.hydra_submitit_launcher",
+    "submitit_slurm": "hydra_plugins.hydra_submitit_launcher",
+}
 
 
 def register_resolvers() -> None:
@@ -234,6 +248,25 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("lmexp.unique_dir", unique_dir, use_cache=True)
     if not OmegaConf.has_resolver("lmexp.config_choices"):
         OmegaConf.register_new_resolver("lmexp.config_choices", config_choices)
+    if not OmegaConf.has_resolver("lmexp.bench_keys"):
+        OmegaConf.register_new_resolver("lmexp.bench_keys", bench_keys)
+
+
+def bench_keys() -> str:
+    """The bench section's keys with their defaults, from the schema, for lmexp.bench --help."""
+    import dataclasses
+
+    from lmexp.config import BenchSettings
+
+    def shown(value: Any) -> str:  # as it is typed on the command line
+        if isinstance(value, list):
+            return f"[{','.join(value)}]"
+        if isinstance(value, bool) or value is None:
+            return {True: "true", False: "false", None: "null"}[value]
+        return str(value)
+
+    pairs = [f"bench.{k}={shown(v)}" for k, v in dataclasses.asdict(BenchSettings()).items()]
+    return "\n".join("  " + "  ".join(pairs[i : i + 3]) for i in range(0, len(pairs), 3))
 
 
 def register_sweeper() -> None:
