@@ -35,7 +35,7 @@ def main() -> None:
         ax.axhline(args.published_valid, color="grey", ls="--", lw=1,
                    label=f"{args.label} valid {args.published_valid}")  # fmt: skip
     final = record["final"]
-    ax.set(xlabel="epoch", ylabel="perplexity", yscale="log",
+    ax.set(xlabel="epoch", ylabel="perplexity (log scale)", yscale="log",
            title=f"{record['run_name']}: test {final['test_ppl']:.2f}")  # fmt: skip
     ax.set_yticks([50, 75, 100, 150, 200, 300, 400])
     ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())

@@ -70,3 +70,18 @@ def test_a_large_sweeps_description_fits_mlflows_limit_and_names_the_full_table(
     assert note.endswith("**Over seeds**")  # the groups part kept whole
     small = fitted_note(records[:3], ["dropout.dp_keep_prob"], None, "FINISHED")
     assert "The best" not in small and small.count("| dp_keep_prob=") == 3
+
+
+def test_a_log_perplexity_axis_says_it_is_one():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from lmexp.reporting.summary import _plain_axes
+
+    fig, ax = plt.subplots()
+    ax.set_ylabel("validation perplexity")
+    _plain_axes(ax, log_y=True)
+    assert (ax.get_yscale(), ax.get_ylabel()) == ("log", "validation perplexity (log scale)")
+    plt.close(fig)

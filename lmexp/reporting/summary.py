@@ -172,8 +172,9 @@ def _plain_axes(ax: Any, log_y: bool) -> None:
     from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if log_y:
+    if log_y:  # perplexities span a factor of ten over a run: said on the axis, not hidden
         ax.set_yscale("log")
+        ax.set_ylabel(f"{ax.get_ylabel()} (log scale)")
         for axis_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
             formatter = ScalarFormatter()
             formatter.set_scientific(False)
@@ -379,7 +380,7 @@ def _plot_group_curves(
         high = [max(v) if v else math.nan for v in per_epoch]
         ax.fill_between(epochs, low, high, color=colour, alpha=0.2)
     _plain_axes(ax, log_y=True)
-    ylabel = "validation perplexity (mean; band: lowest to highest seed)"
+    ylabel = "validation perplexity (mean; band: lowest to highest seed; log scale)"
     path = out / "learning_curves_groups.png"
     return _save(fig, ax, path, "epoch", ylabel, "Learning curves over seeds")
 
