@@ -43,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--sweep-dir", type=Path, help="only the runs of the sweep in this multirun folder"
     )
     parser.add_argument(
-        "--out", type=Path, default=Path("report"), help="folder for CSV, Markdown, PNGs"
+        "--out",
+        type=Path,
+        help="folder for CSV, Markdown, PNGs (default: report here; with --sweep-dir, the "
+        "sweep's own report folder, brought up to date)",
     )
     parser.add_argument("--force", action="store_true", help="replace a report already in --out")
     parser.add_argument(
@@ -90,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             if closed:
                 print(f"closed the sweep's parent run {parent} as {closed}: its process is gone")
+        if args.out is None and args.sweep_dir:  # the sweep's own report, brought up to date
+            args.out, args.force = args.sweep_dir / "report", True
+        args.out = args.out or Path("report")
         if args.out.exists() and any(args.out.iterdir()) and not args.force:
             raise LmexpError(
                 f"{args.out} already holds files (an earlier report?); pass --out for another "

@@ -77,3 +77,22 @@ def test_report_of_a_missing_or_damaged_store_is_one_sentence_and_creates_nothin
         f"restore {db} from a backup, or pass --tracking-uri of another store."
     )
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "rep").exists()
+
+
+@pytest.mark.slow
+def test_a_sweeps_report_is_brought_up_to_date_in_its_folder_as_often_as_asked(tmp_path):
+    """lmexp.report --sweep-dir rewrites the report the sweep wrote into its folder, rather than
+    a second copy here and then a refusal the next time."""
+    sweep = run_module(
+        "lmexp.train", "-m", *TINY, "trainer.max_epochs=1", "dropout.dp_keep_prob=0.5,0.9",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    (folder,) = [p.parent for p in (tmp_path / "multirun").glob("*/*/mlflow_sweep.json")]
+    written = (folder / "report" / "runs.csv").read_text()
+    for _ in range(2):
+        again = run_module("lmexp.report", "--sweep-dir", str(folder), cwd=tmp_path)
+        assert again.returncode == 0, again.stderr
+        assert f"wrote {folder / 'report' / 'runs.csv'}" in again.stdout
+    assert (folder / "report" / "runs.csv").read_text() == written
+    assert not (tmp_path / "report").exists()
