@@ -126,9 +126,13 @@ def test_record_is_internally_consistent(record):
         kind=c.get("lr_policy.kind", c.get("lr_policy.name")),  # older records: lr_policy.name
         lr=float(c["lr_policy.lr"]), lr_decay=float(c["lr_policy.lr_decay"]),
         max_epoch=int(c["lr_policy.max_epoch"]),
+        plateau_factor=float(c.get("lr_policy.plateau_factor", 4.0)),
+        plateau_patience=int(c.get("lr_policy.plateau_patience", 0)),
+        min_lr=float(c.get("lr_policy.min_lr", 0.0)),
     )  # fmt: skip
+    valid = [e["valid_ppl"] for e in r["epochs"]]  # what a plateau policy decides on
     assert [e["lr"] for e in r["epochs"]] == pytest.approx(
-        [learning_rate(policy, i) for i in range(len(r["epochs"]))]
+        [learning_rate(policy, i, valid) for i in range(len(r["epochs"]))]
     )
     train = [e["train_ppl"] for e in r["epochs"]]
     # Training ppl falls every epoch, to within noise once the lr has decayed to next to nothing:
