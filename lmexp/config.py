@@ -434,6 +434,101 @@ class BenchConfig(TrainConfig):
     bench: BenchSettings = field(default_factory=BenchSettings)
 
 
+@dataclass
+class CacheConfig:
+    window: int = _key(500, "Positions the cache keeps (pointer.py's --window).", ">= 1")
+    theta: float = _key(
+        1.0, "Sharpness of the cache's attention, softmax(theta * h_t . h_i).", "finite"
+    )
+    lambd: float = _key(
+        0.1, "Weight of the cache's distribution in the mix (pointer.py's --lambdasm).", "[0, 1)"
+    )
+
+
+@dataclass
+class DynamicConfig:
+    kind: str = _key(
+        "rms",
+        "rms: dynamiceval.py's update, scaled by training gradient statistics; sgd: plain steps.",
+        "rms | sgd",
+    )
+    lr: float = _key(5e-5, "Step size eta (dynamiceval.py's --lr).", ">= 0")
+    decay: float = _key(
+        0.002, "Pull lambda back to the trained weights (dynamiceval.py's --lamb).", ">= 0"
+    )
+    epsilon: float = _key(2e-5, "Added to MS before dividing (rms; --epsilon).", "> 0")
+    segment: int = _key(5, "Tokens scored before each update (--bptt).", ">= 1")
+    stats_batch_size: int = _key(
+        100, "Batch size over the training split for the gradient statistics (rms).", ">= 1"
+    )
+    stats_segments: int | None = _key(
+        None,
+        "Segments of the training split the statistics read; null: all of it.",
+        "null or >= 1",
+    )
+
+
+@dataclass
+class AdaptConfig:
+    """`python -m lmexp.adapt`: a trained model scored with the cache or dynamic evaluation."""
+
+    source: str | None = _key(None, "MLflow run id, model.pt or checkpoint.", "required")
+    method: str = _key("cache", "How the model adapts to the text it scores.", "cache | dynamic")
+    split: str = _key("test", "Split scored; search settings on valid.", "valid | test")
+    batch_size: int = _key(1, "Streams scored side by side (1, as the papers).", ">= 1")
+    limit_tokens: int | None = _key(
+        None,
+        "Score only the split's first N tokens (not logged to the run); null: all.",
+        "null or >= 2",
+    )
+    data_root: str | None = _key(None, "The corpus folder, if not where the model was trained.")
+    tracking_uri: str | None = _key(None, "Store holding the run (default: as lmexp.train).")
+    device: str = _key("cpu", "cpu, cuda or cuda:N.")
+    log_to_run: bool = _key(True, "Log the score to the run the source names.")
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    dynamic: DynamicConfig = field(default_factory=DynamicConfig)
+
+
+def validate_adapt(cfg: AdaptConfig) -> AdaptConfig:
+    """validate's counterpart for lmexp.adapt."""
+    c, d = cfg.cache, cfg.dynamic
+    _check_finite(cfg)
+    if not cfg.source:
+        raise ConfigError(
+            "Invalid config: source is not set; pass source=<MLflow run id> or "
+            "source=<path of a model.pt or checkpoint>."
+        )
+    _choice("method", cfg.method, ("cache", "dynamic"))
+    _choice("split", cfg.split, ("valid", "test"))
+    _check(cfg.batch_size >= 1, "batch_size", cfg.batch_size, "must be >= 1")
+    _check(
+        cfg.limit_tokens is None or cfg.limit_tokens >= 2,
+        "limit_tokens",
+        cfg.limit_tokens,
+        "must be null or >= 2",
+    )
+    _check(c.window >= 1, "cache.window", c.window, "must be >= 1")
+    _check(0 <= c.lambd < 1, "cache.lambd", c.lambd, "must be in [0, 1); 0 turns the cache off")
+    _choice("dynamic.kind", d.kind, ("rms", "sgd"))
+    for key in ("lr", "decay"):
+        _check(getattr(d, key) >= 0, f"dynamic.{key}", getattr(d, key), "must be >= 0")
+    _check(
+        d.epsilon > 0,
+        "dynamic.epsilon",
+        d.epsilon,
+        "must be > 0 (it keeps a weight whose training gradient was 0 from an infinite step)",
+    )
+    _check(d.segment >= 1, "dynamic.segment", d.segment, "must be >= 1")
+    _check(d.stats_batch_size >= 1, "dynamic.stats_batch_size", d.stats_batch_size, "must be >= 1")
+    _check(
+        d.stats_segments is None or d.stats_segments >= 1,
+        "dynamic.stats_segments",
+        d.stats_segments,
+        "must be null or >= 1",
+    )
+    return cfg
+
+
 def schema_fields(schema: type = TrainConfig, prefix: str = "") -> dict[str, dataclasses.Field]:
     """Every dotted key of `schema` with its dataclass field (type, default, metadata)."""
     fields = {}

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from lmexp.config import DataConfig, LmexpError
-from lmexp.data import UNK, batchify, encode, load_corpus, read_words
+from lmexp.config import LmexpError
+from lmexp.data import UNK, batchify, encode, read_words
 from lmexp.engine.loop import evaluate, perplexity
-from lmexp.loading import add_model_args, positive_int, resolve_model
+from lmexp.loading import add_model_args, positive_int, resolve_model, split_tokens
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,15 +48,8 @@ def main(argv: list[str] | None = None) -> int:
             unknown = sum(1 for w in words if w not in known)
             label, batch = str(args.text), args.batch_size or 1
         else:
-            data_cfg = DataConfig(
-                **{**config["data"], **({"root": args.data_root} if args.data_root else {})}
-            )
-            corpus = load_corpus(data_cfg)
-            if corpus.vocab != vocab:
-                raise LmexpError(
-                    "The corpus's vocabulary differs from the model's; pass the --data-root it was trained on."
-                )
-            tokens, unknown, label = corpus.split(args.split), 0, f"{data_cfg.name} {args.split}"
+            tokens, label = split_tokens(config, args.split, args.data_root, vocab)
+            unknown = 0
             default = (
                 trainer["test_batch_size"] if args.split == "test" else trainer["eval_batch_size"]
             )

@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from lmexp.config import LmexpError
+from lmexp.config import DataConfig, LmexpError
+from lmexp.data import load_corpus
 from lmexp.engine import checkpoint
 
 
@@ -74,3 +75,18 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="model.pt / checkpoint path, or an MLflow run id")
     parser.add_argument("--tracking-uri", help="store holding the run (default: as lmexp.train)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+
+
+def split_tokens(
+    config: dict[str, Any], split: str, data_root: str | None, vocab: list[str]
+) -> tuple[torch.Tensor, str]:
+    """A split of the corpus the model was trained on (from `data_root` if given), as token ids
+    in the model's vocabulary, and its label ("ptb test")."""
+    data_cfg = DataConfig(**{**config["data"], **({"root": data_root} if data_root else {})})
+    corpus = load_corpus(data_cfg)
+    if corpus.vocab != vocab:
+        raise LmexpError(
+            "The corpus's vocabulary differs from the model's; pass the corpus folder it was trained on "
+            "(lmexp.evaluate --data-root, lmexp.adapt data_root=)."
+        )
+    return corpus.split(split), f"{data_cfg.name} {split}"

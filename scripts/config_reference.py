@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lmexp.config import ROLES, BenchConfig, TrainConfig, conf_dir, schema_fields
+from lmexp.config import ROLES, AdaptConfig, BenchConfig, TrainConfig, conf_dir, schema_fields
 
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "reference" / "configuration.md"
 SECTIONS = {
@@ -162,6 +162,18 @@ def render() -> str:
                     f"| `{key}` | `{_cell(typ)}` | `{_cell(default)}` | {_cell(allowed)} | {role}"
                     f" | {_cell(help_text)} |"
                 )
+    out += ["", "## `python -m lmexp.adapt`", ""]
+    out += [
+        "A trained model scored with the continuous cache or dynamic evaluation "
+        "(conf/adapt.yaml; docs/adaptive-evaluation.md).",
+        "",
+        "| key | type | default | allowed | description |",
+        "|---|---|---|---|---|",
+    ]
+    out += [
+        f"| `{key}` | `{_cell(typ)}` | `{_cell(default)}` | {_cell(allowed)} | {_cell(help_text)} |"
+        for key, typ, default, allowed, _, help_text in key_rows(AdaptConfig)
+    ]
     return "\n".join(out) + "\n"
 
 

@@ -81,5 +81,5 @@ def test_every_entry_point_has_a_console_script():
         for p in (REPO / "lmexp").glob("*.py")
         if 'if __name__ == "__main__":' in p.read_text()
     }
-    assert runnable == {"train", "bench", "report", "evaluate", "generate"}
+    assert runnable == {"train", "bench", "report", "evaluate", "generate", "adapt"}
     assert scripts == {f"lmexp-{name}": f"lmexp.{name}:main" for name in runnable}

@@ -284,11 +284,12 @@ def register_configs() -> None:
     """Register the schemas with Hydra's ConfigStore (entry points call this before composing)."""
     from hydra.core.config_store import ConfigStore
 
-    from lmexp.config import BenchConfig, TrainConfig
+    from lmexp.config import AdaptConfig, BenchConfig, TrainConfig
 
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="bench_schema", node=BenchConfig)
+    cs.store(name="adapt_schema", node=AdaptConfig)
 
 
 def launch(task: Callable[[Any], Any], config_name: str, argv: list[str], schema: type) -> None:

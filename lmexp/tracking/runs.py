@@ -15,7 +15,7 @@ from typing import Any
 
 from lmexp.config import first_line
 from lmexp.tracking.base import FAILURE_TAG, MODEL_FILES, MODEL_NAME, PARENT_TAG, Tracker
-from lmexp.tracking.queries import fetch_run, lost_store
+from lmexp.tracking.queries import fetch_run, full_run_id, lost_store
 from lmexp.tracking.queries import mlflow_client as _client
 from lmexp.tracking.stores import TrackingError, permission_refused, redact, sqlite_path, store_lock
 from lmexp.tracking.views import VIEW_TAG_PREFIX, _view_tag, experiment_view_tags, ui_url
@@ -312,3 +312,16 @@ def reopen_run(client: Any, run_id: str) -> None:
     if FAILURE_TAG in client.get_run(run_id).data.tags:
         client.delete_tag(run_id, FAILURE_TAG)
     client.update_run(run_id, status="RUNNING")
+
+
+def log_adapted_score(
+    uri: str, run_id: str, metric: str, value: float, settings: dict[str, Any]
+) -> str:
+    """An adapted score (test_ppl_cache, ...) added to a trained run, finished or not, without
+    reopening it; its settings as the tag `lmexp.<metric>`, so that the UI shows which gave it.
+    Returns the run's full id."""
+    run_id = full_run_id(uri, run_id)
+    client = _client(uri)
+    client.log_metric(run_id, metric, value)
+    client.set_tag(run_id, f"lmexp.{metric}", " ".join(f"{k}={v}" for k, v in settings.items()))
+    return run_id

@@ -1,0 +1,153 @@
+"""`python -m lmexp.adapt source=RUN method=cache|dynamic [split=valid] [cache.theta=...]`: a
+trained model scored with the continuous cache (lmexp.engine.cache) or dynamic evaluation
+(lmexp.engine.dynamic_eval), and the score logged to the model's own MLflow run as
+`<split>_ppl_<method>` beside its plain `<split>_ppl`.
+
+Its settings are config keys, so a Hydra multirun over them on split=valid is a grid search
+(`-m cache.theta=0.5,1.0 cache.lambd=0.05,0.1`); the test split is then scored once with the
+setting chosen.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmexp.config import AdaptConfig, LmexpError, validate_adapt
+from lmexp.data import batchify
+from lmexp.engine.cache import cache_evaluate
+from lmexp.engine.dynamic_eval import dynamic_evaluate, gradient_stats
+from lmexp.engine.loop import evaluate, perplexity
+from lmexp.loading import resolve_model, split_tokens
+
+log = logging.getLogger("lmexp.adapt")
+
+
+def settings(cfg: AdaptConfig) -> dict[str, Any]:
+    """The keys that decide the adapted score (what its tag on the run records)."""
+    c, d = cfg.cache, cfg.dynamic
+    if cfg.method == "cache":
+        return {
+            "window": c.window,
+            "theta": c.theta,
+            "lambd": c.lambd,
+            "batch_size": cfg.batch_size,
+        }
+    chosen = {"kind": d.kind, "lr": d.lr, "decay": d.decay, "segment": d.segment}
+    if d.kind == "rms":
+        chosen |= {"epsilon": d.epsilon, "stats_batch_size": d.stats_batch_size}
+        chosen |= {"stats_segments": d.stats_segments or "all"}
+    return chosen | {"batch_size": cfg.batch_size}
+
+
+def target_run(cfg: AdaptConfig) -> tuple[str, str] | None:
+    """(store, run id) that the score is logged to: the source when it is a run id (its store
+    checked writable now, before any time is spent), else none."""
+    if Path(cfg.source).exists() or not cfg.log_to_run:
+        return None
+    from lmexp.tracking.stores import check_store, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(cfg.tracking_uri, Path.cwd())
+    check_store(uri)
+    return uri, cfg.source
+
+
+def score(
+    cfg: AdaptConfig, model: Any, vocab: list[str], config: dict[str, Any], tokens: torch.Tensor
+) -> tuple[float, float, float]:
+    """(adapted, plain) perplexity of `tokens` under cfg's method, and the seconds plain
+    evaluation took (the adapted one's are logged)."""
+    device = torch.device(cfg.device)
+    steps = config["trainer"]["eval_num_steps"]
+    data = batchify(tokens, cfg.batch_size).to(device)
+    started = time.monotonic()
+    plain = perplexity(*evaluate(model, data, steps))
+    plain_s = time.monotonic() - started
+    c, d = cfg.cache, cfg.dynamic
+    if cfg.method == "cache":
+        loss = cache_evaluate(model, data, steps, c.window, c.theta, c.lambd)
+        return perplexity(*loss), plain, plain_s
+    stats = None
+    if d.kind == "rms":
+        train, _ = split_tokens(config, "train", cfg.data_root, vocab)
+        started = time.monotonic()
+        train_data = batchify(train, d.stats_batch_size).to(device)
+        stats = gradient_stats(model, train_data, d.segment, d.stats_segments)
+        log.info(
+            "Gradient statistics from %d training segments in %.0f s.",
+            stats.segments,
+            time.monotonic() - started,
+        )
+    loss = dynamic_evaluate(model, data, d.segment, d.kind, d.lr, d.decay, d.epsilon, stats)
+    return perplexity(*loss), plain, plain_s
+
+
+def task(cfg: Any) -> float:
+    """One scoring (a job of a multirun); returns the adapted perplexity, a sweeper's objective."""
+    from omegaconf import OmegaConf
+
+    try:
+        typed = validate_adapt(OmegaConf.to_object(cfg))
+        run = target_run(typed)
+        model, vocab, config = resolve_model(typed.source, typed.tracking_uri, typed.device)
+        tokens, label = split_tokens(config, typed.split, typed.data_root, vocab)
+        if typed.limit_tokens is not None:
+            tokens, label = (
+                tokens[: typed.limit_tokens],
+                f"{label} (first {typed.limit_tokens} tokens)",
+            )
+        started = time.monotonic()
+        adapted, plain, plain_s = score(typed, model, vocab, config, tokens)
+        adapted_s = time.monotonic() - started - plain_s
+        if run is not None and typed.limit_tokens is None:
+            metric = f"{typed.split}_ppl_{typed.method}"
+            run_id = log_score(run, metric, adapted, settings(typed))
+    except LmexpError as err:
+        log.error("%s", err)
+        sys.exit(2)
+    chosen = " ".join(f"{k}={v}" for k, v in settings(typed).items())
+    log.info(
+        "%s: perplexity %.2f with %s (%s) in %.0f s, %.2f without in %.0f s.",
+        label,
+        adapted,
+        "the cache" if typed.method == "cache" else "dynamic evaluation",
+        chosen,
+        adapted_s,
+        plain,
+        plain_s,
+    )
+    if run is None:
+        log.info("Not logged to a run: %s", why_not_logged(typed))
+    elif typed.limit_tokens is None:
+        log.info("Logged to MLflow run %s as %s.", run_id, metric)
+    else:
+        log.info("Not logged to the run: limit_tokens scores part of the split only.")
+    return adapted
+
+
+def log_score(run: tuple[str, str], metric: str, value: float, chosen: dict[str, Any]) -> str:
+    from lmexp.tracking.runs import log_adapted_score
+
+    return log_adapted_score(run[0], run[1], metric, value, chosen)
+
+
+def why_not_logged(cfg: AdaptConfig) -> str:
+    if not cfg.log_to_run:
+        return "log_to_run=false."
+    return "the source is a file; pass its MLflow run id as source= to log the score to the run."
+
+
+def main() -> None:
+    """Console entry point and `python -m lmexp.adapt`."""
+    from lmexp.orchestration.launch import launch
+
+    launch(task, "adapt", sys.argv[1:], AdaptConfig)
+
+
+if __name__ == "__main__":
+    main()
