@@ -24,6 +24,7 @@ from lmexp.engine.cache import cache_evaluate
 from lmexp.engine.dynamic_eval import dynamic_evaluate, gradient_stats
 from lmexp.engine.loop import evaluate, perplexity
 from lmexp.loading import resolve_model, split_tokens
+from lmexp.tracking.base import adapted_metric
 
 log = logging.getLogger("lmexp.adapt")
 
@@ -105,7 +106,7 @@ def task(cfg: Any) -> float:
         adapted, plain, plain_s = score(typed, model, vocab, config, tokens)
         adapted_s = time.monotonic() - started - plain_s
         if run is not None and typed.limit_tokens is None:
-            metric = f"{typed.split}_ppl_{typed.method}"
+            metric = adapted_metric(typed.split, typed.method)
             run_id = log_score(run, metric, adapted, settings(typed))
     except LmexpError as err:
         log.error("%s", err)

@@ -22,7 +22,7 @@ from lmexp.reporting.summary import (
     report_all,
     results_record,
 )
-from lmexp.tracking.queries import SWEEP_FILE, fetch_run, read_sweep
+from lmexp.tracking.queries import SWEEP_FILE, fetch_run, full_run_id, read_sweep
 from lmexp.tracking.stores import check_store, resolve_tracking_uri
 
 
@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.sweep_dir:
             check_store(uri, read_only=True)  # (a sweep folder names its own store, below)
+        if args.run:  # the 8 characters the tables and logs show are enough
+            args.run = full_run_id(uri, args.run)
         if args.record:
             if not args.run:
                 raise LmexpError(

@@ -5,6 +5,8 @@ point, its scores logged to that run."""
 from __future__ import annotations
 
 import copy
+import csv
+import json
 import math
 import re
 
@@ -215,6 +217,22 @@ def test_adapt_logs_cache_and_dynamic_scores_to_the_trained_run(trained):
     assert off.returncode == 0, off.stderr[-3000:]
     logged = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}").get_run(run_id).data
     assert logged.metrics["test_ppl_dynamic"] == pytest.approx(metrics["test_ppl"], rel=1e-6)
+    # the report shows them beside test_ppl, and a results record keeps them with their settings
+    for args in (("--out", "report"), ("--record", "rec.json")):
+        report = run_module("lmexp.report", *args, "--run", short, cwd=cwd)
+        assert report.returncode == 0, report.stderr[-3000:]
+    with open(cwd / "report" / "runs.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert list(row)[list(row).index("test_ppl") + 1 : list(row).index("test_ppl") + 3] == [
+        "test_ppl_cache",
+        "test_ppl_dynamic",
+    ]
+    assert float(row["test_ppl_dynamic"]) == pytest.approx(logged.metrics["test_ppl_dynamic"])
+    adapted = json.loads((cwd / "rec.json").read_text())["adapted"]
+    assert adapted["test_ppl_cache"] == {
+        "ppl": pytest.approx(metrics["test_ppl"], rel=1e-6),
+        "settings": "window=500 theta=1.0 lambd=0.0 batch_size=1",
+    }
     # switched on, a grid on the valid split: each job logs its score and says so
     grid = run_module(
         "lmexp.adapt",

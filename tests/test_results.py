@@ -213,3 +213,28 @@ def test_readme_pruning_section_shows_the_recorded_searches():
     assert rows["none"]["pruned"] == 0 and rows["none"]["trials"] == rows["median"]["trials"]
     section = (REPO / "docs" / "searches.md").read_text().split("**Pruning on PTB.**", 1)[1]
     assert compare.table(rows) in section
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/recipes.md"])
+def test_results_tables_show_the_recorded_adapted_scores(page):
+    """Each score lmexp.adapt added to a recorded run (record["adapted"]) has its own row, which
+    links the record, names the method and its settings, and shows the recorded number."""
+    text = (REPO / page).read_text()
+    shown = 0
+    for name in RECORDS:
+        r = json.loads((REPO / "results" / name).read_text())
+        for metric, adapted in r.get("adapted", {}).items():
+            if not metric.startswith("test_"):
+                continue
+            row = next(
+                line
+                for line in text.splitlines()
+                if f"results/{name}" in line and f"`{metric}`" in line
+            )
+            assert f"{adapted['ppl']:.2f}" in row, (name, metric, row)
+            for setting in adapted["settings"].split():
+                key, value = setting.split("=")
+                if key != "batch_size":
+                    assert f"{key} {value}" in row, (name, setting, row)
+            shown += 1
+    assert shown >= 2  # the 2 x 200 record's cache and dynamic evaluation

@@ -23,7 +23,7 @@ from lmexp.reporting.stats import (
     verdict,
     words_per_second,
 )
-from lmexp.tracking.base import FAILURE_TAG, NOTE_TAG
+from lmexp.tracking.base import FAILURE_TAG, NOTE_TAG, adapted_metrics
 from lmexp.tracking.queries import RunRecord, experiment_names, fetch_run, fetch_runs
 from lmexp.tracking.runs import end_run, set_run_outcome
 from lmexp.tracking.stores import redact
@@ -93,12 +93,15 @@ def build_table(
     objective a search minimizes and the parent's best_run_id is chosen by, so the first row is
     the study's best trial and the parent's best run, even where the last epoch was not the best."""
     params = list(swept or []) + [k for k in differing_params(records) if k not in (swept or [])]
+    # lmexp.adapt's scores, beside test_ppl, where any run has one
+    adapted = adapted_metrics({k for r in records for k in r.metrics})
     rows = []
     for record in records:
         summary = summarize(record)
         row = {"run": summary["run"], "run_id": record.run_id}
         row.update({k: short(record.params.get(k, "")) for k in params})
         row.update({k: v for k, v in summary.items() if k in RESULT_COLUMNS})
+        row.update({k: record.metrics.get(k, math.nan) for k in adapted})
         rows.append(row)
 
     def key(row: dict[str, Any]) -> tuple[int, float]:
@@ -107,7 +110,9 @@ def build_table(
         return (row["status"] != "FINISHED", v if math.isfinite(v) else math.inf)
 
     rows.sort(key=key)
-    return ["run", "run_id", *params, *RESULT_COLUMNS], rows
+    results = list(RESULT_COLUMNS)
+    results[results.index("test_ppl") + 1 : results.index("test_ppl") + 1] = adapted
+    return ["run", "run_id", *params, *results], rows
 
 
 def _fmt(value: Any) -> str:
@@ -609,6 +614,11 @@ def results_record(uri: str, run_id: str) -> dict[str, Any]:
             "valid_ppl": _last(record, "valid_ppl"),
             "best_valid_ppl": record.metrics.get("best_valid_ppl"),
             "test_ppl": record.metrics.get("test_ppl"),
+        },
+        # lmexp.adapt's scores of the run, each with the settings that gave it
+        "adapted": {
+            k: {"ppl": record.metrics[k], "settings": record.tags.get(f"lmexp.{k}")}
+            for k in adapted_metrics(record.metrics)
         },
         "train_wps_mean": summarize(record)["train_wps_mean"],
         "train_time_s": sum(e["epoch_time_s"] or 0 for e in epochs),

@@ -22,6 +22,19 @@ KIND_TAG = "lmexp.kind"  # "sweep" on a sweep's parent run, "bench" on lmexp.ben
 # so that mlflow.pyfunc.load_model(f"runs:/{run_id}/model") loads it.
 MODEL_NAME = "model"
 MODEL_FILES = ("model.pt", "config.json", "vocab.json")
+# lmexp.adapt's scores, added to a trained run: test_ppl_cache, valid_ppl_dynamic, ... each with
+# the settings that gave it in the tag "lmexp.<metric>".
+ADAPT_METHODS = ("cache", "dynamic")
+
+
+def adapted_metric(split: str, method: str) -> str:
+    return f"{split}_ppl_{method}"
+
+
+def adapted_metrics(names: Any) -> list[str]:
+    """Those of `names` that are lmexp.adapt's scores, test first, then valid."""
+    wanted = [adapted_metric(s, m) for s in ("test", "valid") for m in ADAPT_METHODS]
+    return [w for w in wanted if w in set(names)]
 
 
 class Tracker:
