@@ -72,7 +72,9 @@ def sweep(tmp_path_factory) -> dict:
     runs = mlflow_runs(cwd / "mlflow.db")
     (parent,) = [r for r in runs if r.data.tags.get("lmexp.kind") == "sweep"]
     children = [r for r in runs if r is not parent]
-    return {"cwd": cwd, "url": url.group(1), "parent": parent, "children": children, "port": port}
+    log = proc.stdout + proc.stderr
+    return {"cwd": cwd, "url": url.group(1), "parent": parent, "children": children, "port": port,
+            "log": log}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +155,19 @@ def test_the_printed_url_opens_the_sweeps_children_by_name_with_their_curves(
     for keep in KEEP:
         assert f"dp_keep_prob={keep} (valid_ppl)" in body, body[-3000:]
     _shot(page, "ui_sweep_charts.png", tmp_path)
+
+
+def test_a_runs_printed_url_opens_it_in_the_model_training_view(sweep, ui, page, tmp_path):
+    # what each run prints as it starts, sweep child or single run alike
+    printed = re.findall(
+        r"In the MLflow UI(?: \(start it with: [^)]*\))?: (\S+/runs/[0-9a-f]{32}\S*)", sweep["log"]
+    )
+    assert len(printed) == len(KEEP), sweep["log"][-3000:]
+    page.goto(printed[0])
+    page.get_by_text("Model metrics", exact=True).first.wait_for()  # the run's own page
+    page.get_by_text("Model registry", exact=True).first.wait_for()  # training's sidebar
+    assert page.get_by_text("Judges", exact=True).count() == 0  # not the GenAI sidebar
+    _shot(page, "ui_run_page.png", tmp_path)
 
 
 def test_the_experiment_shows_the_parent_with_its_children_nested(sweep, ui, page, tmp_path):

@@ -22,5 +22,8 @@ pytestmark = pytest.mark.unit
 def test_printed_ui_links_follow_the_ui_address(uri, ui, page, start):
     from lmexp.tracking.views import ui_start, ui_url
 
-    assert ui_url(uri, "3", run_id="abc", ui=ui) == f"{page}/#/experiments/3/runs/abc"
+    assert (
+        ui_url(uri, "3", run_id="abc", ui=ui)
+        == f"{page}/#/experiments/3/runs/abc?workflowType=machine_learning"
+    )
     assert (start in ui_start(uri, ui)) if start else ui_start(uri, ui) == ""

@@ -75,7 +75,8 @@ def ui_url(
     """The UI page of a run, or of an experiment's runs in the model-training view (chart mode,
     with a saved view's columns when `view` is given); ui: see ui_base."""
     base = f"{ui_base(uri, ui)}/#/experiments/{experiment_id}"
+    training = "workflowType=machine_learning"  # a run's page too, else the GenAI sidebar
     if run_id:
-        return f"{base}/runs/{run_id}"
-    query = "workflowType=machine_learning&compareRunsMode=CHART"
+        return f"{base}/runs/{run_id}?{training}"
+    query = f"{training}&compareRunsMode=CHART"
     return f"{base}/runs?{query}" + (f"&viewStateShareKey={view}" if view else "")
