@@ -18,13 +18,14 @@ from typing import Any
 
 import torch
 
-from lmexp.config import AdaptConfig, LmexpError, validate_adapt
+from lmexp.config import AdaptConfig, LmexpError
 from lmexp.data import batchify
 from lmexp.engine.cache import cache_evaluate
 from lmexp.engine.dynamic_eval import dynamic_evaluate, gradient_stats
 from lmexp.engine.loop import evaluate, perplexity
 from lmexp.loading import resolve_model, split_tokens
 from lmexp.tracking.base import adapted_metric
+from lmexp.validation import validate_adapt
 
 log = logging.getLogger("lmexp.adapt")
 

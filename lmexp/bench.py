@@ -434,7 +434,7 @@ def format_table(result: dict[str, Any]) -> str:
 def task(cfg: Any) -> None:
     from omegaconf import OmegaConf
 
-    from lmexp.config import validate
+    from lmexp.validation import validate
 
     try:
         typed = OmegaConf.to_object(cfg)

@@ -30,6 +30,7 @@ ERRORS = {
 # Where an error comes from -> the heading it is listed under (the order of the page).
 GROUPS = {
     "lmexp/config.py": "Configuration values",
+    "lmexp/validation.py": "Configuration values",
     "lmexp/orchestration/launch.py": "The command line",
     "lmexp/data": "Data",
     "lmexp/engine/runtime.py": "Device, threads and folders",

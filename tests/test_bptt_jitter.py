@@ -8,11 +8,12 @@ import statistics
 import pytest
 import torch
 
-from lmexp.config import ConfigError, TrainConfig, TrainerConfig, validate
+from lmexp.config import ConfigError, TrainConfig, TrainerConfig
 from lmexp.data import batchify, jittered_lengths, tiny_corpus
 from lmexp.engine.loop import TrainStep, train_epoch
 from lmexp.models.rnn import RNNLanguageModel
 from lmexp.optim.optimizers import FusedSGD
+from lmexp.validation import validate
 
 # Fast, in-process tests of the library: the unit lane (pytest -m unit).
 pytestmark = pytest.mark.unit

@@ -5,8 +5,9 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from lmexp.config import ConfigError, TrainConfig, conf_dir, to_typed
+from lmexp.config import ConfigError, TrainConfig, conf_dir
 from lmexp.orchestration.launch import register_configs
+from lmexp.validation import to_typed
 
 # Fast, in-process tests of the library: the unit lane (pytest -m unit).
 pytestmark = pytest.mark.unit

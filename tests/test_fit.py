@@ -13,7 +13,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from lmexp.config import RunStopped, conf_dir, to_typed
+from lmexp.config import RunStopped, conf_dir
 from lmexp.data import batch_splits, load_corpus
 from lmexp.engine import checkpoint
 from lmexp.engine.fit import EPOCH_METRICS, Position, Run, fit
@@ -21,6 +21,7 @@ from lmexp.engine.loop import DivergenceError
 from lmexp.models.rnn import RNNLanguageModel
 from lmexp.orchestration.launch import register_configs
 from lmexp.tracking.base import Tracker
+from lmexp.validation import to_typed
 
 # Fast, in-process tests of the library: the unit lane (pytest -m unit).
 pytestmark = pytest.mark.unit

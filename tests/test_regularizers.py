@@ -10,11 +10,12 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from lmexp.config import ConfigError, DropoutConfig, RegularizerConfig, TrainConfig, validate
+from lmexp.config import ConfigError, DropoutConfig, RegularizerConfig, TrainConfig
 from lmexp.data import batchify, tiny_corpus, windows
 from lmexp.engine.loop import TrainStep, activation_penalty
 from lmexp.models.rnn import RNNLanguageModel, embedding_dropout
 from lmexp.optim.optimizers import FusedSGD
+from lmexp.validation import validate
 
 # Fast, in-process tests of the library: the unit lane (pytest -m unit).
 pytestmark = pytest.mark.unit

@@ -1,7 +1,7 @@
 """Corpora and batching: tensors out, no Hydra, no MLflow.
 
 A corpus source is one module here with `load(cfg: DataConfig) -> Corpus` and one YAML in
-conf/data/; SOURCES maps `data.name` to it (and `lmexp.config.validate` reads the names from
+conf/data/; SOURCES maps `data.name` to it (and `lmexp.validation.validate` reads the names from
 it). What sources share is in corpus.py, batching for training and evaluation in batching.py.
 """
 

@@ -233,7 +233,7 @@ class TrainStep:
             )
             if self.ar or self.tar:
                 penalty = activation_penalty(hidden, raw, self.ar, self.tar)
-        elif self.ar or self.tar:  # not compiled (config.validate): the model's own parts
+        elif self.ar or self.tar:  # not compiled (validation.validate): the model's own parts
             with autocast(self.device, self.precision):
                 hidden, raw, state = self.model.features_and_raw(inputs, detach(state))
                 logits = self.model.decoder(hidden)

@@ -6,7 +6,7 @@ learning rate is not the optimizer's setting: the lr policy sets it each epoch (
 Hydra, no MLflow.
 
 A new optimizer is one entry in OPTIMIZERS (what it builds, which `optimizer.*` keys it reads)
-and one YAML in conf/optimizer/; `lmexp.config.validate` reads the names and keys from here.
+and one YAML in conf/optimizer/; `lmexp.validation.validate` reads the names and keys from here.
 """
 
 from __future__ import annotations

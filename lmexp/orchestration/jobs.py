@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from lmexp.config import LmexpError, RunStopped, TrainConfig, to_typed
+from lmexp.config import LmexpError, RunStopped, TrainConfig
 from lmexp.engine.runtime import SWEEP_STOPPING, SWEEPER_PID_ENV
 from lmexp.orchestration.search import SWEEPER_TARGET
 from lmexp.orchestration.trials import run_trials
@@ -27,6 +27,7 @@ from lmexp.reporting.stats import SEED_KEY
 from lmexp.run import RunContext, resume_how, run_training
 from lmexp.tracking.queries import read_sweep
 from lmexp.tracking.stores import redact
+from lmexp.validation import to_typed
 
 log = logging.getLogger("lmexp.train")
 

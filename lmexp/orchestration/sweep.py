@@ -134,8 +134,8 @@ def check_sweep(config: DictConfig, jobs: list[list[str]]) -> None:
     job before any runs."""
     from hydra import compose
 
-    from lmexp.config import to_typed
     from lmexp.engine.runtime import check_device_support, select_device
+    from lmexp.validation import to_typed
 
     for job in jobs:
         try:
