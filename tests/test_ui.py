@@ -22,7 +22,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import TINY, mlflow_runs, run_module
+from conftest import REPO, TINY, mlflow_runs, run_module
 from services import free_port
 
 pytestmark = pytest.mark.slow
@@ -199,3 +199,25 @@ def test_the_compare_page_shows_dp_keep_prob_as_the_differing_param(sweep, ui, p
     row = page.locator("tr", has_text="dropout.dp_keep_prob").first.inner_text()
     assert re.findall(r"0\.\d", row) == list(KEEP), row
     _shot(page, "ui_compare.png", tmp_path)
+
+
+def test_the_docs_sites_code_blocks_show_every_character_without_scrolling(page, tmp_path):
+    """The site's code blocks wrap long commands (the index's install line, the recipes' long
+    commands) instead of cutting them at the page's edge behind a scrollbar."""
+    site = tmp_path / "site"
+    build = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "-q", "-d", str(site)],
+        cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr[-3000:]
+    page.set_viewport_size({"width": 1000, "height": 800})
+    for name in ("index.html", "recipes/index.html", "getting-started/index.html"):
+        page.goto((site / name).as_uri())
+        blocks = page.locator("pre > code")
+        assert blocks.count() > 0, name
+        cut = page.evaluate(
+            "() => [...document.querySelectorAll('pre > code')]"
+            ".filter(c => c.scrollWidth > c.clientWidth + 1).map(c => c.innerText.slice(0, 80))"
+        )
+        assert cut == [], (name, cut)
+    _shot(page, "docs_index_code.png", tmp_path)
