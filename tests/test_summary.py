@@ -85,3 +85,39 @@ def test_a_log_perplexity_axis_says_it_is_one():
     _plain_axes(ax, log_y=True)
     assert (ax.get_yscale(), ax.get_ylabel()) == ("log", "validation perplexity (log scale)")
     plt.close(fig)
+
+
+def _keep_run(keep: str, seed: int) -> RunRecord:
+    curve = [(e, 200.0 - 10 * e - 40 * float(keep)) for e in range(1, 4)]
+    params = {"dropout.dp_keep_prob": keep, "trainer.seed": str(seed)}
+    return RunRecord(
+        f"{keep}-{seed}", f"keep {keep}", "FINISHED", params, {}, {}, {"valid_ppl": curve}
+    )
+
+
+def _has_colour(png, colour) -> bool:
+    import matplotlib.image
+    import numpy as np
+
+    pixels = matplotlib.image.imread(png)[..., :3]
+    return bool((np.abs(pixels - np.array(colour)).max(axis=-1) < 1.5 / 255).any())
+
+
+def test_a_setting_has_the_same_colour_in_every_report_that_plots_it(tmp_path):
+    """A sweep's report (its three values) and the all-experiments report (those runs among
+    others) draw dp_keep_prob=0.5 in one colour, not a colour taken from its rank in each."""
+    from lmexp.reporting.summary import plot, setting_colours
+
+    sweep = [_keep_run(k, 0) for k in ("0.5", "0.7", "0.9")]
+    everything = [_keep_run(k, 0) for k in ("0.3", "0.4")] + sweep
+    key = ["dropout.dp_keep_prob"]
+    plot(sweep, key, tmp_path / "sweep")
+    plot(everything, key, tmp_path / "all")
+    colours = setting_colours(
+        [f"dropout.dp_keep_prob={k}" for k in ("0.3", "0.4", "0.5", "0.7", "0.9")]
+    )
+    for keep in ("0.5", "0.7", "0.9"):
+        colour = colours[f"dropout.dp_keep_prob={keep}"]
+        for folder in ("sweep", "all"):
+            assert _has_colour(tmp_path / folder / "learning_curves.png", colour), (keep, folder)
+    assert len({tuple(c) for c in colours.values()}) == 5  # one plot, five colours

@@ -187,9 +187,35 @@ def _plain_axes(ax: Any, log_y: bool) -> None:
     ax.grid(alpha=0.3, which="both")
 
 
+def setting_colours(settings: list[str]) -> dict[str, Any]:
+    """A colour per setting ("dropout.dp_keep_prob=0.5") from its text alone, a stable hash into
+    matplotlib's tab10, so that a setting has the same colour in a sweep's report, the
+    all-experiments report and any other; a setting whose colour another in the same plot took
+    gets the next free one (with over 10 settings, colours repeat)."""
+    import zlib
+
+    import matplotlib
+
+    palette = matplotlib.colormaps["tab10"].colors
+    colours: dict[str, Any] = {}
+    for setting in sorted(set(settings)):
+        index = zlib.crc32(setting.encode()) % len(palette)
+        taken = {id(c) for c in colours.values()}
+        for step in range(len(palette)):
+            if id(palette[(index + step) % len(palette)]) not in taken:
+                index = (index + step) % len(palette)
+                break
+        colours[setting] = palette[index]
+    return colours
+
+
+def _setting(r: RunRecord, params: list[str]) -> str:
+    return ", ".join(f"{p}={short(r.params.get(p))}" for p in params) or r.run_name
+
+
 def plot(records: list[RunRecord], params: list[str], out: Path) -> list[Path]:
     """final_ppl.png (final ppl against the first param) and learning_curves.png (valid ppl per
-    epoch), each run coloured and listed by its value of that param (a sequential colormap)."""
+    epoch), each run listed by its value of that param and coloured by it (setting_colours)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -213,16 +239,14 @@ def plot(records: list[RunRecord], params: list[str], out: Path) -> list[Path]:
         title = f"Final perplexity against {param}"
         paths.append(_save(fig, ax, out / "final_ppl.png", param, "perplexity (final)", title))
     fig, ax = plt.subplots(figsize=FIGSIZE)
-    colours = plt.get_cmap("viridis")
-    for i, r in enumerate(ordered):
+    colours = setting_colours([_setting(r, params) for r in ordered])
+    for r in ordered:
         history = [(s, v) for s, v in r.history.get("valid_ppl", []) if math.isfinite(v)]
         if not history:
             continue
-        if len(params) == 1:  # the legend's title names it
-            label = short(r.params.get(params[0]))
-        else:
-            label = ", ".join(f"{p}={short(r.params.get(p))}" for p in params) or r.run_name
-        colour = colours(0.9 * i / max(len(ordered) - 1, 1)) if numeric else None
+        # with one param the legend's title names it
+        label = short(r.params.get(params[0])) if len(params) == 1 else _setting(r, params)
+        colour = colours[_setting(r, params)]
         steps, ppls = zip(*history, strict=True)
         ax.plot(steps, ppls, marker="o", label=label or r.run_id[:8], color=colour)
     ax.set_xlabel("epoch")
@@ -371,14 +395,14 @@ def _plot_group_curves(
         label = Group({k: r.params.get(k, "") for k in keys}).label
         by_group.setdefault(label, []).append(r)
     fig, ax = plt.subplots(figsize=FIGSIZE)
-    colours = plt.get_cmap("viridis")
-    for i, g in enumerate(groups):
+    colours = setting_colours([g.label for g in groups])
+    for g in groups:
         curves = [dict(r.history.get("valid_ppl", [])) for r in by_group.get(g.label, [])]
         epochs = sorted(set().union(*curves)) if curves else []
         if not epochs:
             continue
         per_epoch = [[c[e] for c in curves if e in c and math.isfinite(c[e])] for e in epochs]
-        colour = colours(0.9 * i / max(len(groups) - 1, 1))
+        colour = colours[g.label]
         mean = [sum(v) / len(v) if v else math.nan for v in per_epoch]
         ax.plot(epochs, mean, marker="o", color=colour, label=f"{g.label} (n={len(curves)})")
         low = [min(v) if v else math.nan for v in per_epoch]
