@@ -24,7 +24,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import TINY, metric_history, mlflow_runs, run_module, split_runs
+from conftest import REPO, TINY, metric_history, mlflow_runs, run_module, split_runs
 from services import free_port
 
 pytestmark = pytest.mark.slow
@@ -323,3 +323,44 @@ def test_mlflow_models_serve_generates_as_the_logged_model_does_in_process(serve
     # Words as the model reads them: a generated <eos> is a line break in the text.
     words = got["text"].replace("\n", " <eos> ").split()
     assert words[:2] == PROMPT.split() and len(words) == 2 + GENERATE["words"]
+
+
+def _docs_blocks(fence: str) -> list[str]:
+    page = (REPO / "docs" / "using-a-model.md").read_text()
+    return [block.split("\n```", 1)[0] for block in page.split(f"```{fence}\n")[1:]]
+
+
+def test_the_docs_show_what_this_run_s_model_answers(trained, served, local_model):
+    """docs/using-a-model.md's outputs are this module's model's (the command its text names):
+    the pyfunc table, the served scores and the generated text, so a reader who runs that command
+    and those requests gets them (the last digits of a perplexity vary with the CPU)."""
+    import ast
+    import re
+
+    page = (REPO / "docs" / "using-a-model.md").read_text()
+    assert (
+        "`python -m lmexp.train data=tiny model=tiny trainer.max_epochs=1 trainer.threads=1`"
+        in page
+    )
+    (python,) = [b for b in _docs_blocks("python") if "mlflow.pyfunc.load_model" in b]
+    rows = ast.literal_eval(re.search(r"model\.predict\((\[.*?\])\)", python).group(1))
+    table = next(b for b in _docs_blocks("") if b.lstrip().startswith("perplexity"))
+    shown = [line.split()[1:] for line in table.splitlines()[1 : 1 + len(rows)]]
+    scored = local_model.predict(rows).to_dict(orient="records")
+    for (ppl, tokens, unknown), want in zip(shown, scored, strict=True):
+        assert (int(tokens), int(unknown)) == (want["tokens"], want["unknown"]), table
+        assert float(ppl) == pytest.approx(want["perplexity"], rel=1e-3), (table, scored)
+    replies = [json.loads(b) for b in _docs_blocks("json")]
+    served_scores = _post(f"{served}/invocations", {"inputs": ROWS})["predictions"]
+    assert len(replies[0]["predictions"]) == len(served_scores)
+    for doc, got in zip(replies[0]["predictions"], served_scores, strict=True):
+        assert (doc["tokens"], doc["unknown"]) == (got["tokens"], got["unknown"])
+        assert doc["perplexity"] == pytest.approx(got["perplexity"], rel=1e-3), served_scores
+    (generated,) = _post(f"{served}/invocations", {"inputs": [PROMPT], "params": GENERATE})[
+        "predictions"
+    ]
+    assert replies[1] == {"predictions": [generated]}, generated
+    (prompt,) = ast.literal_eval(re.search(r"model\.predict\((\[[^]]*\]), params", python).group(1))
+    pyfunc_generated = local_model.predict([prompt], params=GENERATE)["text"][0]
+    last = table.rstrip().splitlines()[-1].split(None, 1)[1]  # pandas shows a line break as \\n
+    assert last.strip() == pyfunc_generated.replace("\n", "\\n").strip(), pyfunc_generated
