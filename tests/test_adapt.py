@@ -274,3 +274,11 @@ def test_adapt_refuses_bad_settings_in_one_sentence_before_loading(tmp_path):
         assert proc.returncode == 2, proc.stderr[-2000:]
         out = proc.stdout + proc.stderr
         assert sentence in out and "Traceback" not in out, out[-2000:]
+
+
+@pytest.mark.slow
+def test_adapt_help_names_its_own_keys_not_trainings_groups(tmp_path):
+    proc = run_module("lmexp.adapt", "--help", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "python -m lmexp.adapt source=<run id | model.pt | checkpoint>" in proc.stdout
+    assert "cache:\n  window: 500" in proc.stdout and "hparams_search" not in proc.stdout
