@@ -200,40 +200,6 @@ def write_private(path: Path, text: str) -> None:
     path.write_text(text)
 
 
-def sqlite_problem(db: Path, timeout: float = 10.0, write: bool = True) -> str | None:
-    """What is wrong with an existing sqlite file (not a database, corrupt, read-only), or None:
-    every page's structure is read and, with write, one write made and rolled back, as the
-    libraries that use it (MLflow, Optuna) will, whose own errors are tracebacks or mislead."""
-    import sqlite3
-
-    with open(db, "rb") as f:
-        if f.read(16) != b"SQLite format 3\x00":
-            return "not an SQLite database"
-    try:
-        con = sqlite3.connect(db, timeout=max(timeout, 10.0), isolation_level=None)
-        try:
-            problems = [row[0] for row in con.execute("PRAGMA quick_check")]
-            if problems != ["ok"]:
-                lines = [ln for row in problems for ln in str(row).splitlines()]
-                first = next((ln for ln in lines if not ln.startswith("***")), lines[0])
-                return f"database disk image is malformed: {first}"
-            if write:
-                con.execute("BEGIN IMMEDIATE")
-                con.execute("CREATE TABLE lmexp_write_probe (x INTEGER)")  # journaled, rolled back
-                con.execute("ROLLBACK")
-        finally:
-            con.close()
-    except sqlite3.Error as err:
-        return str(err).splitlines()[0]
-    return None
-
-
-def lacks_write_access(reason: str) -> bool:
-    """Whether sqlite_problem's reason is a file or folder this user may not write (the fix is
-    the permissions), not a damaged database (the fix is a backup)."""
-    return "readonly" in reason or "unable to open" in reason
-
-
 def check_writable(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -303,8 +303,7 @@ def open_storage(url: str, default: bool = False) -> Any:
     (hydra.sweeper.storage null), whose fix is another than a storage the user named."""
     import optuna
 
-    from lmexp.engine.runtime import lacks_write_access, sqlite_problem
-    from lmexp.tracking.stores import redact, sqlite_path
+    from lmexp.tracking.stores import lacks_write_access, redact, sqlite_path, sqlite_problem
 
     db = sqlite_path(url)
     reason = sqlite_problem(db) if db is not None and db.is_file() and db.stat().st_size else None

@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lmexp.config import LmexpError, first_line
-from lmexp.engine.runtime import lacks_write_access, sqlite_problem
 
 
 class TrackingError(LmexpError):
@@ -236,6 +235,40 @@ def check_database(uri: str, timeout: float) -> None:
         raise TrackingError(f"Tracking store {shown} cannot be opened ({reason}); {fix}.") from err
     finally:
         engine.dispose()
+
+
+def sqlite_problem(db: Path, timeout: float = 10.0, write: bool = True) -> str | None:
+    """What is wrong with an existing sqlite file (not a database, corrupt, read-only), or None:
+    every page's structure is read and, with write, one write made and rolled back, as the
+    libraries that use it (MLflow, Optuna) will, whose own errors are tracebacks or mislead."""
+    import sqlite3
+
+    with open(db, "rb") as f:
+        if f.read(16) != b"SQLite format 3\x00":
+            return "not an SQLite database"
+    try:
+        con = sqlite3.connect(db, timeout=max(timeout, 10.0), isolation_level=None)
+        try:
+            problems = [row[0] for row in con.execute("PRAGMA quick_check")]
+            if problems != ["ok"]:
+                lines = [ln for row in problems for ln in str(row).splitlines()]
+                first = next((ln for ln in lines if not ln.startswith("***")), lines[0])
+                return f"database disk image is malformed: {first}"
+            if write:
+                con.execute("BEGIN IMMEDIATE")
+                con.execute("CREATE TABLE lmexp_write_probe (x INTEGER)")  # journaled, rolled back
+                con.execute("ROLLBACK")
+        finally:
+            con.close()
+    except sqlite3.Error as err:
+        return str(err).splitlines()[0]
+    return None
+
+
+def lacks_write_access(reason: str) -> bool:
+    """Whether sqlite_problem's reason is a file or folder this user may not write (the fix is
+    the permissions), not a damaged database (the fix is a backup)."""
+    return "readonly" in reason or "unable to open" in reason
 
 
 def check_sqlite(uri: str, db: Path, timeout: float, write: bool = True) -> None:
