@@ -15,9 +15,17 @@ from omegaconf import DictConfig, OmegaConf
 from lmexp.config import (
     AdaptConfig,
     BenchConfig,
+    BenchSettings,
     ConfigError,
+    DataConfig,
+    DropoutConfig,
+    LoggerConfig,
+    LrPolicyConfig,
+    ModelConfig,
     OptimizerConfig,
+    RegularizerConfig,
     TrainConfig,
+    TrainerConfig,
 )
 from lmexp.data import SOURCES
 from lmexp.models.rnn import CELLS
@@ -84,8 +92,21 @@ def _check_finite(section: Any, prefix: str = "") -> None:
 
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Check ranges and choices; raise ConfigError naming the first bad key and how to fix it."""
-    m, d, lr, data, t, lg = cfg.model, cfg.dropout, cfg.lr_policy, cfg.data, cfg.trainer, cfg.logger
     _check_finite(cfg)
+    _check_model(cfg.model, cfg.dropout)
+    _check_dropout(cfg.dropout)
+    _check_regularizer(cfg.regularizer, cfg.dropout, cfg.trainer)
+    _check_lr_policy(cfg.lr_policy)
+    _check_optimizer(cfg.optimizer)
+    _check_data(cfg.data)
+    _check_trainer(cfg.trainer)
+    _check_logger(cfg.logger)
+    if isinstance(cfg, BenchConfig):
+        _check_bench(cfg.bench)
+    return cfg
+
+
+def _check_model(m: ModelConfig, d: DropoutConfig) -> None:
     _check(m.hidden_size >= 1, "model.hidden_size", m.hidden_size, "must be a positive integer")
     _check(m.num_layers >= 1, "model.num_layers", m.num_layers, "must be a positive integer")
     _check(m.init_scale > 0, "model.init_scale", m.init_scale, "must be positive")
@@ -103,6 +124,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         f"differs from model.hidden_size={m.hidden_size}, which needs one recurrent module per "
         "layer: choose dropout=variational or weight_drop, or leave embedding_size null",
     )
+
+
+def _check_dropout(d: DropoutConfig) -> None:
     _choice("dropout.kind", d.kind, ("standard", "variational", "none"))
     for name in ("dp_keep_prob", "keep_prob_embedding", "keep_prob_between", "keep_prob_output"):
         _keep_prob(f"dropout.{name}", getattr(d, name))
@@ -130,7 +154,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         d.embedding,
         "needs dropout=standard, variational or weight_drop, not dropout.kind=none",
     )
-    reg = cfg.regularizer
+
+
+def _check_regularizer(reg: RegularizerConfig, d: DropoutConfig, t: TrainerConfig) -> None:
     _check(reg.ar >= 0, "regularizer.ar", reg.ar, "must be >= 0")
     _check(reg.tar >= 0, "regularizer.tar", reg.tar, "must be >= 0")
     _check(
@@ -147,6 +173,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         "are not computed in a compiled step yet; leave trainer.compile and "
         "trainer.cuda_graphs off, or the regularizers at 0",
     )
+
+
+def _check_lr_policy(lr: LrPolicyConfig) -> None:
     _choice("lr_policy.kind", lr.kind, ("zaremba", "port", "plateau", "constant"))
     _check(math.isfinite(lr.lr) and lr.lr > 0, "lr_policy.lr", lr.lr, "must be a positive number")
     _check(0 < lr.lr_decay <= 1, "lr_policy.lr_decay", lr.lr_decay, "must be in (0, 1]")
@@ -156,7 +185,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         lr.plateau_patience >= 0, "lr_policy.plateau_patience", lr.plateau_patience, "must be >= 0"
     )
     _check(lr.min_lr >= 0, "lr_policy.min_lr", lr.min_lr, "must be >= 0")
-    _check_optimizer(cfg.optimizer)
+
+
+def _check_data(data: DataConfig) -> None:
     _check_source(data.name)
     urls = [data.url] if isinstance(data.url, str) else data.url
     _check(
@@ -175,6 +206,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(
         data.tiny_eval_tokens >= 10, "data.tiny_eval_tokens", data.tiny_eval_tokens, "must be >= 10"
     )
+
+
+def _check_trainer(t: TrainerConfig) -> None:
     _check(t.max_epochs >= 1, "trainer.max_epochs", t.max_epochs, "must be >= 1")
     for name in ("batch_size", "num_steps", "eval_batch_size", "test_batch_size", "eval_num_steps"):
         value = getattr(t, name)
@@ -219,6 +253,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         t.ckpt_every_n_batches,
         "must be >= 0",
     )
+
+
+def _check_logger(lg: LoggerConfig) -> None:
     _choice("logger.kind", lg.kind, ("mlflow", "none"))
     _check(
         lg.connect_timeout_s > 0,
@@ -241,17 +278,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         lg.ui_url,
         "must be the UI's address, http://host:port (or null)",
     )
-    if isinstance(cfg, BenchConfig):
-        b = cfg.bench
-        for name, low in (
-            ("repeats", 1),
-            ("batches", 1),
-            ("warmup_batches", 0),
-            ("eval_batches", 0),
-        ):
-            value = getattr(b, name)
-            _check(value >= low, f"bench.{name}", value, f"must be an integer >= {low}")
-    return cfg
+
+
+def _check_bench(b: BenchSettings) -> None:
+    for name, low in (("repeats", 1), ("batches", 1), ("warmup_batches", 0), ("eval_batches", 0)):
+        value = getattr(b, name)
+        _check(value >= low, f"bench.{name}", value, f"must be an integer >= {low}")
 
 
 def to_typed(cfg: DictConfig) -> TrainConfig:
