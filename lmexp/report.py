@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.sweep_dir:
             check_store(uri, read_only=True)  # (a sweep folder names its own store, below)
         if args.run:  # the 8 characters the tables and logs show are enough
-            args.run = full_run_id(uri, args.run)
+            args.run = full_run_id(uri, args.run, "check the run id and --tracking-uri")
         if args.record:
             if not args.run:
                 raise LmexpError(

@@ -295,8 +295,8 @@ def test_report_of_one_run_covers_only_that_run(trained, tmp_path):
     proc = run_module("lmexp.report", "--run", "deadbeef", "--out", "none", cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr == (
-        f"lmexp.report: error: Run deadbeef is not in sqlite:///{tmp_path / 'mlflow.db'}; "
-        "check the run id and --tracking-uri.\n"
+        f"lmexp.report: error: No run in sqlite:///{tmp_path / 'mlflow.db'} has an id starting "
+        "with deadbeef; check the run id and --tracking-uri.\n"
     )
     assert not (tmp_path / "none").exists()
 

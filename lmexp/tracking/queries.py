@@ -104,9 +104,13 @@ class MlflowHistory(RunHistory):
         return {m.step for m in self.client.get_metric_history(self.run_id, key)}
 
 
-def full_run_id(uri: str, run_id: str) -> str:
+FIND_RUN = "check the run id and logger.tracking_uri (--tracking-uri), or pass a model.pt path"
+
+
+def full_run_id(uri: str, run_id: str, advice: str = FIND_RUN) -> str:
     """The run id that the short one (the 8 characters lmexp's tables show) starts, when one
-    run's does; a full id, or what is no id's start, as it is (fetching it then says why)."""
+    run's does; a full id, or what is no id's start, as it is (fetching it then says why).
+    `advice` ends the error when no run's id starts so: how to find the run from the caller."""
     if not re.fullmatch(r"[0-9a-f]{1,31}", run_id):
         return run_id
     from mlflow.entities import ViewType
@@ -125,10 +129,7 @@ def full_run_id(uri: str, run_id: str) -> str:
     if len(matches) == 1:
         return matches[0]
     if not matches:
-        raise TrackingError(
-            f"No run in {redact(uri)} has an id starting with {run_id}; check the run id and "
-            "logger.tracking_uri (--tracking-uri), or pass a model.pt path."
-        )
+        raise TrackingError(f"No run in {redact(uri)} has an id starting with {run_id}; {advice}.")
     raise TrackingError(
         f"{run_id} starts {len(matches)} run ids in {redact(uri)} "
         f"({', '.join(sorted(m[: len(run_id) + 4] for m in matches))}...); give more of it."
