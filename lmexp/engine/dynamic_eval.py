@@ -86,14 +86,16 @@ def dynamic_evaluate(
     params = {name: p for name, p in model.named_parameters()}
     before = {name: p.detach().clone() for name, p in params.items()}
     theta0 = trained or before
+    pull: dict[str, torch.Tensor | float]
+    step: dict[str, torch.Tensor | float]
     if kind == "rms":
         assert stats is not None
         cap = 1.0 / decay if decay > 0 else float("inf")
         pull = {name: decay * stats.decrate[name].clamp(max=cap) for name in params}
         step = {name: lr / (stats.ms[name] + epsilon) for name in params}
     else:
-        pull = {name: torch.full_like(p, decay) for name, p in params.items()}
-        step = {name: torch.full_like(p, lr) for name, p in params.items()}
+        pull = dict.fromkeys(params, decay)  # one number for every weight: no tensors of it
+        step = dict.fromkeys(params, lr)
     state = model.init_state(data.size(1))
     loss_sum = torch.zeros((), device=data.device, dtype=torch.float64)
     tokens = 0
