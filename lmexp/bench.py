@@ -43,10 +43,11 @@ from lmexp.engine.runtime import (
     keep_freed_memory,
     select_device,
 )
-from lmexp.models.rnn import RNNLanguageModel, State
+from lmexp.models import build_model
+from lmexp.models.base import State, flatten_recurrent_weights
+from lmexp.models.rnn import RNNLanguageModel
 
 log = logging.getLogger("lmexp.bench")
-VARIANTS = ("lmexp", "stock", "port", "cell_loop")
 
 
 class CellLoopLM(nn.Module):
@@ -213,17 +214,17 @@ def build_variant(
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(t.seed)
-    model = RNNLanguageModel.from_config(cfg.model, cfg.dropout, vocab_size)
+    model = build_model(cfg.model, cfg.dropout, vocab_size)
     if name == "cell_loop":
         model = CellLoopLM(model)
     model = model.to(device)
     if name == "lmexp":
-        model.flatten_parameters()
+        flatten_recurrent_weights(model)
         return lmexp_loop(
             TrainStep.from_config(model, t, cfg.optimizer, cfg.lr_policy.lr, cfg.regularizer)
         ), model
     if name == "stock":
-        model.flatten_parameters()
+        flatten_recurrent_weights(model)
         sum_steps = t.loss_reduction == "sum_steps"
         return stock_loop(model, cfg.lr_policy.lr, t.max_grad_norm, sum_steps), model
     return port_loop(model, cfg.lr_policy.lr, t.max_grad_norm), model
@@ -356,25 +357,6 @@ def time_variants(variants: Variants, repeats: int) -> dict[str, list[float]]:
 
 def run_bench(cfg: BenchConfig, device: torch.device) -> dict[str, Any]:
     b, t = cfg.bench, cfg.trainer
-    unknown = set(b.variants) - set(VARIANTS)
-    if unknown:
-        raise LmexpError(
-            f"bench.variants has unknown {sorted(unknown)}; choose from {', '.join(VARIANTS)}."
-        )
-    if "cell_loop" in b.variants and (
-        cfg.dropout.kind == "variational"
-        or cfg.model.embedding_size not in (None, cfg.model.hidden_size)
-    ):
-        raise LmexpError(
-            "bench.variants cell_loop steps one fused multi-layer LSTM's weights, which "
-            "dropout.kind=variational (or a model.embedding_size of its own) splits into one "
-            "module per layer; leave cell_loop out of bench.variants for this model."
-        )
-    if "cell_loop" in b.variants and cfg.model.cell != "lstm":
-        raise LmexpError(
-            f"bench.variants cell_loop is TF's LSTMCell loop, not model.cell={cfg.model.cell}; "
-            "leave cell_loop out of bench.variants for this cell."
-        )
     check_device_support(t, device.type)
     threads = configure_threads(t.threads)
     load_corpus(cfg.data)  # a corpus that cannot be read is one sentence here, not in a worker

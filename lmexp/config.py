@@ -90,10 +90,20 @@ _KEEP = "(0, 1]; 1.0 keeps every unit"
 @dataclass
 class ModelConfig:
     name: str = _key("small", "The preset's name, as the report and run names show it.", "", SHAPE)
-    hidden_size: int = _key(
-        200, "Units per recurrent layer; also the embedding size.", ">= 1", SHAPE
+    arch: str = _key(
+        "rnn",
+        "The architecture (lmexp.models.MODELS): rnn, the recurrent network of TF's recipes and "
+        "AWD-LSTM, its cell chosen by model.cell; transformer, a causal Transformer.",
+        "rnn | transformer",
+        SHAPE,
     )
-    num_layers: int = _key(2, "Stacked recurrent layers.", ">= 1", SHAPE)
+    hidden_size: int = _key(
+        200,
+        "Units per recurrent layer, also the embedding size; a Transformer's width.",
+        ">= 1; transformer: divisible by num_heads",
+        SHAPE,
+    )
+    num_layers: int = _key(2, "Stacked recurrent layers or Transformer blocks.", ">= 1", SHAPE)
     embedding_size: int | None = _key(
         None,
         "Units of the embedding; null: hidden_size. Where it differs (AWD-LSTM: 400 against "
@@ -102,16 +112,33 @@ class ModelConfig:
         SHAPE,
     )
     init_scale: float = _key(
-        0.1, "Weights start uniform in [-init_scale, init_scale] (TF's recipes).", "> 0", SHAPE
+        0.1,
+        "Weights start uniform in [-init_scale, init_scale] (TF's recipes); transformer: the "
+        "embedding and softmax only, the blocks as torch initialises them.",
+        "> 0",
+        SHAPE,
     )
     tie_weights: bool = _key(
         False, "Share the embedding matrix with the softmax (Press & Wolf; Inan et al.).", "", SHAPE
     )
     cell: str = _key(
         "lstm",
-        "The recurrent cell (lmexp.models.rnn.CELLS); TF's recipes are LSTMs.",
+        "rnn: the recurrent cell (lmexp.models.rnn.CELLS); TF's recipes are LSTMs.",
         "lstm | gru | rnn_tanh",
         SHAPE,
+    )
+    num_heads: int = _key(4, "transformer: attention heads per block.", ">= 1", SHAPE)
+    ffn_size: int | None = _key(
+        None,
+        "transformer: units of each block's feed-forward layer; null: 4 * hidden_size.",
+        "null or >= 1",
+        SHAPE,
+    )
+    context: int = _key(
+        64,
+        "transformer: how many earlier tokens each window also attends to (its state, carried "
+        "like an LSTM's across windows); 0 scores each window alone, as pytorch/examples does.",
+        ">= 0",
     )
 
 
@@ -408,14 +435,18 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
+# lmexp's step, on any model.arch, and the 2017 ways of training the LSTM (lmexp.bench).
+BENCH_VARIANTS = ("lmexp", "stock", "port", "cell_loop")
+
+
 @dataclass
 class BenchSettings:
     variants: list[str] = _key(
-        ["lmexp", "stock", "port", "cell_loop"],
+        list(BENCH_VARIANTS),
         "What to time, each in a process of its own: lmexp's step; stock, the same model with "
         "only public torch APIs; port, the 2017 port's loop; cell_loop, that loop over "
-        "nn.LSTMCell per layer and step (TF RNNCell style).",
-        "lmexp | stock | port | cell_loop",
+        "nn.LSTMCell per layer and step (TF RNNCell style). The last three train an LSTM.",
+        " | ".join(BENCH_VARIANTS),
         EXECUTION,
     )
     repeats: int = _key(3, "Timed repeats per variant; the record keeps each.", ">= 1", EXECUTION)

@@ -40,7 +40,8 @@ from lmexp.engine.runtime import (
     seed_everything,
     select_device,
 )
-from lmexp.models.rnn import RNNLanguageModel, unpack_state
+from lmexp.models import LanguageModel, build_model
+from lmexp.models.base import unpack_state
 from lmexp.reporting.names import child_name, single_name
 from lmexp.reporting.stats import words_per_second
 from lmexp.tracking.base import PARENT_TAG, RunHistory, Tracker
@@ -93,7 +94,7 @@ def run_training(cfg: TrainConfig, ctx: RunContext) -> float:
         continues = resume is not None and not (resume.get("fork") or resume.get("init_only"))
         if not t.resume and not continues:
             set_aside(ctx.output_dir)
-        model = build_model(cfg, corpus, device, resume)
+        model = prepare_model(cfg, corpus, device, resume)
         tags = run_tags(device, ctx, cfg)
         resume = started_from(resume, tags)
         tracker = start_tracking(
@@ -192,12 +193,12 @@ def unseen_params(corpus: Corpus) -> dict[str, str]:
     return {f"data.unseen_{split}": f"{rate:.6g}" for split, rate in corpus.unseen.items()}
 
 
-def build_model(
+def prepare_model(
     cfg: TrainConfig, corpus: Corpus, device: torch.device, resume: dict[str, Any] | None
-) -> RNNLanguageModel:
+) -> LanguageModel:
     """The model, with a checkpoint's (or an exported model's) weights when starting from one."""
     seed_everything(cfg.trainer.seed)
-    model = RNNLanguageModel.from_config(cfg.model, cfg.dropout, corpus.vocab_size)
+    model = build_model(cfg.model, cfg.dropout, corpus.vocab_size)
     if resume is not None:
         try:
             model.load_state_dict(resume["model"])
@@ -299,7 +300,7 @@ def eval_scope(limit: int) -> str:
 
 
 def restore(run: Run, resume: dict[str, Any], history: RunHistory) -> Position:
-    """The position a checkpoint holds (its weights are loaded by build_model), with the RNG
+    """The position a checkpoint holds (its weights are loaded by prepare_model), with the RNG
     state; epochs the checkpoint knows but MLflow missed (a kill between the two) are logged."""
     device = run.data["train"].device
     position = Position(resume["epoch"], resume["history"], resume["best_valid_ppl"])
@@ -356,7 +357,7 @@ def finish(run: Run, position: Position, ctx: RunContext) -> None:
 
 
 def export_model(
-    model: RNNLanguageModel,
+    model: LanguageModel,
     corpus: Corpus,
     ctx: RunContext,
     tracker: Tracker,

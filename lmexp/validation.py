@@ -13,9 +13,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lmexp.config import (
+    BENCH_VARIANTS,
     AdaptConfig,
     BenchConfig,
-    BenchSettings,
     ConfigError,
     DataConfig,
     DropoutConfig,
@@ -28,6 +28,7 @@ from lmexp.config import (
     TrainerConfig,
 )
 from lmexp.data import SOURCES
+from lmexp.models import MODELS
 from lmexp.models.rnn import CELLS
 from lmexp.optim.optimizers import OPTIMIZERS
 
@@ -35,6 +36,9 @@ from lmexp.optim.optimizers import OPTIMIZERS
 def _check(ok: bool, key: str, value: Any, rule: str) -> None:
     if not ok:
         raise ConfigError(f"Invalid config: {key}={value!r} {rule}.")
+
+
+DROPOUT_KINDS = ("standard", "variational", "none")
 
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -102,15 +106,32 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check_trainer(cfg.trainer)
     _check_logger(cfg.logger)
     if isinstance(cfg, BenchConfig):
-        _check_bench(cfg.bench)
+        _check_bench(cfg)
     return cfg
 
 
 def _check_model(m: ModelConfig, d: DropoutConfig) -> None:
+    _choice("model.arch", m.arch, tuple(MODELS))
+    _check_architecture_keys(m, d)
     _check(m.hidden_size >= 1, "model.hidden_size", m.hidden_size, "must be a positive integer")
     _check(m.num_layers >= 1, "model.num_layers", m.num_layers, "must be a positive integer")
     _check(m.init_scale > 0, "model.init_scale", m.init_scale, "must be positive")
     _check_cell(m.cell)
+    _check(m.num_heads >= 1, "model.num_heads", m.num_heads, "must be a positive integer")
+    _check(
+        "num_heads" not in MODELS[m.arch].keys or m.hidden_size % m.num_heads == 0,
+        "model.hidden_size",
+        m.hidden_size,
+        f"is not divisible by model.num_heads={m.num_heads}: each head takes an equal share of "
+        "the width; choose sizes that divide",
+    )
+    _check(
+        m.ffn_size is None or m.ffn_size >= 1,
+        "model.ffn_size",
+        m.ffn_size,
+        "must be null or a positive integer",
+    )
+    _check(m.context >= 0, "model.context", m.context, "must be an integer >= 0")
     _check(
         m.embedding_size is None or m.embedding_size >= 1,
         "model.embedding_size",
@@ -126,8 +147,39 @@ def _check_model(m: ModelConfig, d: DropoutConfig) -> None:
     )
 
 
+def _check_architecture_keys(m: ModelConfig, d: DropoutConfig) -> None:
+    """No model.* key set away from its default that model.arch would ignore, and a dropout the
+    architecture implements (each registry entry says which keys and kinds it reads)."""
+    spec, defaults = MODELS[m.arch], ModelConfig()
+    for f in dataclasses.fields(ModelConfig):
+        value = getattr(m, f.name)
+        if f.name in (*spec.keys, "name", "arch") or value == getattr(defaults, f.name):
+            continue
+        readers = [name for name, s in MODELS.items() if f.name in s.keys]
+        _check(
+            False,
+            f"model.{f.name}",
+            value,
+            f"is not read by model.arch={m.arch}; it is a setting of model.arch="
+            f"{' or '.join(readers)} (choose that, or leave the key at its default)",
+        )
+    _check(
+        d.kind in spec.dropout_kinds or d.kind not in DROPOUT_KINDS,  # (_check_dropout's to say)
+        "dropout.kind",
+        d.kind,
+        f"is not implemented by model.arch={m.arch}; choose dropout="
+        f"{' or '.join(spec.dropout_kinds)}",
+    )
+    _check(
+        d.weight_drop == 0.0 or "cell" in spec.keys,
+        "dropout.weight_drop",
+        d.weight_drop,
+        f"drops recurrent weights, which model.arch={m.arch} does not have; leave it at 0",
+    )
+
+
 def _check_dropout(d: DropoutConfig) -> None:
-    _choice("dropout.kind", d.kind, ("standard", "variational", "none"))
+    _choice("dropout.kind", d.kind, DROPOUT_KINDS)
     for name in ("dp_keep_prob", "keep_prob_embedding", "keep_prob_between", "keep_prob_output"):
         _keep_prob(f"dropout.{name}", getattr(d, name))
     _check(
@@ -280,10 +332,44 @@ def _check_logger(lg: LoggerConfig) -> None:
     )
 
 
-def _check_bench(b: BenchSettings) -> None:
+def _check_bench(cfg: BenchConfig) -> None:
+    """The timing settings, and variants that can run this model."""
+    b, m = cfg.bench, cfg.model
     for name, low in (("repeats", 1), ("batches", 1), ("warmup_batches", 0), ("eval_batches", 0)):
         value = getattr(b, name)
         _check(value >= low, f"bench.{name}", value, f"must be an integer >= {low}")
+    unknown = sorted(set(b.variants) - set(BENCH_VARIANTS))
+    _check(
+        not unknown,
+        "bench.variants",
+        b.variants,
+        f"has unknown {unknown}; choose from {', '.join(BENCH_VARIANTS)}",
+    )
+    baselines = [v for v in b.variants if v != "lmexp"]
+    _check(
+        m.arch == "rnn" or not baselines,
+        "bench.variants",
+        b.variants,
+        f"holds {', '.join(baselines)}: the 2017 ways of training an LSTM, not model.arch="
+        f"{m.arch}; use bench.variants=[lmexp]",
+    )
+    if "cell_loop" not in b.variants:
+        return
+    _check(
+        cfg.dropout.kind != "variational" and m.embedding_size in (None, m.hidden_size),
+        "bench.variants",
+        b.variants,
+        "holds cell_loop, which steps one fused multi-layer LSTM's weights, while "
+        "dropout.kind=variational (or a model.embedding_size of its own) splits them into one "
+        "module per layer; leave cell_loop out for this model",
+    )
+    _check(
+        m.cell == "lstm",
+        "bench.variants",
+        b.variants,
+        f"holds cell_loop, TF's LSTMCell loop, not model.cell={m.cell}; leave cell_loop out "
+        "for this cell",
+    )
 
 
 def to_typed(cfg: DictConfig) -> TrainConfig:

@@ -62,7 +62,29 @@ def test_bench_rejects_unknown_variant(tmp_path):
         "lmexp.bench", "data=tiny", "model=tiny", "bench.variants=[lmexp,tf]", cwd=tmp_path
     )
     assert proc.returncode == 2
-    assert "bench.variants has unknown ['tf']" in proc.stdout + proc.stderr
+    assert (
+        "Invalid config: bench.variants=['lmexp', 'tf'] has unknown ['tf']; choose from lmexp, "
+        "stock, port, cell_loop." in proc.stdout + proc.stderr
+    )
+
+
+def test_bench_times_a_transformer_with_lmexps_step_and_refuses_the_lstm_baselines(tmp_path):
+    args = ["data=tiny", "experiment=transformer", "model.hidden_size=32", "trainer.threads=1"]
+    proc = run_module("lmexp.bench", *args, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert (
+        "Invalid config: bench.variants=['lmexp', 'stock', 'port', 'cell_loop'] holds stock, "
+        "port, cell_loop: the 2017 ways of training an LSTM, not model.arch=transformer; use "
+        "bench.variants=[lmexp]." in proc.stdout + proc.stderr
+    )
+    ok = run_module(
+        "lmexp.bench", *args, "bench.variants=[lmexp]", "bench.repeats=1", "bench.batches=5",
+        "bench.warmup_batches=1", "bench.output=bench.json", cwd=tmp_path,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    record = json.loads((tmp_path / "bench.json").read_text())
+    assert record["config"]["model.arch"] == "transformer"
+    assert list(record["variants"]) == ["lmexp"] and record["variants"]["lmexp"]["wps_median"] > 0
 
 
 def test_bench_refuses_the_lstm_cell_loop_for_a_gru(tmp_path):
@@ -70,7 +92,7 @@ def test_bench_refuses_the_lstm_cell_loop_for_a_gru(tmp_path):
     proc = run_module("lmexp.bench", *args, cwd=tmp_path)
     assert proc.returncode == 2
     out = proc.stdout + proc.stderr
-    assert "bench.variants cell_loop is TF's LSTMCell loop, not model.cell=gru" in out
+    assert "holds cell_loop, TF's LSTMCell loop, not model.cell=gru; leave cell_loop out" in out
     assert "Traceback" not in out
     ok = run_module(
         "lmexp.bench", *args[:3], "bench.variants=[lmexp,port]", "bench.repeats=1", cwd=tmp_path

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lmexp.bench import VARIANTS
+from lmexp.config import BENCH_VARIANTS as VARIANTS
 
 # Fast, in-process tests of the library: the unit lane (pytest -m unit).
 pytestmark = pytest.mark.unit

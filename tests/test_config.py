@@ -104,6 +104,32 @@ def test_unknown_key_and_wrong_type_name_the_key():
         ("dropout.weight_drop=1.0", r"dropout\.weight_drop=1\.0 must be in \[0, 1\)"),
         ("dropout=none dropout.weight_drop=0.5", r"dropout\.weight_drop=0\.5 needs dropout="),
         ("model.cell=rnn", r"model\.cell='rnn' is not one of lstm, gru, rnn_tanh\."),
+        ("model.arch=lstm", r"model\.arch='lstm' is not one of rnn, transformer\."),
+        (  # a key of another architecture is refused, not silently ignored
+            "model.num_heads=8",
+            r"model\.num_heads=8 is not read by model\.arch=rnn; it is a setting of "
+            r"model\.arch=transformer \(choose that",
+        ),
+        (
+            "experiment=transformer model.cell=gru",
+            r"model\.cell='gru' is not read by model\.arch=transformer; it is a setting of "
+            r"model\.arch=rnn",
+        ),
+        (
+            "experiment=transformer dropout=variational",
+            r"dropout\.kind='variational' is not implemented by model\.arch=transformer; "
+            r"choose dropout=standard or none\.",
+        ),
+        (
+            "experiment=transformer dropout.weight_drop=0.5",
+            r"dropout\.weight_drop=0\.5 drops recurrent weights, which model\.arch=transformer "
+            r"does not have",
+        ),
+        (
+            "experiment=transformer model.num_heads=3",
+            r"model\.hidden_size=200 is not divisible by model\.num_heads=3",
+        ),
+        ("experiment=transformer model.context=-1", r"model\.context=-1 must be an integer >= 0"),
         (
             "optimizer.kind=lion",
             r"optimizer\.kind='lion' is not one of fused_sgd, sgd, asgd, nt_asgd, adam, adamw\.",
@@ -166,6 +192,33 @@ def test_tied_presets_use_pytorch_examples_settings(name, hidden, keep):
     assert (cfg.trainer.num_steps, cfg.trainer.batch_size) == (35, 20)
 
 
+def test_the_transformer_preset_is_pytorch_examples_transformer_with_lmexps_context():
+    cfg = compose_typed("experiment=transformer")
+    m = cfg.model
+    assert (m.arch, m.hidden_size, m.num_layers, m.num_heads, m.ffn_size) == (
+        "transformer", 200, 2, 2, 200,
+    )  # fmt: skip
+    assert (m.context, cfg.dropout.kind, cfg.dropout.dp_keep_prob) == (35, "standard", 0.8)
+    assert (cfg.lr_policy.kind, cfg.lr_policy.lr, cfg.lr_policy.plateau_factor) == (
+        "plateau", 5.0, 4.0,
+    )  # fmt: skip
+    assert (cfg.trainer.max_grad_norm, cfg.trainer.loss_reduction) == (0.25, "mean")
+    assert (cfg.trainer.num_steps, cfg.trainer.batch_size) == (35, 20)
+    # its own dropout group choice still wins over the preset's
+    assert compose_typed("experiment=transformer", "dropout=none").dropout.kind == "none"
+
+
+def test_every_preset_of_every_group_composes_and_validates():
+    """lightning-hydra-template's habit: each choice a user can name composes into a config that
+    passes validation (the underscored files are bases, not choices)."""
+    root = conf_dir()
+    for group in sorted(
+        p for p in root.iterdir() if p.is_dir() and p.name not in ("_recipe_data", "hydra")
+    ):
+        for preset in sorted(group.glob("[!_]*.yaml")):
+            compose_typed(f"{group.name}={preset.stem}")
+
+
 def test_weight_drop_preset_is_variational_with_dropconnect():
     cfg = compose_typed("dropout=weight_drop", "model=medium")
     assert (cfg.dropout.kind, cfg.dropout.weight_drop, cfg.dropout.dp_keep_prob) == (
@@ -210,7 +263,7 @@ def test_every_schema_default_is_visible_in_the_yaml():
         ),
         (
             "model.hiden_size=3",
-            "Unknown config key 'model.hiden_size'; did you mean model.hidden_size?",
+            "Unknown config key 'model.hiden_size'; did you mean model.hidden_size or model.ffn_size?",
         ),
         ("dropout.keep_prob=0.5", "Unknown config key 'dropout.keep_prob'; did you mean"),
     ],

@@ -1,56 +1,70 @@
-"""The pyfunc model's own network (torch only, no lmexp) against lmexp's model."""
+"""The served model's code: lmexp's own models, shipped with the logged model, standing alone."""
 
 from __future__ import annotations
 
-import pytest
-import torch
+import subprocess
+import sys
 
-from lmexp.config import DropoutConfig
-from lmexp.models import rnn as lmexp_model
-from lmexp.models.rnn import RNNLanguageModel
+import pytest
+
+from lmexp.models import MODELS
 from lmexp.tracking import pyfunc_model
-from lmexp.tracking.pyfunc_model import WordRNN
+from lmexp.tracking.runs import model_code
 
 # Fast, in-process tests of the library: the unit lane (pytest -m unit).
 pytestmark = pytest.mark.unit
 
-
-def test_the_standalone_model_knows_every_cell_lmexp_trains():
-    """pyfunc_model.py cannot import lmexp, so it keeps its own cell table: the same one."""
-    assert pyfunc_model.CELLS == lmexp_model.CELLS
-
-
-@pytest.mark.parametrize("cell", sorted(lmexp_model.CELLS))
-@pytest.mark.parametrize("kind", ["none", "standard", "variational"])
-def test_word_rnn_gives_lmexp_models_logits_for_every_cell_and_dropout_kind(kind, cell):
-    torch.manual_seed(0)
-    dropout = DropoutConfig(kind=kind, dp_keep_prob=0.5)
-    model = RNNLanguageModel(20, 16, 3, 0.1, dropout=dropout, cell=cell).eval()
-    tokens = torch.randint(0, 20, (12, 2))
-    expected, state = model(tokens, model.init_state(2))
-    logits, plain_state = WordRNN(model.state_dict(), num_layers=3, cell=cell)(tokens)
-    torch.testing.assert_close(logits, expected)
-    torch.testing.assert_close(plain_state, state)
+# Run with nothing but the shipped package on the path (python -I: no site-packages of the
+# user's, no PYTHONPATH): it must build every architecture and import nothing but torch.
+STANDALONE = """
+import sys
+from lmexp.config import DropoutConfig, ModelConfig
+from lmexp.models import MODELS, build_model
+model = build_model(ModelConfig(arch=sys.argv[1], hidden_size=8, num_heads=2), DropoutConfig(), 11)
+logits, state = model(__import__("torch").zeros(3, 2, dtype=__import__("torch").long),
+                      model.init_state(2))
+assert tuple(logits.shape) == (3, 2, 11), logits.shape
+loaded = {m.split(".")[0] for m in sys.modules}
+print(sorted(loaded & {"pandas", "omegaconf", "hydra", "mlflow", "optuna"}))
+print(sorted(m for m in sys.modules if m.startswith("lmexp")))
+"""
 
 
-@pytest.mark.parametrize("cell", sorted(lmexp_model.CELLS))
-def test_word_rnn_gives_the_logits_of_a_model_whose_layers_differ_in_size(cell):
-    """model.embedding_size other than hidden_size (AWD-LSTM's 400/1150/400): one module per
-    layer, the last giving the embedding's size to the tied softmax; logits equal over two
-    windows, the state carried."""
-    torch.manual_seed(0)
-    dropout = DropoutConfig(kind="variational", dp_keep_prob=0.5)
-    model = RNNLanguageModel(
-        20, 16, 3, 0.1, dropout=dropout, cell=cell, tie_weights=True, embedding_size=6
-    ).eval()
-    assert [(m.input_size, m.hidden_size) for m in model.layers] == [(6, 16), (16, 16), (16, 6)]
-    plain = WordRNN(model.state_dict(), num_layers=3, cell=cell)
-    state, plain_state = model.init_state(2), None
-    for _ in range(2):
-        tokens = torch.randint(0, 20, (7, 2))
-        expected, state = model(tokens, state)
-        logits, plain_state = plain(tokens, plain_state)
-        torch.testing.assert_close(logits, expected)
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_the_shipped_model_code_builds_every_architecture_on_its_own(arch, tmp_path):
+    """model_code's package (what the logged model's code/ folder holds) builds and runs each
+    registered architecture with only torch besides it: no second copy of a network exists,
+    and nothing else of lmexp is needed."""
+    package = model_code(tmp_path / "code")
+    site = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import torch, os; print(os.path.dirname(os.path.dirname(torch.__file__)))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-I",
+            "-c",
+            f"import sys; sys.path[:0] = [{str(package.parent)!r}, {site!r}]; exec({STANDALONE!r})",
+            arch,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    libraries, lmexp_modules = proc.stdout.splitlines()
+    assert libraries == "[]"
+    assert all(
+        m in ("lmexp", "lmexp.config") or m.startswith("lmexp.models") for m in eval(lmexp_modules)
+    )
+    assert (package / "models" / "__init__.py").is_file()
 
 
 @pytest.mark.parametrize("temperature", [float("nan"), float("inf"), 0.0, -1.0])

@@ -15,7 +15,6 @@ import torch
 from conftest import TINY, metric_history, mlflow_runs, run_module, text_folder
 
 from lmexp.engine import checkpoint
-from lmexp.models.rnn import STATE_TENSORS
 
 pytestmark = pytest.mark.slow  # real processes, real signals: seconds to a minute each
 
@@ -227,6 +226,8 @@ def test_unreachable_tracking_server_with_fallback_trains_and_says_where(tmp_pat
         ["optimizer=asgd", "optimizer.t0=50"],
         ["model.cell=gru", "lr_policy.lr=0.3"],
         ["model.cell=rnn_tanh", "lr_policy.lr=0.3"],
+        # its state is the last model.context token ids: a checkpoint mid-epoch holds them
+        ["model.arch=transformer", "model.context=12", "optimizer=adam", "lr_policy.lr=0.003"],
         ["trainer.bptt_jitter=true", "trainer.loss_reduction=mean", "lr_policy.lr=10"],
         [  # the whole AWD-LSTM recipe at a tiny size: its 3 layers of two sizes, tied, every
             # regulariser, random BPTT lengths and NT-ASGD (averaging from the first epoch)
@@ -242,7 +243,7 @@ def test_unreachable_tracking_server_with_fallback_trains_and_says_where(tmp_pat
             "trainer.seed=0",
         ],  # fmt: skip
     ],
-    ids=["adam", "asgd", "gru", "rnn_tanh", "bptt_jitter", "awd_lstm"],
+    ids=["adam", "asgd", "gru", "rnn_tanh", "transformer", "bptt_jitter", "awd_lstm"],
 )
 def test_sigkill_mid_epoch_resumes_bit_identically_whatever_the_optimizer_or_cell(tmp_path, extra):
     """Adam's moments, ASGD's average (which starts at step 50 here) and a GRU's one-tensor
@@ -259,8 +260,8 @@ def test_sigkill_mid_epoch_resumes_bit_identically_whatever_the_optimizer_or_cel
     proc.wait(timeout=30)
     saved = checkpoint.load(tmp_path / "killed" / "checkpoints" / "last.pt")
     assert saved["progress"], "killed at an epoch's end, not inside one"
-    cell = next((e.split("=")[1] for e in extra if e.startswith("model.cell=")), "lstm")
-    assert len(saved["state"]) == STATE_TENSORS[cell]  # h and c, or h
+    lstm = not any(e.startswith(("model.cell=", "model.arch=")) for e in extra)
+    assert len(saved["state"]) == (2 if lstm else 1)  # h and c; h; the Transformer's memory
     assert saved["step"]["optimizer"]["state"] or "optimizer=" not in extra[0]
 
     resumed = run_module("lmexp.train", *args, "hydra.run.dir=killed", cwd=tmp_path)

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from lmexp.config import DropoutConfig
+from lmexp.models.base import flatten_recurrent_weights
 from lmexp.models.rnn import CELLS, RNNLanguageModel
 
 # Fast, in-process tests of the library: the unit lane (pytest -m unit).
@@ -188,7 +189,7 @@ def test_weight_drop_on_cuda_keeps_cudnn_and_leaks_no_warning():  # pragma: no c
     import warnings
 
     model = make(keep=1.0, weight_drop=0.5).cuda().train()
-    model.flatten_parameters()
+    flatten_recurrent_weights(model)
     tokens = torch.randint(0, 50, (20, 8), device="cuda")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a flatten_parameters warning would fail here

@@ -26,8 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmexp.config import LmexpError, first_line
+from lmexp.config import DropoutConfig, LmexpError, ModelConfig, first_line
 from lmexp.data import atomic_write_bytes
+from lmexp.models import MODELS, LanguageModel, build_model
+from lmexp.models.rnn import CELLS
 
 MAGIC = b"LMEXP-CHECKPOINT v1\n"
 FORMAT = "lmexp-checkpoint"
@@ -170,14 +172,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def load_model(
     path: Path, device: str | torch.device = "cpu"
-) -> tuple[Any, list[str], dict[str, Any]]:
+) -> tuple[LanguageModel, list[str], dict[str, Any]]:
     """Rebuild a trained model from an lmexp checkpoint or an exported model.pt (safely loaded).
 
     Returns the model in eval mode, its vocabulary and the resolved config it was trained with.
     """
-    from lmexp.config import DropoutConfig, ModelConfig
-    from lmexp.models.rnn import CELLS, RNNLanguageModel
-
     state = load_any(path, map_location=device)
     missing = [k for k in ("model", "vocab", "config") if k not in state]
     if missing:
@@ -191,14 +190,17 @@ def load_model(
             "lmexp.train, with its own vocab.json."
         )
     model_cfg = config.get("model") if isinstance(config, dict) else None
-    cell = model_cfg.get("cell", "lstm") if isinstance(model_cfg, dict) else "lstm"
-    if cell not in CELLS:  # configs from before GRU had no cell: LSTM
-        raise CheckpointError(
-            f"{path}: its config's model.cell={cell!r} is not one of {', '.join(CELLS)}; pass a "
-            "model written by lmexp.train, with its own config.json."
-        )
+    # configs from before GRU had no cell (an LSTM), from before the Transformer no arch (rnn)
+    for key, choices, default in (("arch", MODELS, "rnn"), ("cell", CELLS, "lstm")):
+        value = model_cfg.get(key, default) if isinstance(model_cfg, dict) else default
+        if value not in choices:
+            raise CheckpointError(
+                f"{path}: its config's model.{key}={value!r} is not one of "
+                f"{', '.join(choices)}; pass a model written by lmexp.train, with its own "
+                "config.json."
+            )
     try:
-        model = RNNLanguageModel.from_config(
+        model = build_model(
             ModelConfig(**config["model"]), DropoutConfig(**config["dropout"]), len(vocab)
         )
     except (TypeError, ValueError, KeyError, AttributeError) as err:

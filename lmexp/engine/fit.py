@@ -31,7 +31,8 @@ from lmexp.engine.loop import (
     train_epoch,
 )
 from lmexp.engine.runtime import Preemption
-from lmexp.models.rnn import RNNLanguageModel, State, pack_state
+from lmexp.models import LanguageModel
+from lmexp.models.base import State, flatten_recurrent_weights, pack_state
 from lmexp.optim.optimizers import averaged_weights
 from lmexp.optim.schedules import learning_rate
 from lmexp.tracking.base import Tracker
@@ -53,7 +54,7 @@ class Run:
     cfg: TrainConfig
     corpus: Corpus
     data: dict[str, torch.Tensor]
-    model: RNNLanguageModel
+    model: LanguageModel
     tracker: Tracker
     ckpt_dir: Path
     resolved: dict[str, Any]  # the resolved config, saved in each checkpoint
@@ -79,7 +80,7 @@ def fit(run: Run, position: Position) -> None:
     t, model = run.cfg.trainer, run.model
     if run.data["train"].device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    model.flatten_parameters()
+    flatten_recurrent_weights(model)
     step = TrainStep.from_config(
         model, t, run.cfg.optimizer, run.cfg.lr_policy.lr, run.cfg.regularizer
     )

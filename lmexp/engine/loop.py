@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from lmexp.config import OptimizerConfig, RegularizerConfig, TrainerConfig
 from lmexp.data import jittered_windows, num_windows, windows
-from lmexp.models.rnn import State, map_state
+from lmexp.models.base import State, map_state
 from lmexp.optim.optimizers import build_optimizer, set_lr
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -1,42 +1,21 @@
 """The word-level recurrent language model: embedding -> dropout -> LSTM, GRU or Elman RNN ->
-dropout -> linear. The recurrent cell is `model.cell`, one entry of CELLS; the rest of lmexp
-handles its state (an LSTM's (h, c), a GRU's or an RNN's h) only through map_state, pack_state
-and unpack_state."""
+dropout -> linear. The recurrent cell is `model.cell`, one entry of CELLS; its state is an
+LSTM's (h, c), a GRU's or an RNN's h, each (layers, batch, units)."""
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from lmexp.config import DropoutConfig, ModelConfig
-
-# A cell's recurrent state: one tensor (GRU) or a tuple of them (LSTM: h, c), each
-# (layers, batch, hidden).
-State = torch.Tensor | tuple[torch.Tensor, ...]
+from lmexp.models.base import State, map_state, unpack_state
 
 # model.cell -> the fused torch module (cuDNN on a GPU). A cell here takes (input, state) and
 # returns (output, state) with its weights named weight_ih_l<k>/weight_hh_l<k>, as torch's do.
 CELLS: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn_tanh": nn.RNN}
-STATE_TENSORS = {"lstm": 2, "gru": 1, "rnn_tanh": 1}
-
-
-def map_state(fn: Callable[[torch.Tensor], torch.Tensor], state: State) -> State:
-    """fn applied to each tensor of the state, keeping its structure."""
-    return tuple(fn(s) for s in state) if isinstance(state, tuple) else fn(state)
-
-
-def pack_state(state: State) -> list[torch.Tensor]:
-    """The state as a list of tensors (what a checkpoint stores)."""
-    return list(state) if isinstance(state, tuple) else [state]
-
-
-def unpack_state(tensors: list[torch.Tensor]) -> State:
-    """pack_state's inverse."""
-    return tensors[0] if len(tensors) == 1 else tuple(tensors)
 
 
 def layer_state(state: State, layer: int, size: int | None = None) -> State:
@@ -102,6 +81,9 @@ class RNNLanguageModel(nn.Module):
     inside the fused kernel. Weight drop (DropConnect on the hidden-to-hidden matrices) passes
     dropped copies of those matrices to the same fused call, so it keeps the fused kernel too.
     """
+
+    keys = ("hidden_size", "num_layers", "embedding_size", "init_scale", "tie_weights", "cell")
+    dropout_kinds = ("standard", "variational", "none")
 
     def __init__(
         self,
@@ -177,7 +159,8 @@ class RNNLanguageModel(nn.Module):
     def init_state(self, batch_size: int) -> State:
         weight = self.decoder.weight
         shape = (self.num_layers, batch_size, self.state_size)
-        return unpack_state([weight.new_zeros(shape) for _ in range(STATE_TENSORS[self.cell])])
+        tensors = 2 if CELLS[self.cell] is nn.LSTM else 1  # an LSTM's h and c
+        return unpack_state([weight.new_zeros(shape) for _ in range(tensors)])
 
     def forward(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         hidden, state = self.features(tokens, state)
@@ -230,8 +213,3 @@ class RNNLanguageModel(nn.Module):
             # the dropped matrices are new tensors each batch, so the packing is expected here.
             warnings.filterwarnings("ignore", "RNN module weights are not part of single")
             return torch.func.functional_call(rnn, dropped, (x, state))
-
-    def flatten_parameters(self) -> None:
-        """Make the recurrent weights one contiguous cuDNN buffer (once, after .to(device))."""
-        for rnn in self.layers if self.variational else [self.rnn]:
-            rnn.flatten_parameters()

@@ -1,7 +1,9 @@
 """The MLflow pyfunc model lmexp.train logs: "models from code", so nothing is pickled.
 
-MLflow copies this file into the logged model and runs it to load the model. It stands alone on
-purpose (torch, pandas and mlflow; no lmexp import), so anyone with MLflow can use a logged model:
+MLflow copies this file into the logged model and runs it to load the model. The network is
+lmexp's own code, shipped with the logged model (its `code/` folder: lmexp/config.py and the
+lmexp/models package, which import nothing but torch), so no architecture is written twice and
+anyone with MLflow, torch and pandas can use a logged model, with or without lmexp installed:
 
     model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
     model.predict(["w1 w2 w3\\n", "the company said\\n"])  # DataFrame: perplexity, tokens, unknown
@@ -24,11 +26,9 @@ from typing import Any
 import mlflow
 import pandas as pd
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 EOS, UNK = "<eos>", "<unk>"
-WINDOW = 256  # tokens per forward pass; a longer row is read in windows, the state carried on
 # predict's params and their defaults (lmexp.generate's); the logged signature declares them.
 PARAMS: dict[str, Any] = {
     "mode": "perplexity",
@@ -39,61 +39,6 @@ PARAMS: dict[str, Any] = {
 }
 
 
-CELLS = {
-    "lstm": nn.LSTM,
-    "gru": nn.GRU,
-    "rnn_tanh": nn.RNN,
-}  # model.cell in config.json (lmexp.models.rnn.CELLS)
-
-
-class WordRNN(nn.Module):
-    """lmexp's language model at inference (no dropout), rebuilt from its state_dict."""
-
-    def __init__(self, weights: dict[str, torch.Tensor], num_layers: int, cell: str) -> None:
-        super().__init__()
-        vocab_size, embedding_size = weights["embedding.weight"].shape
-        self.embedding = nn.Embedding(vocab_size, embedding_size)
-        self.cell = cell
-        # A variational model keeps one single-layer module per layer (layers.<i>.<name>_l0).
-        # Layers of one size are exactly one multi-layer module's; layers of different sizes
-        # (model.embedding_size, AWD-LSTM's 400/1150/400) stay one module each.
-        sizes = [
-            (
-                weights[f"layers.{i}.weight_ih_l0"].shape[1],
-                weights[f"layers.{i}.weight_hh_l0"].shape[1],
-            )
-            for i in range(num_layers)
-            if f"layers.{i}.weight_ih_l0" in weights
-        ]
-        self.per_layer = any(i != embedding_size or o != embedding_size for i, o in sizes)
-        if self.per_layer:
-            self.layers = nn.ModuleList(CELLS[cell](i, o) for i, o in sizes)
-            renamed = dict(weights)
-        else:
-            self.add_module(cell, CELLS[cell](embedding_size, embedding_size, num_layers))
-            renamed = {}
-            for key, value in weights.items():
-                if key.startswith("layers."):
-                    _, layer, name = key.split(".")
-                    key = f"{cell}.{name.removesuffix('_l0')}_l{layer}"
-                renamed[key] = value
-        self.decoder = nn.Linear(weights["decoder.weight"].shape[1], vocab_size)
-        self.load_state_dict(renamed)
-        self.eval()
-
-    def forward(self, tokens: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
-        """tokens (steps, batch) -> logits (steps, batch, vocab), and the new recurrent state."""
-        x = self.embedding(tokens)
-        if not self.per_layer:
-            hidden, state = getattr(self, self.cell)(x, state)
-            return self.decoder(hidden), state
-        states = []
-        for layer, layer_state in zip(self.layers, state or [None] * len(self.layers), strict=True):
-            x, layer_state = layer(x, layer_state)
-            states.append(layer_state)
-        return self.decoder(x), states
-
-
 class LanguageModel(mlflow.pyfunc.PythonModel):
     """Per-row perplexity (the default) or generated text (params mode="generate")."""
 
@@ -102,8 +47,18 @@ class LanguageModel(mlflow.pyfunc.PythonModel):
         self.vocab = json.loads(Path(context.artifacts["vocab"]).read_text())
         self.index = {word: i for i, word in enumerate(self.vocab)}
         weights = torch.load(context.artifacts["model"], map_location="cpu", weights_only=True)
-        model = config["model"]
-        self.model = WordRNN(weights, model["num_layers"], model.get("cell", "lstm"))
+        # From the code shipped with the model (code_paths), first on sys.path when it loads.
+        from lmexp.config import DropoutConfig, ModelConfig
+        from lmexp.models import build_model
+
+        self.model = build_model(
+            ModelConfig(**config["model"]), DropoutConfig(**config["dropout"]), len(self.vocab)
+        )
+        self.model.load_state_dict(weights)
+        self.model.eval()
+        # A row is read in the windows lmexp.evaluate reads (the state carried on): a model that
+        # attends over a window (a Transformer) scores the same words alike only in the same ones.
+        self.window = int(config["trainer"]["eval_num_steps"])
 
     # model_input: pd.DataFrame, a hint MLflow derives no schema from (the signature says what
     # predict takes) and converts a list or Series to, in a one-column frame.
@@ -128,9 +83,9 @@ class LanguageModel(mlflow.pyfunc.PythonModel):
         """(perplexity, tokens scored, words outside the vocabulary) of one row."""
         words = tokenize(text)
         tokens = self.encode(words).view(-1, 1)
-        loss_sum, state = torch.zeros((), dtype=torch.float64), None
-        for start in range(0, max(len(words) - 1, 0), WINDOW):
-            window = tokens[start : start + WINDOW + 1]
+        loss_sum, state = torch.zeros((), dtype=torch.float64), self.model.init_state(1)
+        for start in range(0, max(len(words) - 1, 0), self.window):
+            window = tokens[start : start + self.window + 1]
             logits, state = self.model(window[:-1], state)
             loss_sum += F.cross_entropy(
                 logits.view(-1, logits.size(-1)), window[1:].view(-1), reduction="sum"
@@ -144,7 +99,8 @@ class LanguageModel(mlflow.pyfunc.PythonModel):
         """The prompt and `words` sampled words; <eos> becomes a line break (as lmexp.generate)."""
         generator = torch.Generator().manual_seed(seed)
         prompt_words = tokenize(prompt)
-        logits, state = self.model(self.encode(prompt_words or [EOS]).view(-1, 1))
+        prompt_tokens = self.encode(prompt_words or [EOS]).view(-1, 1)
+        logits, state = self.model(prompt_tokens, self.model.init_state(1))
         out = []
         for _ in range(words):
             scores = logits[-1, 0].float() / temperature

@@ -8,6 +8,8 @@ runs a rerun or a sweep closes.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -84,6 +86,21 @@ def save_sweep_view(uri: str, experiment_id: str, parent_run_id: str, swept: lis
     _client(uri).set_experiment_tag(experiment_id, VIEW_TAG_PREFIX + parent_run_id, tag)
 
 
+def model_code(into: Path) -> Path:
+    """lmexp's model code as a package for a logged model to carry (MLflow's code_paths): the
+    package's __init__.py, config.py (the schema) and models/ (every architecture), which import
+    nothing but torch and each other, so the served model builds the network lmexp trained."""
+    import lmexp
+
+    source, package = Path(lmexp.__file__).parent, into / "lmexp"
+    (package / "models").mkdir(parents=True)
+    for name in ("__init__.py", "config.py"):
+        shutil.copy2(source / name, package / name)
+    for file in (source / "models").glob("*.py"):
+        shutil.copy2(file, package / "models" / file.name)
+    return package
+
+
 class MlflowTracker(Tracker):
     """Writes to one MLflow run, new or reopened by id."""
 
@@ -152,7 +169,8 @@ class MlflowTracker(Tracker):
     @lost_store
     def log_model(self, folder: Path) -> None:
         """An exported model folder: its files as artifacts under model/, and a pyfunc model
-        ("models from code": lmexp/tracking/pyfunc_model.py, nothing pickled) linked to this run."""
+        ("models from code": lmexp/tracking/pyfunc_model.py, nothing pickled, with lmexp's
+        model code, model_code) linked to this run."""
         import mlflow
         import pandas
         import torch
@@ -169,13 +187,14 @@ class MlflowTracker(Tracker):
         )
         mlflow.set_tracking_uri(self.uri)  # log_model writes to the global tracking URI
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmp:
             # It advises an input example, which it would validate by running the model; the
             # signature already says what predict takes.
             warnings.filterwarnings("ignore", ".*An input example was not provided")
             mlflow.pyfunc.log_model(
                 name=MODEL_NAME,
                 python_model=pyfunc_model.__file__,
+                code_paths=[str(model_code(Path(tmp)))],
                 artifacts={Path(name).stem: str(folder / name) for name in MODEL_FILES},
                 signature=pyfunc_model.signature(),
                 # Given, so MLflow does not load the model again to infer them.
