@@ -203,7 +203,7 @@ def test_the_transformer_preset_is_pytorch_examples_transformer_with_lmexps_cont
         "plateau", 5.0, 4.0,
     )  # fmt: skip
     assert (cfg.trainer.max_grad_norm, cfg.trainer.loss_reduction) == (0.25, "mean")
-    assert (cfg.trainer.num_steps, cfg.trainer.batch_size) == (35, 20)
+    assert (cfg.trainer.num_steps, cfg.trainer.batch_size, cfg.trainer.max_epochs) == (35, 20, 6)
     # its own dropout group choice still wins over the preset's
     assert compose_typed("experiment=transformer", "dropout=none").dropout.kind == "none"
 
