@@ -76,12 +76,27 @@ def _key(default: Any, help: str, allowed: str = "", role: str = RECIPE) -> Any:
     """A schema key: its default, what it means (`help`, one or two sentences), the values
     `validate` accepts (`allowed`, for the reference; empty: any value of its type) and its role.
     docs/reference/configuration.md is generated from these (scripts/config_reference.py)."""
+    return _field(default, {"role": role, "help": help, "allowed": allowed})
+
+
+def _one_of(default: str, help: str, choices: tuple[str, ...], role: str = RECIPE) -> Any:
+    """A key with a fixed set of values, stated here once: validation reads them (`choices_of`)
+    and the reference shows them. Choices that come from a registry (model.arch, model.cell,
+    data.name, optimizer.kind, lr_policy.kind) are the registry's; a test keeps `allowed` equal."""
+    return _field(
+        default, {"role": role, "help": help, "allowed": " | ".join(choices), "choices": choices}
+    )
+
+
+def _field(default: Any, metadata: dict[str, Any]) -> Any:
     if isinstance(default, list):
-        return field(
-            default_factory=lambda: list(default),
-            metadata={"role": role, "help": help, "allowed": allowed},
-        )
-    return field(default=default, metadata={"role": role, "help": help, "allowed": allowed})
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def choices_of(schema: type, name: str) -> tuple[str, ...]:
+    """The values a `_one_of` key of `schema` accepts."""
+    return next(f for f in dataclasses.fields(schema) if f.name == name).metadata["choices"]
 
 
 _KEEP = "(0, 1]; 1.0 keeps every unit"
@@ -144,12 +159,12 @@ class ModelConfig:
 
 @dataclass
 class DropoutConfig:
-    kind: str = _key(
+    kind: str = _one_of(
         "standard",
         "standard: a fresh mask per step on the non-recurrent connections (Zaremba et al.); "
         "variational: one mask per sequence, shared across steps (Gal & Ghahramani), one "
         "nn.LSTM per layer; none: no dropout.",
-        "standard | variational | none",
+        ("standard", "variational", "none"),
         SHAPE,
     )
     dp_keep_prob: float = _key(
@@ -289,11 +304,11 @@ class TrainerConfig:
     batch_size: int = _key(20, "Sequences per training batch.", ">= 1", SHAPE)
     num_steps: int = _key(20, "Unrolled steps (BPTT length) per training batch.", ">= 1", SHAPE)
     max_grad_norm: float = _key(5.0, "Gradients are clipped to this global norm.", "> 0")
-    loss_reduction: str = _key(
+    loss_reduction: str = _one_of(
         "sum_steps",
         "sum_steps: loss summed over steps and averaged over the batch (TF; lr 1.0, clip 5); "
         "mean: per-token mean (the 2017 port and pytorch/examples; lr 20, clip 0.25).",
-        "sum_steps | mean",
+        ("sum_steps", "mean"),
     )
     bptt_jitter: bool = _key(
         False,
@@ -334,10 +349,10 @@ class TrainerConfig:
         50, "Progress lines and step metrics every N batches.", ">= 1", BOOKKEEPING
     )
     progress: bool = _key(True, "Print progress lines.", "", BOOKKEEPING)
-    precision: str = _key(
+    precision: str = _one_of(
         "fp32",
         "Autocast precision of the step: bf16 on AVX-512 BF16 CPUs and recent GPUs; fp16 on GPU.",
-        "fp32 | bf16 | fp16",
+        ("fp32", "bf16", "fp16"),
         EXECUTION,
     )
     compile: bool = _key(False, "torch.compile the step.", "", EXECUTION)
@@ -366,7 +381,9 @@ class TrainerConfig:
 
 @dataclass
 class LoggerConfig:
-    kind: str = _key("mlflow", "Track runs in MLflow, or not at all.", "mlflow | none", BOOKKEEPING)
+    kind: str = _one_of(
+        "mlflow", "Track runs in MLflow, or not at all.", ("mlflow", "none"), BOOKKEEPING
+    )
     tracking_uri: str | None = _key(
         None,
         "The MLflow store or server; null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in "
@@ -477,10 +494,10 @@ class CacheConfig:
 
 @dataclass
 class DynamicConfig:
-    kind: str = _key(
+    kind: str = _one_of(
         "rms",
         "rms: dynamiceval.py's update, scaled by training gradient statistics; sgd: plain steps.",
-        "rms | sgd",
+        ("rms", "sgd"),
     )
     lr: float = _key(5e-5, "Step size eta (dynamiceval.py's --lr).", ">= 0")
     decay: float = _key(
@@ -503,8 +520,10 @@ class AdaptConfig:
     """`python -m lmexp.adapt`: a trained model scored with the cache or dynamic evaluation."""
 
     source: str | None = _key(None, "MLflow run id, model.pt or checkpoint.", "required")
-    method: str = _key("cache", "How the model adapts to the text it scores.", "cache | dynamic")
-    split: str = _key("test", "Split scored; search settings on valid.", "valid | test")
+    method: str = _one_of(
+        "cache", "How the model adapts to the text it scores.", ("cache", "dynamic")
+    )
+    split: str = _one_of("test", "Split scored; search settings on valid.", ("valid", "test"))
     batch_size: int = _key(1, "Streams scored side by side (1, as the papers).", ">= 1")
     limit_tokens: int | None = _key(
         None,

@@ -15,13 +15,8 @@ import sys
 from pathlib import Path
 
 from lmexp.config import LmexpError
-from lmexp.reporting.summary import (
-    HISTORY_KEYS,
-    close_stale_sweep,
-    report,
-    report_all,
-    results_record,
-)
+from lmexp.orchestration.outcome import close_stale_sweep
+from lmexp.reporting.summary import HISTORY_KEYS, report, report_all, results_record
 from lmexp.tracking.queries import SWEEP_FILE, fetch_run, full_run_id, read_sweep
 from lmexp.tracking.stores import check_store, resolve_tracking_uri
 

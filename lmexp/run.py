@@ -26,7 +26,7 @@ import torch
 from lmexp.config import Preempted, RunStopped, TrainConfig, flatten
 from lmexp.data import Corpus, batch_splits, load_corpus
 from lmexp.engine import checkpoint
-from lmexp.engine.fit import EPOCH_METRICS, EpochCallback, Position, Run, fit
+from lmexp.engine.fit import EpochCallback, Position, Run, fit
 from lmexp.engine.loop import DivergenceError, EpochProgress, evaluate, perplexity
 from lmexp.engine.resume import changed_on_resume, find_resume, remember_run, remembered_run
 from lmexp.engine.runtime import (
@@ -44,7 +44,7 @@ from lmexp.models import LanguageModel, build_model
 from lmexp.models.base import unpack_state
 from lmexp.reporting.names import child_name, single_name
 from lmexp.reporting.stats import words_per_second
-from lmexp.tracking.base import PARENT_TAG, RunHistory, Tracker
+from lmexp.tracking.base import EPOCH_METRICS, PARENT_TAG, RunHistory, Tracker
 from lmexp.tracking.queries import TrackingLost, run_history
 from lmexp.tracking.runs import open_tracker, rerun_decision
 from lmexp.tracking.stores import configured_store, redact

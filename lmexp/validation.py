@@ -19,6 +19,7 @@ from lmexp.config import (
     ConfigError,
     DataConfig,
     DropoutConfig,
+    DynamicConfig,
     LoggerConfig,
     LrPolicyConfig,
     ModelConfig,
@@ -26,11 +27,13 @@ from lmexp.config import (
     RegularizerConfig,
     TrainConfig,
     TrainerConfig,
+    choices_of,
 )
 from lmexp.data import SOURCES
 from lmexp.models import MODELS
 from lmexp.models.rnn import CELLS
 from lmexp.optim.optimizers import OPTIMIZERS
+from lmexp.optim.schedules import SCHEDULES
 
 
 def _check(ok: bool, key: str, value: Any, rule: str) -> None:
@@ -38,7 +41,7 @@ def _check(ok: bool, key: str, value: Any, rule: str) -> None:
         raise ConfigError(f"Invalid config: {key}={value!r} {rule}.")
 
 
-DROPOUT_KINDS = ("standard", "variational", "none")
+DROPOUT_KINDS = choices_of(DropoutConfig, "kind")
 
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -228,7 +231,7 @@ def _check_regularizer(reg: RegularizerConfig, d: DropoutConfig, t: TrainerConfi
 
 
 def _check_lr_policy(lr: LrPolicyConfig) -> None:
-    _choice("lr_policy.kind", lr.kind, ("zaremba", "port", "plateau", "constant"))
+    _choice("lr_policy.kind", lr.kind, tuple(SCHEDULES))
     _check(math.isfinite(lr.lr) and lr.lr > 0, "lr_policy.lr", lr.lr, "must be a positive number")
     _check(0 < lr.lr_decay <= 1, "lr_policy.lr_decay", lr.lr_decay, "must be in (0, 1]")
     _check(lr.max_epoch >= 0, "lr_policy.max_epoch", lr.max_epoch, "must be >= 0")
@@ -266,7 +269,7 @@ def _check_trainer(t: TrainerConfig) -> None:
         value = getattr(t, name)
         _check(value >= 1, f"trainer.{name}", value, "must be a positive integer")
     _check(t.max_grad_norm > 0, "trainer.max_grad_norm", t.max_grad_norm, "must be positive")
-    _choice("trainer.loss_reduction", t.loss_reduction, ("sum_steps", "mean"))
+    _choice("trainer.loss_reduction", t.loss_reduction, choices_of(TrainerConfig, "loss_reduction"))
     _check(
         not t.bptt_jitter or t.loss_reduction == "mean",
         "trainer.bptt_jitter",
@@ -298,7 +301,7 @@ def _check_trainer(t: TrainerConfig) -> None:
         t.log_every_n_batches,
         "must be >= 1",
     )
-    _choice("trainer.precision", t.precision, ("fp32", "bf16", "fp16"))
+    _choice("trainer.precision", t.precision, choices_of(TrainerConfig, "precision"))
     _check(
         t.ckpt_every_n_batches >= 0,
         "trainer.ckpt_every_n_batches",
@@ -308,7 +311,7 @@ def _check_trainer(t: TrainerConfig) -> None:
 
 
 def _check_logger(lg: LoggerConfig) -> None:
-    _choice("logger.kind", lg.kind, ("mlflow", "none"))
+    _choice("logger.kind", lg.kind, choices_of(LoggerConfig, "kind"))
     _check(
         lg.connect_timeout_s > 0,
         "logger.connect_timeout_s",
@@ -389,8 +392,8 @@ def validate_adapt(cfg: AdaptConfig) -> AdaptConfig:
             "Invalid config: source is not set; pass source=<MLflow run id> or "
             "source=<path of a model.pt or checkpoint>."
         )
-    _choice("method", cfg.method, ("cache", "dynamic"))
-    _choice("split", cfg.split, ("valid", "test"))
+    _choice("method", cfg.method, choices_of(AdaptConfig, "method"))
+    _choice("split", cfg.split, choices_of(AdaptConfig, "split"))
     _check(cfg.batch_size >= 1, "batch_size", cfg.batch_size, "must be >= 1")
     _check(
         cfg.limit_tokens is None or cfg.limit_tokens >= 2,
@@ -400,7 +403,7 @@ def validate_adapt(cfg: AdaptConfig) -> AdaptConfig:
     )
     _check(c.window >= 1, "cache.window", c.window, "must be >= 1")
     _check(0 <= c.lambd < 1, "cache.lambd", c.lambd, "must be in [0, 1); 0 turns the cache off")
-    _choice("dynamic.kind", d.kind, ("rms", "sgd"))
+    _choice("dynamic.kind", d.kind, choices_of(DynamicConfig, "kind"))
     for key in ("lr", "decay"):
         _check(getattr(d, key) >= 0, f"dynamic.{key}", getattr(d, key), "must be >= 0")
     _check(

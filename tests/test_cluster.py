@@ -21,8 +21,7 @@ import pytest
 import services
 from conftest import REPO, TINY, expect_sweep_refused, run_module
 
-from lmexp.engine.fit import EPOCH_METRICS
-from lmexp.tracking.base import PARENT_TAG
+from lmexp.tracking.base import EPOCH_METRICS, PARENT_TAG
 
 pytestmark = pytest.mark.slow
 

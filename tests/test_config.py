@@ -246,6 +246,31 @@ def _yaml_keys() -> set[str]:
     return keys
 
 
+def test_the_reference_lists_each_registry_choice_as_the_registry_holds_it():
+    """config.py imports no registry, so the allowed values of the keys a registry answers are
+    written there by hand: they must be the registry's, in its order."""
+    import dataclasses
+
+    from lmexp.config import DataConfig, LrPolicyConfig, ModelConfig, OptimizerConfig
+    from lmexp.data import SOURCES
+    from lmexp.models import MODELS
+    from lmexp.models.rnn import CELLS
+    from lmexp.optim.optimizers import OPTIMIZERS
+    from lmexp.optim.schedules import SCHEDULES
+
+    def allowed(schema: type, name: str) -> str:
+        return next(f for f in dataclasses.fields(schema) if f.name == name).metadata["allowed"]
+
+    for schema, name, registry in (
+        (ModelConfig, "arch", MODELS),
+        (ModelConfig, "cell", CELLS),
+        (DataConfig, "name", SOURCES),
+        (OptimizerConfig, "kind", OPTIMIZERS),
+        (LrPolicyConfig, "kind", SCHEDULES),
+    ):
+        assert allowed(schema, name) == " | ".join(registry), (schema.__name__, name)
+
+
 def test_every_schema_default_is_visible_in_the_yaml():
     """config.py's defaults are mirrored in conf/: a user reading the YAML sees every key."""
     from lmexp.config import schema_roles

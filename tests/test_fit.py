@@ -16,11 +16,11 @@ from hydra import compose, initialize_config_dir
 from lmexp.config import RunStopped, conf_dir
 from lmexp.data import batch_splits, load_corpus
 from lmexp.engine import checkpoint
-from lmexp.engine.fit import EPOCH_METRICS, Position, Run, fit
+from lmexp.engine.fit import Position, Run, fit
 from lmexp.engine.loop import DivergenceError
 from lmexp.models.rnn import RNNLanguageModel
 from lmexp.orchestration.launch import register_configs
-from lmexp.tracking.base import Tracker
+from lmexp.tracking.base import EPOCH_METRICS, Tracker
 from lmexp.validation import to_typed
 
 # Fast, in-process tests of the library: the unit lane (pytest -m unit).

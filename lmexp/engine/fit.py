@@ -35,12 +35,10 @@ from lmexp.models import LanguageModel
 from lmexp.models.base import State, flatten_recurrent_weights, pack_state
 from lmexp.optim.optimizers import averaged_weights
 from lmexp.optim.schedules import learning_rate
-from lmexp.tracking.base import Tracker
+from lmexp.tracking.base import EPOCH_METRICS, Tracker
 
 log = logging.getLogger("lmexp.train")
 
-# The metrics every training run logs once per epoch (step = epoch), in this order.
-EPOCH_METRICS = ("train_ppl", "valid_ppl", "lr", "train_wps", "epoch_time_s")
 
 # Called after each epoch is checkpointed and logged, with (epoch, valid_ppl, last epoch?); may
 # raise RunStopped to end the run there (an Optuna trial's pruner does).

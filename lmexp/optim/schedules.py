@@ -6,7 +6,7 @@ gets exactly the lr the uninterrupted run would have had.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from lmexp.config import LrPolicyConfig
 
@@ -41,20 +41,18 @@ def plateau_lr(
     return max(lr, min_lr)
 
 
+# lr_policy.kind -> the lr of a 0-based epoch, given the policy and the validation ppl of the
+# epochs before it. A new schedule is one entry here (and conf/lr_policy/<name>.yaml).
+SCHEDULES: dict[str, Callable[[LrPolicyConfig, int, Sequence[float]], float]] = {
+    "zaremba": lambda p, epoch, _: max(zaremba_lr(epoch, p.lr, p.lr_decay, p.max_epoch), p.min_lr),
+    "port": lambda p, epoch, _: max(port_lr(epoch, p.lr, p.lr_decay, p.max_epoch), p.min_lr),
+    "plateau": lambda p, epoch, valid: plateau_lr(
+        valid[:epoch], p.lr, p.plateau_factor, p.plateau_patience, p.min_lr
+    ),
+    "constant": lambda p, _epoch, _valid: p.lr,
+}
+
+
 def learning_rate(policy: LrPolicyConfig, epoch: int, valid_history: Sequence[float] = ()) -> float:
     """The lr for 0-based `epoch`, given the validation ppl of the epochs before it."""
-    if policy.kind == "zaremba":
-        return max(zaremba_lr(epoch, policy.lr, policy.lr_decay, policy.max_epoch), policy.min_lr)
-    if policy.kind == "port":
-        return max(port_lr(epoch, policy.lr, policy.lr_decay, policy.max_epoch), policy.min_lr)
-    if policy.kind == "plateau":
-        return plateau_lr(
-            valid_history[:epoch],
-            policy.lr,
-            policy.plateau_factor,
-            policy.plateau_patience,
-            policy.min_lr,
-        )
-    if policy.kind == "constant":
-        return policy.lr
-    raise ValueError(f"unknown lr policy {policy.kind!r}")
+    return SCHEDULES[policy.kind](policy, epoch, valid_history)

@@ -337,7 +337,7 @@ class MlflowSweepCallback(Callback):
             log.info("Sweep folder: %s (its report in report/)", sweep_dir)
 
     def _summarize(self, status: str | None) -> None:
-        from lmexp.reporting.summary import summarize_sweep
+        from lmexp.orchestration.outcome import summarize_sweep
 
         parent, self.parent = self.parent, None
         assert parent is not None

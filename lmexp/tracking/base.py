@@ -22,6 +22,8 @@ KIND_TAG = "lmexp.kind"  # "sweep" on a sweep's parent run, "bench" on lmexp.ben
 # so that mlflow.pyfunc.load_model(f"runs:/{run_id}/model") loads it.
 MODEL_NAME = "model"
 MODEL_FILES = ("model.pt", "config.json", "vocab.json")
+# The metrics every training run logs once per epoch (step = epoch), in this order.
+EPOCH_METRICS = ("train_ppl", "valid_ppl", "lr", "train_wps", "epoch_time_s")
 # lmexp.adapt's scores, added to a trained run: test_ppl_cache, valid_ppl_dynamic, ... each with
 # the settings that gave it in the tag "lmexp.<metric>".
 ADAPT_METHODS = ("cache", "dynamic")
