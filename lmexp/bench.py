@@ -8,10 +8,12 @@ Variants, all on the same model size, data and device, each in a process of its 
   port       the 2017 PyTorch port's loop: fused nn.LSTM, model.zero_grad(), loss.item() every
              batch, a separate clip_grad_norm_, and a manual p.data.add_(-lr * grad) per parameter;
   cell_loop  the port's loop over the same model as a Python loop over time of nn.LSTMCell per
-             layer (TF RNNCell style).
+             layer (TF RNNCell style);
+  stock_alloc, port_alloc  stock's and port's loops in a process with lmexp's allocator setting.
 The baselines are loops written as their originals were, in processes with glibc's default
 allocator settings, as those programs ran (docs/benchmarks.md checks them against a stand-alone
-copy). After a warm-up of each, the variants are timed in turn, `bench.repeats` times, so drifts
+copy); their _alloc twins take the setting any program could (glibc keeps freed memory), so
+lmexp against port_alloc is what the step alone buys. After a warm-up of each, the variants are timed in turn, `bench.repeats` times, so drifts
 in machine speed hit them alike; the median, min and max words/s and each median's ratio to
 port's are printed and, with bench.output=PATH, written as JSON. Evaluation words/s of lmexp too.
 """
@@ -48,6 +50,7 @@ from lmexp.models.base import State, flatten_recurrent_weights
 from lmexp.models.rnn import RNNLanguageModel
 
 log = logging.getLogger("lmexp.bench")
+ALLOC = "_alloc"  # a baseline run with lmexp's allocator setting (keep_freed_memory)
 
 
 class CellLoopLM(nn.Module):
@@ -214,6 +217,7 @@ def build_variant(
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(t.seed)
+    name = name.removesuffix(ALLOC)  # the same loop; its process differs (variant_worker)
     model = build_model(cfg.model, cfg.dropout, vocab_size)
     if name == "cell_loop":
         model = CellLoopLM(model)
@@ -256,11 +260,12 @@ def variant_worker(name: str, cfg: BenchConfig, device_name_: str, conn: Any) ->
     try:
         device = torch.device(device_name_)
         configure_threads(cfg.trainer.threads)
-        if name == "lmexp" and device.type == "cpu":
-            keep_freed_memory()  # as lmexp.train does; the baselines run as their programs did
+        # as lmexp.train does; the baselines as their programs did, their twins as lmexp
+        kept = device.type == "cpu" and (name == "lmexp" or name.endswith(ALLOC))
+        kept = kept and keep_freed_memory()
         corpus, warmup, timed = bench_batches(cfg, device)
         loop, model = build_variant(name, cfg, corpus.vocab_size, device)
-        conn.send(("ready", None))
+        conn.send(("ready", kept))
         while True:
             request = conn.recv()
             if request == "warmup":
@@ -293,6 +298,7 @@ class Variants:
     def __init__(self, cfg: BenchConfig, device: torch.device) -> None:
         ctx = multiprocessing.get_context("spawn")  # no fork after CUDA (or oneDNN) is set up
         self.workers: dict[str, tuple[Any, Any]] = {}
+        self.keeps_freed_memory: dict[str, bool] = {}  # each variant's allocator, as it reported
         for name in cfg.bench.variants:
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=variant_worker, args=(name, cfg, str(device), child))
@@ -302,8 +308,8 @@ class Variants:
 
     def __enter__(self) -> Variants:
         try:
-            for name in self.workers:
-                self.ask(name, None)  # it has built its data and model
+            for name in self.workers:  # it has built its data and model
+                self.keeps_freed_memory[name] = bool(self.ask(name, None))
             for name in self.workers:
                 log.info("warming up %s", name)
                 self.ask(name, "warmup")
@@ -367,10 +373,17 @@ def run_bench(cfg: BenchConfig, device: torch.device) -> dict[str, Any]:
             if "lmexp" in b.variants
             else []
         )
-    variants = {name: stats(values) for name, values in samples.items()}
+        allocator = variants.keeps_freed_memory
+    variants = {
+        name: {**stats(values), "keeps_freed_memory": allocator[name]}
+        for name, values in samples.items()
+    }
     port = variants.get("port", {}).get("wps_median")
+    port_alloc = variants.get("port" + ALLOC, {}).get("wps_median")
     for values in variants.values():
         values["ratio_vs_port"] = values["wps_median"] / port if port else None
+        if port_alloc:  # what the step alone buys: both with lmexp's allocator setting
+            values["ratio_vs_port_alloc"] = values["wps_median"] / port_alloc
     result: dict[str, Any] = {
         "device": device_name(device),
         "torch_version": torch.__version__,
@@ -405,6 +418,12 @@ def format_table(result: dict[str, Any]) -> str:
         ratio = f"{v['ratio_vs_port']:.2f}x" if v["ratio_vs_port"] else "-"
         lines.append(
             f"{name:<10} {v['wps_median']:>12.0f} {v['wps_min']:>10.0f} {v['wps_max']:>10.0f} {ratio:>8}"
+        )
+    lmexp, port_alloc = result["variants"].get("lmexp"), result["variants"].get("port_alloc")
+    if lmexp and port_alloc:
+        lines.append(
+            f"lmexp vs port_alloc: {lmexp['ratio_vs_port_alloc']:.2f}x (the step alone: both "
+            "with lmexp's allocator setting)"
         )
     for name, v in result.get("eval", {}).items():
         lines.append(

@@ -452,8 +452,9 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
-# lmexp's step, on any model.arch, and the 2017 ways of training the LSTM (lmexp.bench).
-BENCH_VARIANTS = ("lmexp", "stock", "port", "cell_loop")
+# lmexp's step, on any model.arch, and the 2017 ways of training the LSTM (lmexp.bench); a
+# baseline's "_alloc" twin runs the same loop with lmexp's allocator setting.
+BENCH_VARIANTS = ("lmexp", "stock", "port", "cell_loop", "stock_alloc", "port_alloc")
 
 
 @dataclass
@@ -462,7 +463,10 @@ class BenchSettings:
         list(BENCH_VARIANTS),
         "What to time, each in a process of its own: lmexp's step; stock, the same model with "
         "only public torch APIs; port, the 2017 port's loop; cell_loop, that loop over "
-        "nn.LSTMCell per layer and step (TF RNNCell style). The last three train an LSTM.",
+        "nn.LSTMCell per layer and step (TF RNNCell style); stock_alloc and port_alloc, stock "
+        "and port with lmexp's allocator setting (glibc malloc keeps freed memory, as "
+        "lmexp.train sets it on a CPU), which separates what lmexp's step buys from what the "
+        "setting buys. All but lmexp train an LSTM.",
         " | ".join(BENCH_VARIANTS),
         EXECUTION,
     )

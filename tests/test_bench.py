@@ -27,11 +27,25 @@ def test_bench_writes_json_with_every_field(tmp_path):
     result = json.loads((tmp_path / "bench.json").read_text())
     assert result["device"].startswith("cpu") and result["torch_version"] == torch.__version__
     assert result["config"]["model.hidden_size"] == 32 and result["config"]["bench.repeats"] == 3
-    assert set(result["variants"]) == {"lmexp", "stock", "port", "cell_loop"}
+    assert set(result["variants"]) == {
+        "lmexp", "stock", "port", "cell_loop", "stock_alloc", "port_alloc",
+    }  # fmt: skip
     for variant in result["variants"].values():
-        assert set(variant) == {"wps_median", "wps_min", "wps_max", "ratio_vs_port"}
+        assert set(variant) == {
+            "wps_median", "wps_min", "wps_max", "ratio_vs_port", "ratio_vs_port_alloc",
+            "keeps_freed_memory",
+        }  # fmt: skip
+        assert variant["ratio_vs_port_alloc"] == pytest.approx(
+            variant["wps_median"] / result["variants"]["port_alloc"]["wps_median"]
+        )
         assert 0 < variant["wps_min"] <= variant["wps_median"] <= variant["wps_max"]
     assert result["variants"]["port"]["ratio_vs_port"] == 1.0
+    # lmexp and the _alloc twins run with lmexp's allocator setting, the baselines without it
+    allocator = {name: v["keeps_freed_memory"] for name, v in result["variants"].items()}
+    assert allocator == {
+        "lmexp": True, "stock": False, "port": False, "cell_loop": False, "stock_alloc": True,
+        "port_alloc": True,
+    }  # fmt: skip
     ratio = result["variants"]["lmexp"]["wps_median"] / result["variants"]["port"]["wps_median"]
     assert abs(result["variants"]["lmexp"]["ratio_vs_port"] - ratio) < 1e-9
     assert result["eval"]["lmexp"]["wps_median"] > 0
@@ -64,7 +78,7 @@ def test_bench_rejects_unknown_variant(tmp_path):
     assert proc.returncode == 2
     assert (
         "Invalid config: bench.variants=['lmexp', 'tf'] has unknown ['tf']; choose from lmexp, "
-        "stock, port, cell_loop." in proc.stdout + proc.stderr
+        "stock, port, cell_loop, stock_alloc, port_alloc." in proc.stdout + proc.stderr
     )
 
 
@@ -73,9 +87,10 @@ def test_bench_times_a_transformer_with_lmexps_step_and_refuses_the_lstm_baselin
     proc = run_module("lmexp.bench", *args, cwd=tmp_path)
     assert proc.returncode == 2
     assert (
-        "Invalid config: bench.variants=['lmexp', 'stock', 'port', 'cell_loop'] holds stock, "
-        "port, cell_loop: the 2017 ways of training an LSTM, not model.arch=transformer; use "
-        "bench.variants=[lmexp]." in proc.stdout + proc.stderr
+        "Invalid config: bench.variants=['lmexp', 'stock', 'port', 'cell_loop', 'stock_alloc', "
+        "'port_alloc'] holds stock, port, cell_loop, stock_alloc, port_alloc: the 2017 ways of "
+        "training an LSTM, not model.arch=transformer; use bench.variants=[lmexp]."
+        in proc.stdout + proc.stderr
     )
     ok = run_module(
         "lmexp.bench", *args, "bench.variants=[lmexp]", "bench.repeats=1", "bench.batches=5",
