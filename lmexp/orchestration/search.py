@@ -98,19 +98,19 @@ def distribution(key: str, override: Any, config: DictConfig | None = None) -> A
         low, high = interval.start, interval.end
         if not low < high:
             raise LmexpError(
-                f"hydra.sweeper.params.{key}: interval({_num(low)}, {_num(high)}) is empty "
+                f"hydra.sweeper.params.{key}: interval({override_number(low)}, {override_number(high)}) is empty "
                 "(low must be below high); write it as interval(low, high)."
             )
         log_scale = "log" in interval.tags
         if log_scale and low <= 0:
             raise LmexpError(
                 f"hydra.sweeper.params.{key}: a log-scale interval must start above 0, not at "
-                f"{_num(low)}; raise its low end or drop tag(log, ...)."
+                f"{override_number(low)}; raise its low end or drop tag(log, ...)."
             )
         if "int" in interval.tags or (isinstance(low, int) and isinstance(high, int)):
             return d.IntDistribution(int(low), int(high), log=log_scale)
         if config is not None and _integer_key(config, key):
-            written = f"int(interval({_num(low)}, {_num(high)}))"
+            written = f"int(interval({override_number(low)}, {override_number(high)}))"
             written = f"tag(log, {written})" if log_scale else written
             raise LmexpError(f"{key} is an integer: write {written} to sample whole numbers.")
         return d.FloatDistribution(float(low), float(high), log=log_scale)
@@ -150,7 +150,8 @@ def _integer_key(config: DictConfig, key: str) -> bool:
     return isinstance(node, IntegerNode)
 
 
-def _num(value: float) -> str:
+def override_number(value: float) -> str:
+    """A number as an override writes it: 3, not 3.0; 0.001 as repr gives it."""
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 

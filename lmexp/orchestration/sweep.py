@@ -39,7 +39,7 @@ from lmexp.engine.runtime import (
     physical_cores,
     write_private,
 )
-from lmexp.orchestration.search import check_search, uses_search
+from lmexp.orchestration.search import check_search, override_number, uses_search
 from lmexp.orchestration.slurm import check_cluster, follow_jobs, uses_slurm
 from lmexp.reporting.stats import SEED_KEY
 from lmexp.tracking.base import KIND_TAG
@@ -75,10 +75,6 @@ def swept_keys(params: list[Any], task: list[Any]) -> list[str]:
     return keys
 
 
-def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
-
-
 def sweep_jobs(params: list[Any], task: list[Any]) -> list[list[str]]:
     """The overrides of the jobs a sweep can launch: every job of a grid; for a sampled interval,
     its two ends. Past MAX_FULL_CHECK combinations, each swept value once."""
@@ -91,7 +87,7 @@ def sweep_jobs(params: list[Any], task: list[Any]) -> list[list[str]]:
             options[key] = [f"{key}={v}" for v in override.sweep_string_iterator()]
         else:
             interval = override.value()
-            options[key] = [f"{key}={_number(v)}" for v in (interval.start, interval.end)]
+            options[key] = [f"{key}={override_number(v)}" for v in (interval.start, interval.end)]
     choices = list(options.values())
     total = 1
     for values in choices:
