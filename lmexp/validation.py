@@ -101,6 +101,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     """Check ranges and choices; raise ConfigError naming the first bad key and how to fix it."""
     _check_finite(cfg)
     _check_model(cfg.model, cfg.dropout)
+    _check(
+        cfg.model.arch != "transformer" or not (cfg.trainer.compile or cfg.trainer.cuda_graphs),
+        "trainer.compile/cuda_graphs",
+        (cfg.trainer.compile, cfg.trainer.cuda_graphs),
+        "capture one shape of the step, which a Transformer's memory of earlier tokens changes "
+        "as it fills; leave them off for model.arch=transformer",
+    )
     _check_dropout(cfg.dropout)
     _check_regularizer(cfg.regularizer, cfg.dropout, cfg.trainer)
     _check_lr_policy(cfg.lr_policy)

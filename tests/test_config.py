@@ -131,6 +131,10 @@ def test_unknown_key_and_wrong_type_name_the_key():
         ),
         ("experiment=transformer model.context=-1", r"model\.context=-1 must be an integer >= 0"),
         (
+            "experiment=transformer trainer.compile=true",
+            r"trainer\.compile/cuda_graphs=\(True, False\) capture one shape of the step",
+        ),
+        (
             "optimizer.kind=lion",
             r"optimizer\.kind='lion' is not one of fused_sgd, sgd, asgd, nt_asgd, adam, adamw\.",
         ),
