@@ -61,6 +61,31 @@ RECORDS["ptb_small_awd_plateau_cpu.json"] = {
     **RECORDS["ptb_small_awd_cpu.json"],
     "lr_policy.kind": "plateau",
 }
+# pytorch/examples' 6-epoch command: its Transformer (experiment=transformer) and its LSTM at
+# the same size (issue 34)
+EXAMPLES_6 = {
+    "dropout.dp_keep_prob": "0.8",
+    "lr_policy.kind": "plateau",
+    "trainer.loss_reduction": "mean",
+    "trainer.max_grad_norm": "0.25",
+    "trainer.num_steps": "35",
+    "trainer.max_epochs": "6",
+}
+RECORDS["ptb_transformer_cpu.json"] = {
+    **EXAMPLES_6,
+    "model.name": "transformer",
+    "model.arch": "transformer",
+    "model.num_heads": "2",
+    "model.ffn_size": "200",
+    "model.context": "35",
+    "lr_policy.lr": "5.0",
+}
+RECORDS["ptb_lstm200_examples_cpu.json"] = {
+    **EXAMPLES_6,
+    "model.arch": "rnn",
+    "model.cell": "lstm",
+    "lr_policy.lr": "20.0",
+}
 
 
 @pytest.fixture(params=sorted(RECORDS))
@@ -81,7 +106,7 @@ def test_record_is_a_finished_full_run_of_its_recipe_on_ptb(record):
     for key, value in RECORDS[name].items():
         assert c.get(key, "0.0") == value, key
     assert c["trainer.limit_train_batches"] == c["trainer.limit_eval_batches"] == "None"
-    epochs = int(RECORDS[name].get("trainer.max_epochs", EPOCHS[model]))
+    epochs = int(RECORDS[name].get("trainer.max_epochs") or EPOCHS[model])
     assert int(c["trainer.max_epochs"]) == epochs == len(r["epochs"])
     assert [e["epoch"] for e in r["epochs"]] == list(range(1, epochs + 1))
     assert r["device"] and r["torch_version"]
