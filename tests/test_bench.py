@@ -90,7 +90,8 @@ def test_bench_times_a_transformer_with_lmexps_step_and_refuses_the_lstm_baselin
         "Invalid config: bench.variants=['lmexp', 'stock', 'port', 'cell_loop', 'stock_alloc', "
         "'port_alloc'] holds stock, port, cell_loop, stock_alloc, port_alloc: the 2017 ways of "
         "training an LSTM, not model.arch=transformer; use bench.variants=[lmexp]."
-        in proc.stdout + proc.stderr
+        in proc.stdout
+        + proc.stderr
     )
     ok = run_module(
         "lmexp.bench", *args, "bench.variants=[lmexp]", "bench.repeats=1", "bench.batches=5",

@@ -63,13 +63,18 @@ def test_bench_record_is_well_formed(path):
     assert re.fullmatch(r"\d+\.\d+\.\d+\+cpu", r["torch_version"]), r["torch_version"]
     variants = r["variants"]
     assert {"lmexp", "port"} <= set(variants) <= set(VARIANTS)
-    port = variants["port"]["wps_median"]
+    # every record has the baselines also with lmexp's allocator setting (issue 37)
+    assert {"lmexp", "port", "stock", "port_alloc", "stock_alloc"} <= set(variants)
+    port, port_alloc = variants["port"]["wps_median"], variants["port_alloc"]["wps_median"]
     for name, v in variants.items():
-        assert set(v) == WPS | {"ratio_vs_port"}, f"{path.name}: {name}'s fields"
+        fields = WPS | {"ratio_vs_port", "ratio_vs_port_alloc", "keeps_freed_memory"}
+        assert set(v) == fields, f"{path.name}: {name}'s fields"
         assert 0 < v["wps_min"] <= v["wps_median"] <= v["wps_max"], f"{path.name}: {name}"
         assert v["ratio_vs_port"] == pytest.approx(v["wps_median"] / port, rel=1e-12), (
             f"{path.name}: {name}'s ratio_vs_port is not its median over port's"
         )
+        assert v["ratio_vs_port_alloc"] == pytest.approx(v["wps_median"] / port_alloc)
+        assert v["keeps_freed_memory"] is (name == "lmexp" or name.endswith("_alloc")), name
     assert variants["port"]["ratio_vs_port"] == 1.0
     (evaluation,) = r["eval"].values()
     assert set(r["eval"]) == {"lmexp"} and set(evaluation) == WPS
@@ -88,10 +93,10 @@ def test_readme_throughput_table_shows_the_recorded_numbers():
     the record's median and ratio_vs_port, formatted as the README does."""
     lines = [line for line in throughput_section().splitlines() if line.startswith("|")]
     header, _, *rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
-    assert header[1:] == ["words/s", "vs port"], header
+    assert header[1:] == ["words/s", "vs port", "vs port_alloc"], header
     model = header[0].removeprefix("model=")
     shown = set()
-    for label, wps, vs_port in rows:
+    for label, wps, vs_port, vs_port_alloc in rows:
         variant = re.match(r"\w+", label)[0]
         precision = re.search(r"precision=(\w+)|\((fp32)\)", label)
         name = record_name(model, precision[1] or precision[2])
@@ -100,6 +105,7 @@ def test_readme_throughput_table_shows_the_recorded_numbers():
         assert vs_port.strip("*") == ratio(v["ratio_vs_port"]), (
             f"{label}: {name} has ratio_vs_port {v['ratio_vs_port']}"
         )
+        assert vs_port_alloc.strip("*") == ratio(v["ratio_vs_port_alloc"]), label
         shown.add((name, variant))
     # Every variant of the fp32 record is in the table, and bf16's own step.
     fp32 = record_name(model, "fp32")
@@ -135,4 +141,10 @@ def test_readme_throughput_line_shows_the_recorded_ratios():
     bf16 = ratio(load(record_name("small", "bf16"))["variants"]["lmexp"]["ratio_vs_port"])
     medium = ratio(load("bench_cpu_medium.json")["variants"]["lmexp"]["ratio_vs_port"])
     expected = f"{small} the port at the small size in fp32, {bf16} with bf16, {medium} at medium"
+    assert expected in line, line
+    alone = [
+        ratio(load(record_name(model, precision))["variants"]["lmexp"]["ratio_vs_port_alloc"])
+        for model, precision in (("small", "fp32"), ("small", "bf16"), ("medium", "fp32"))
+    ]
+    expected = f"the step alone is {alone[0]}, {alone[1]} and {alone[2]}"
     assert expected in line, line
