@@ -142,7 +142,13 @@ class ModelConfig:
         "lstm | gru | rnn_tanh",
         SHAPE,
     )
-    num_heads: int = _key(4, "transformer: attention heads per block.", ">= 1", SHAPE)
+    num_heads: int = _key(
+        2,
+        "transformer: attention heads per block (pytorch/examples: 2, which divides every "
+        "size preset).",
+        ">= 1",
+        SHAPE,
+    )
     ffn_size: int | None = _key(
         None,
         "transformer: units of each block's feed-forward layer; null: 4 * hidden_size.",

@@ -2,7 +2,8 @@
 # Every GPU check in one call, sized for < 8 minutes on one H200 (docs/benchmarks.md):
 #   1. lmexp.bench for model=large|medium|small and the 2017 port's preset, each at fp32 and
 #      bf16 (the port variant always runs the port's own fp32 loop), medium with weight drop,
-#      then large at bf16 with torch.compile and with CUDA graphs;
+#      then large at bf16 with torch.compile and with CUDA graphs, and the Transformer
+#      (experiment=transformer, lmexp's step only: the baselines are LSTM loops);
 #   2. the CUDA-only tests (bf16 and fp16 curves, CUDA graphs against eager, weight drop on
 #      cuDNN without flatten_parameters warnings);
 #   3. one real epoch of model=large at bf16 through lmexp.train (end-to-end words/s, test ppl).
@@ -68,12 +69,15 @@ if [ "$SMOKE" = 1 ] && ! "$PYTHON" -c "from lmexp.engine.runtime import cpu_bf16
   PRECISIONS=(fp32)
   TRAIN_PRECISION=fp32
 fi
+# the _alloc variants are left out: lmexp's allocator setting is a CPU one (keep_freed_memory)
 for preset in model=large experiment=pytorch_port model=medium model=small; do
   for precision in "${PRECISIONS[@]}"; do
-    bench "${preset#*=}_$precision" "$preset" trainer.precision=$precision
+    bench "${preset#*=}_$precision" "$preset" trainer.precision=$precision \
+      "bench.variants=[lmexp,stock,port,cell_loop]"
   done
 done
 bench medium_weight_drop model=medium dropout=weight_drop "bench.variants=[lmexp,port]"
+bench transformer experiment=transformer "bench.variants=[lmexp]"  # model.arch=transformer
 if [ "$SMOKE" = 1 ]; then
   echo "SKIPPED the CUDA-only steps (SMOKE=1)"
 else

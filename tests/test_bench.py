@@ -171,7 +171,9 @@ def test_gpu_script_runs_every_step_at_toy_sizes_without_mlflow(tmp_path, extra_
     bf16 = cpu_bf16_lstm_supported() and "ONEDNN_MAX_CPU_ISA" not in extra_env
     assert ("SKIPPED the bf16 steps" in log) != bf16
     grid = {f"{p}_{prec}" for p in presets for prec in ("fp32", "bf16")[: 1 + bf16]}
-    assert set(runs) == grid | {"medium_weight_drop"}
+    assert set(runs) == grid | {"medium_weight_drop", "transformer"}
+    assert runs["transformer"]["config"]["model.arch"] == "transformer"
+    assert set(runs["transformer"]["variants"]) == {"lmexp"}
     for name in grid:
         assert runs[name]["config"]["trainer.precision"] == name.rsplit("_", 1)[1]
         assert set(runs[name]["variants"]) == {"lmexp", "stock", "port", "cell_loop"}
@@ -185,7 +187,9 @@ def test_gpu_script_runs_every_step_at_toy_sizes_without_mlflow(tmp_path, extra_
 @pytest.mark.unit
 def test_a_spread_from_a_busy_machine_or_a_single_repeat_is_not_a_result():
     """The busy machine's table (lmexp 8566 median, 142 to 15765 words/s) and repeats=1 are
-    said to mean nothing; the committed records' spreads (at most 7%) pass."""
+    said to mean nothing. A committed record keeps the verdict the bench gave it (this AMD EPYC
+    drifts by 20-38% within minutes, so its records carry warnings), and the page quoting a
+    record with warnings says that its repeats spread more than 20%."""
     from lmexp.bench import judge
 
     quiet = {"lmexp": {"wps_median": 10000.0, "wps_min": 9700.0, "wps_max": 10300.0}}
@@ -197,6 +201,9 @@ def test_a_spread_from_a_busy_machine_or_a_single_repeat_is_not_a_result():
         "quiet machine."
     ]
     assert judge(quiet, 1)[0].startswith("bench.repeats=1: too few repeats")
+    page = " ".join((REPO / "docs" / "benchmarks.md").read_text().split())
     for record in sorted((REPO / "results").glob("bench_cpu_*.json")):
         saved = json.loads(record.read_text())
-        assert judge(saved["variants"], saved["config"]["bench.repeats"]) == [], record.name
+        verdict = judge(saved["variants"], saved["config"]["bench.repeats"])
+        assert saved["warnings"] == verdict, record.name
+        assert not verdict or "repeats spread more than 20% of its median" in page, record.name

@@ -223,6 +223,15 @@ def test_every_preset_of_every_group_composes_and_validates():
             compose_typed(f"{group.name}={preset.stem}")
 
 
+def test_every_architecture_runs_on_every_size_preset_with_its_own_keys_at_their_defaults():
+    from lmexp.models import MODELS
+
+    for preset in sorted((conf_dir() / "model").glob("*.yaml")):
+        for arch in MODELS:
+            cfg = compose_typed(f"model={preset.stem}", f"model.arch={arch}")
+            assert (cfg.model.arch, cfg.model.name) == (arch, preset.stem)
+
+
 def test_weight_drop_preset_is_variational_with_dropconnect():
     cfg = compose_typed("dropout=weight_drop", "model=medium")
     assert (cfg.dropout.kind, cfg.dropout.weight_drop, cfg.dropout.dp_keep_prob) == (

@@ -57,3 +57,15 @@ def test_every_architecture_trains_evaluates_generates_adapts_and_serves(arch, t
     assert seven.stdout == served["text"] + "\n"
     shipped = next((cwd / "mlartifacts" / "models").glob("m-*/artifacts/code/lmexp/models"))
     assert re.search(rf'"{arch}": \w+', (shipped / "__init__.py").read_text())
+
+
+def test_a_sweep_over_a_transformer_key_is_an_ordinary_multirun(tmp_path):
+    """Searchable like any model: Hydra's multirun over model.num_heads, one run per value."""
+    proc = run_module(
+        "lmexp.train", "-m", *TINY, "model.arch=transformer", "model.num_heads=1,4",
+        "trainer.max_epochs=1", "hydra.sweep.dir=sweep", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [r for r in mlflow_runs(tmp_path / "mlflow.db") if "model.num_heads" in r.data.params]
+    assert sorted(r.data.params["model.num_heads"] for r in runs) == ["1", "4"]
+    assert all(r.info.status == "FINISHED" and r.data.metrics["test_ppl"] > 0 for r in runs)
