@@ -63,7 +63,7 @@ def test_a_sweep_over_a_transformer_key_is_an_ordinary_multirun(tmp_path):
     """Searchable like any model: Hydra's multirun over model.num_heads, one run per value."""
     proc = run_module(
         "lmexp.train", "-m", *TINY, "model.arch=transformer", "model.num_heads=1,4",
-        "trainer.max_epochs=1", "hydra.sweep.dir=sweep", cwd=tmp_path,
+        "trainer.max_epochs=1", "logger.log_model=false", "hydra.sweep.dir=sweep", cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = [r for r in mlflow_runs(tmp_path / "mlflow.db") if "model.num_heads" in r.data.params]

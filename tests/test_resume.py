@@ -227,7 +227,13 @@ def test_unreachable_tracking_server_with_fallback_trains_and_says_where(tmp_pat
         ["model.cell=gru", "lr_policy.lr=0.3"],
         ["model.cell=rnn_tanh", "lr_policy.lr=0.3"],
         # its state is the last model.context token ids: a checkpoint mid-epoch holds them
-        ["model.arch=transformer", "model.context=12", "optimizer=adam", "lr_policy.lr=0.003"],
+        [
+            "model.arch=transformer",
+            "model.hidden_size=64",
+            "model.context=12",
+            "optimizer=adam",
+            "lr_policy.lr=0.003",
+        ],  # fmt: skip
         ["trainer.bptt_jitter=true", "trainer.loss_reduction=mean", "lr_policy.lr=10"],
         [  # the whole AWD-LSTM recipe at a tiny size: its 3 layers of two sizes, tied, every
             # regulariser, random BPTT lengths and NT-ASGD (averaging from the first epoch)

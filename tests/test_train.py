@@ -127,7 +127,9 @@ def _expect_user_error(proc, *fragments: str) -> None:
     [
         (
             "model.hiden_size=3",
-            ("Unknown config key 'model.hiden_size'; did you mean model.hidden_size?",),
+            (
+                "Unknown config key 'model.hiden_size'; did you mean model.hidden_size or model.ffn_size?",
+            ),
         ),
         (
             "trainer.max_epoch=1",
