@@ -54,6 +54,27 @@ class Architecture(Protocol):
     ) -> LanguageModel: ...
 
 
+class SequenceModel(nn.Module):
+    """The protocol's forward and features, both read off features_and_raw, which each
+    architecture writes."""
+
+    decoder: nn.Linear
+
+    def forward(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        hidden, state = self.features(tokens, state)
+        return self.decoder(hidden), state
+
+    def features(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """Everything but the decoder: the output after dropout, (steps, batch, features)."""
+        dropped, _, new_state = self.features_and_raw(tokens, state)
+        return dropped, new_state
+
+    def features_and_raw(
+        self, tokens: torch.Tensor, state: State
+    ) -> tuple[torch.Tensor, torch.Tensor, State]:
+        raise NotImplementedError
+
+
 def map_state(fn: Callable[[torch.Tensor], torch.Tensor], state: State) -> State:
     """fn applied to each tensor of the state, keeping its structure."""
     return tuple(fn(s) for s in state) if isinstance(state, tuple) else fn(state)

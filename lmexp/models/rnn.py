@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lmexp.config import DropoutConfig, ModelConfig
-from lmexp.models.base import State, map_state, unpack_state
+from lmexp.models.base import SequenceModel, State, map_state, unpack_state
 
 # model.cell -> the fused torch module (cuDNN on a GPU). A cell here takes (input, state) and
 # returns (output, state) with its weights named weight_ih_l<k>/weight_hh_l<k>, as torch's do.
@@ -70,7 +70,7 @@ def row_mask(weight: torch.Tensor, p: float) -> torch.Tensor:
     return weight.new_empty(weight.size(0), 1).bernoulli_(1.0 - p) / (1.0 - p)
 
 
-class RNNLanguageModel(nn.Module):
+class RNNLanguageModel(SequenceModel):
     """Zaremba et al.'s model (cell="lstm"), or the same with a GRU. Time-major: tokens are
     (steps, batch), logits (steps, batch, vocab).
 
@@ -161,15 +161,6 @@ class RNNLanguageModel(nn.Module):
         shape = (self.num_layers, batch_size, self.state_size)
         tensors = 2 if CELLS[self.cell] is nn.LSTM else 1  # an LSTM's h and c
         return unpack_state([weight.new_zeros(shape) for _ in range(tensors)])
-
-    def forward(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        hidden, state = self.features(tokens, state)
-        return self.decoder(hidden), state
-
-    def features(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        """Everything but the decoder: the (dropped-out) recurrent output, (steps, batch, hidden)."""
-        dropped, _, new_state = self.features_and_raw(tokens, state)
-        return dropped, new_state
 
     def features_and_raw(
         self, tokens: torch.Tensor, state: State

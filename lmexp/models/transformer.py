@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lmexp.config import DropoutConfig, ModelConfig
-from lmexp.models.base import State
+from lmexp.models.base import SequenceModel, State
 from lmexp.models.rnn import row_mask
 
 
@@ -61,7 +61,7 @@ class Block(nn.Module):
         return x + F.dropout(y, p, self.training)
 
 
-class TransformerLanguageModel(nn.Module):
+class TransformerLanguageModel(SequenceModel):
     """Time-major like every lmexp model: tokens (steps, batch), logits (steps, batch, vocab)."""
 
     keys = (
@@ -127,14 +127,6 @@ class TransformerLanguageModel(nn.Module):
     def init_state(self, batch_size: int) -> State:
         """No tokens remembered yet: (0, batch) ids."""
         return torch.zeros(0, batch_size, dtype=torch.long, device=self.decoder.weight.device)
-
-    def forward(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        hidden, state = self.features(tokens, state)
-        return self.decoder(hidden), state
-
-    def features(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        dropped, _, new_state = self.features_and_raw(tokens, state)
-        return dropped, new_state
 
     def features_and_raw(
         self, tokens: torch.Tensor, state: State
