@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from lmexp.config import LrPolicyConfig
 from lmexp.optim.schedules import learning_rate
@@ -263,3 +264,37 @@ def test_results_tables_show_the_recorded_adapted_scores(page):
                     assert f"{key} {value}" in row, (name, setting, row)
             shown += 1
     assert shown >= 2  # the 2 x 200 record's cache and dynamic evaluation
+
+
+@pytest.mark.parametrize(
+    "name, preset",
+    [
+        ("ptb_transformer_cpu.json", "transformer"),
+        ("ptb_lstm200_examples_cpu.json", "examples_lstm"),
+    ],
+)
+def test_the_comparison_presets_are_the_recorded_recipes(name, preset):
+    """experiment=transformer and experiment=examples_lstm, the docs' seed sweep, compose every
+    shape and recipe key of the two records made from the command line (model.name aside)."""
+    from hydra import compose, initialize_config_dir
+
+    from lmexp.config import RECIPE, SHAPE, flatten, keys_with_role
+    from lmexp.models import MODELS
+    from lmexp.orchestration.launch import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={preset}"])
+    composed = flatten(OmegaConf.to_container(cfg, resolve=True))
+    recorded = json.loads((REPO / "results" / name).read_text())["config"]
+    keys = (keys_with_role(SHAPE) | keys_with_role(RECIPE) | {"trainer.max_epochs"}) - {
+        "model.name"
+    }
+    reads = MODELS[composed["model.arch"]].keys  # not the other architecture's model keys
+    keys = {k for k in keys if not k.startswith("model.") or k[6:] in (*reads, "arch")}
+    differ = {
+        k: (composed[k], recorded[k])
+        for k in keys
+        if k in recorded and str(composed[k]) != recorded[k]
+    }
+    assert not differ and len(keys & set(recorded)) > 30

@@ -90,6 +90,27 @@ def test_mixing_recipes_in_one_group_is_refused_with_the_keys():
         check_comparable(runs, SWEPT, {"data.name", "dropout.dp_keep_prob"})
 
 
+def test_a_swept_config_group_may_set_other_keys_but_each_group_must_not_mix_them():
+    """experiment=transformer,examples_lstm: the groups differ in model.arch and lr (the preset
+    sets them), which is the comparison; runs inside one group that differ are still refused."""
+    swept = ["experiment", "trainer.seed"]
+    runs = []
+    for experiment, arch, lr in (("transformer", "transformer", "5.0"), ("lstm", "rnn", "20.0")):
+        for seed in (0, 1, 2):
+            r = run("0.8", seed, 110.0 + seed + (5 if arch == "rnn" else 0))
+            r["params"].update({"experiment": experiment, "model.arch": arch, "lr_policy.lr": lr})
+            runs.append(r)
+    recipe = {"data.name", "model.arch", "lr_policy.lr", "dropout.dp_keep_prob"}
+    check_comparable(runs, swept, recipe)
+    assert [g.label for g in group_runs(runs, swept)] == [
+        "experiment=transformer",
+        "experiment=lstm",
+    ]
+    runs[4]["params"]["lr_policy.lr"] = "30.0"
+    with pytest.raises(LmexpError, match=r"differ in lr_policy\.lr, which the sweep did not vary"):
+        check_comparable(runs, swept, recipe)
+
+
 def test_one_seed_per_group_gives_n_1_and_no_interval_not_an_error():
     groups = group_runs([run("0.5", 1, 110.0), run("0.9", 1, 120.0)], SWEPT)
     stat = groups[0].stat("best_valid_ppl")

@@ -547,6 +547,31 @@ def test_a_seed_sweep_reports_groups_with_intervals_and_a_verdict(tmp_path):
         assert row["valid_ci95"] == pytest.approx(ci)
 
 
+def test_two_presets_over_seeds_are_grouped_by_the_swept_config_group(tmp_path):
+    """The docs' Transformer-vs-LSTM command on the tiny corpus: each run logs the experiment it
+    ran as a param, and the report groups the seeds of each preset (which differ in arch and lr,
+    set by the preset, not swept) instead of refusing them as a mix of recipes."""
+    proc = run_module(
+        "lmexp.train", "-m", "data=tiny", "experiment=transformer,examples_lstm",
+        "trainer.seed=0,1", "trainer.max_epochs=1", "model.hidden_size=32", "model.num_layers=1",
+        "trainer.threads=1", "trainer.progress=false", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    parent, children = split_runs(tmp_path / "mlflow.db")
+    assert parent.data.tags["swept_params"].split(",") == ["experiment", "trainer.seed"]
+    valid: dict[str, list[float]] = {}
+    for r in children:
+        arch = {"transformer": "transformer", "examples_lstm": "rnn"}[r.data.params["experiment"]]
+        assert r.data.params["model.arch"] == arch
+        valid.setdefault(r.data.params["experiment"], []).append(r.data.metrics["best_valid_ppl"])
+    assert sorted(len(v) for v in valid.values()) == [2, 2]
+    table = (sweep_dir(tmp_path) / "report" / "groups.md").read_text()
+    for experiment, values in valid.items():
+        (row,) = [r for r in table.splitlines() if r.startswith(f"| experiment={experiment} |")]
+        assert f"{sum(values) / 2:.2f}" in row.split("|")[4], row
+    assert "with 2 and 2 runs that cannot be judged" in parent.data.tags["groups.verdict"]
+
+
 def sweep_dir_uri(cwd: Path) -> str:
     return f"sqlite:///{cwd / 'mlflow.db'}"
 

@@ -201,6 +201,9 @@ def hydra_context(cfg: Any) -> RunContext:
         if sweep is not None:
             ctx.parent_run_id, ctx.tracking_uri = sweep["parent_run_id"], sweep["tracking_uri"]
             ctx.swept = list(sweep["swept_params"])
+        # a swept config group (experiment=transformer,examples_lstm) is logged as a param, so
+        # the report can group and name the runs by it, as a search's chosen groups are
+        ctx.choices = {k: str(hc.runtime.choices[k]) for k in ctx.swept if k in hc.runtime.choices}
     return ctx
 
 

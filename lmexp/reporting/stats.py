@@ -87,18 +87,24 @@ def _sort_key(mean: float) -> float:
 
 
 def check_comparable(runs: list[dict[str, Any]], swept: list[str], recipe: set[str]) -> None:
-    """Refuse groups whose runs differ in a recipe key the sweep did not vary."""
+    """Refuse a group whose runs differ in a recipe key the sweep did not vary. Groups may differ
+    from each other in such keys: a swept config group (experiment=a,b) sets many at once."""
     from lmexp.config import LmexpError
 
+    keys = [k for k in swept if k != SEED_KEY]
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault(tuple(run["params"].get(k, "") for k in keys), []).append(run)
     differing = sorted(
         k
+        for members in groups.values()
         for k in recipe - set(swept)
-        if len({run["params"].get(k) for run in runs if k in run["params"]}) > 1
+        if len({run["params"].get(k) for run in members if k in run["params"]}) > 1
     )
     if differing:
         raise LmexpError(
-            f"These runs differ in {', '.join(differing)}, which the sweep did not vary: "
-            "grouping them by seed would mix experiments; report them separately."
+            f"These runs differ in {', '.join(dict.fromkeys(differing))}, which the sweep did "
+            "not vary: grouping them by seed would mix experiments; report them separately."
         )
 
 
