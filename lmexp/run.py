@@ -31,15 +31,14 @@ from lmexp.engine.loop import DivergenceError, EpochProgress, evaluate, perplexi
 from lmexp.engine.resume import changed_on_resume, find_resume, remember_run, remembered_run
 from lmexp.engine.runtime import (
     check_device_support,
-    check_writable,
     configure_threads,
     device_name,
-    folder_lock,
     git_commit,
     keep_freed_memory,
     seed_everything,
     select_device,
 )
+from lmexp.files import check_writable, folder_lock
 from lmexp.models import LanguageModel, build_model
 from lmexp.models.base import unpack_state
 from lmexp.reporting.names import child_name, single_name
@@ -104,31 +103,9 @@ def run_training(cfg: TrainConfig, ctx: RunContext) -> float:
             remember_run(ctx.output_dir, tracker.run_id, redact(tracker.uri))
         run = Run(cfg, corpus, data, model, tracker, ckpt_dir, ctx.resolved, ctx.on_epoch_end)
         try:
-            history = run_history(uri, tracker.run_id)  # what the store holds of this run already
-            if not continues:  # a new run: its own settings are its params
-                tracker.log_params(
-                    {**flatten(ctx.resolved), **ctx.choices, **unseen_params(corpus)}
-                )
-            position = restore(run, resume, history) if resume else Position()
-            log.info(
-                "model=%s: %.2fM parameters, vocab %d, device %s, %d threads; MLflow run %s at %s",
-                cfg.model.name,
-                sum(p.numel() for p in model.parameters()) / 1e6,
-                corpus.vocab_size,
-                device,
-                threads,
-                tracker.run_id,
-                redact(tracker.uri or "nowhere"),
-            )
-            if tracker.page:
-                log.info("In the MLflow UI%s: %s", ui_start(uri, cfg.logger.ui_url), tracker.page)
-            if position.epoch < t.max_epochs or not history.logged_steps("test_ppl"):
-                fit(run, position)
-                finish(run, position, ctx)
-            else:
-                log.info("Run %s already finished all %d epochs.", tracker.run_id, t.max_epochs)
+            best = train_tracked(run, ctx, resume, continues, uri, f"{device}, {threads} threads")
             tracker.finish("FINISHED")
-            return position.best_valid
+            return best
         except RunStopped as stop:  # preempted, pruned, the study lost: checkpointed, not failed
             tracker.set_tags(stop.tags)
             tracker.finish(stop.status, stop.reason)
@@ -151,6 +128,41 @@ def run_training(cfg: TrainConfig, ctx: RunContext) -> float:
         except BaseException as err:
             tracker.finish("FAILED", f"{type(err).__name__}: {err}")
             raise
+
+
+def train_tracked(
+    run: Run,
+    ctx: RunContext,
+    resume: dict[str, Any] | None,
+    continues: bool,
+    uri: str | None,
+    on: str,
+) -> float:
+    """A tracked run's work: its params when new, its position restored from the checkpoint,
+    then the epochs and the final evaluation unless the store says it finished; return its best
+    validation perplexity."""
+    cfg, tracker, t = run.cfg, run.tracker, run.cfg.trainer
+    history = run_history(uri, tracker.run_id)  # what the store holds of this run already
+    if not continues:  # a new run: its own settings are its params
+        tracker.log_params({**flatten(ctx.resolved), **ctx.choices, **unseen_params(run.corpus)})
+    position = restore(run, resume, history) if resume else Position()
+    log.info(
+        "model=%s: %.2fM parameters, vocab %d, device %s; MLflow run %s at %s",
+        cfg.model.name,
+        sum(p.numel() for p in run.model.parameters()) / 1e6,
+        run.corpus.vocab_size,
+        on,
+        tracker.run_id,
+        redact(tracker.uri or "nowhere"),
+    )
+    if tracker.page:
+        log.info("In the MLflow UI%s: %s", ui_start(uri, cfg.logger.ui_url), tracker.page)
+    if position.epoch < t.max_epochs or not history.logged_steps("test_ppl"):
+        fit(run, position)
+        finish(run, position, ctx)
+    else:
+        log.info("Run %s already finished all %d epochs.", tracker.run_id, t.max_epochs)
+    return position.best_valid
 
 
 def set_aside(output_dir: Path) -> None:

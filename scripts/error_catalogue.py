@@ -34,6 +34,7 @@ GROUPS = {
     "lmexp/orchestration/launch.py": "The command line",
     "lmexp/data": "Data",
     "lmexp/engine/runtime.py": "Device, threads and folders",
+    "lmexp/files.py": "Device, threads and folders",
     "lmexp/engine/checkpoint.py": "Checkpoints and exported models",
     "lmexp/engine/resume.py": "Resuming",
     "lmexp/run.py": "Training runs",

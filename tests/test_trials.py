@@ -96,10 +96,10 @@ def test_a_trial_folder_stays_locked_until_the_study_knows_its_result(tmp_path, 
     see a RUNNING trial with a free folder (it would resume a finished trial)."""
     from optuna.trial import TrialState
 
-    import lmexp.engine.runtime
+    import lmexp.files
 
     study = _search(tmp_path, n_trials=3)
-    unlock, seen = lmexp.engine.runtime.unlock_folder, []
+    unlock, seen = lmexp.files.unlock_folder, []
 
     def checked_unlock(folder: Path) -> None:
         if folder.name.startswith("trial_"):
@@ -107,7 +107,7 @@ def test_a_trial_folder_stays_locked_until_the_study_knows_its_result(tmp_path, 
             seen.append(trial.state)
         unlock(folder)
 
-    monkeypatch.setattr(lmexp.engine.runtime, "unlock_folder", checked_unlock)
+    monkeypatch.setattr(lmexp.files, "unlock_folder", checked_unlock)
     trained = []
     best = _run(tmp_path, lambda cfg, params, *_: trained.append(cfg.dropout.dp_keep_prob) or 2.0)
     assert best == 2.0 and len(trained) == 3

@@ -60,7 +60,7 @@ class LmexpOptunaSweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> Any:
         from lmexp.config import LmexpError
-        from lmexp.engine.runtime import write_private
+        from lmexp.files import write_private
         from lmexp.orchestration.search import OUTCOME, STUDY_FILE, check_search, open_storage
         from lmexp.orchestration.sweep import parse_sweep
         from lmexp.tracking.stores import redact

@@ -1,5 +1,5 @@
 """What every corpus source shares: the Corpus value, TF's reader (tokenize, vocabulary,
-encoding), one-sentence data errors and atomic file writes.
+encoding) and one-sentence data errors.
 
 Reading follows `ptb_word_lm`'s reader: words split on white space, `<eos>` at each line end,
 vocabulary from the train split sorted by count (descending) then word.
@@ -11,8 +11,6 @@ import collections
 import hashlib
 import http.client
 import logging
-import os
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -146,20 +144,6 @@ def md5sum(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, rename: readers never see a partial file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def corpus_from_words(words: dict[str, list[str]]) -> Corpus:

@@ -14,12 +14,12 @@ from lmexp.data.corpus import (
     SPLITS,
     Corpus,
     DataError,
-    atomic_write_bytes,
     corpus_from_words,
     download,
     mirrors,
     read_words,
 )
+from lmexp.files import atomic_write_bytes
 
 PTB_MD5 = {
     "train": "f26c4b92c5fdc7b3f8c7cdcb991d8420",

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from lmexp.config import DropoutConfig, LmexpError, ModelConfig, first_line
-from lmexp.data import atomic_write_bytes
+from lmexp.files import atomic_write_bytes
 from lmexp.models import MODELS, LanguageModel, build_model
 from lmexp.models.rnn import CELLS
 

@@ -89,59 +89,69 @@ def fit(run: Run, position: Position) -> None:
         for epoch in range(position.epoch, t.max_epochs):
             lr = learning_rate(run.cfg.lr_policy, epoch, [h["valid_ppl"] for h in position.history])
             step.set_lr(lr)
-
-            def mid_epoch(partial: EpochProgress, state: State) -> None:
-                position.partial, position.state = partial, state
-                save_checkpoint(run, "last.pt", position, step)
-
-            progress, state, stopped = train_epoch(
-                step,
-                run.data["train"],
-                t.num_steps,
-                position.state if position.state is not None else model.init_state(t.batch_size),
-                position.partial,
-                limit_batches=t.limit_train_batches,
-                log_every=t.log_every_n_batches,
-                on_log=progress_printer(epoch + 1, t.max_epochs, lr) if t.progress else None,
-                checkpoint_every=t.ckpt_every_n_batches,
-                on_checkpoint=mid_epoch,
-                should_stop=preemption.requested,
-                lengths=(
-                    jittered_lengths(run.data["train"].size(0) - 1, t.num_steps, t.seed, epoch)
-                    if t.bptt_jitter
-                    else None
-                ),
-            )
-            if stopped:
-                mid_epoch(progress, state)
-                stop(run, preemption, epoch, progress.batch)
-            with averaged_weights(step.optimizer):  # after NT-ASGD's switch, the averages
-                valid_ppl = perplexity(
-                    *evaluate(
-                        model,
-                        run.data["valid"],
-                        t.eval_num_steps,
-                        t.limit_eval_batches,
-                        t.precision,
-                    )
-                )
+            progress = train_one_epoch(run, step, position, epoch, lr, preemption)
+            valid_ppl = validate(run, step)
             check_diverged(
                 [h["valid_ppl"] for h in position.history] + [valid_ppl],
                 run.corpus.vocab_size,
                 divergence_advice(run.corpus),
             )
             observe_validation(run, step, position, valid_ppl, epoch + 1)
-            end_epoch(
-                run,
-                position,
-                ppl_record(epoch + 1, lr, progress, valid_ppl, progress.seconds),
-                step,
-            )
+            record = ppl_record(epoch + 1, lr, progress, valid_ppl, progress.seconds)
+            end_epoch(run, position, record, step)
             for callback in run.callbacks:
                 callback(epoch + 1, valid_ppl, epoch + 1 == t.max_epochs)
     keep_averaged = getattr(step.optimizer, "keep_averaged", None)
     if keep_averaged is not None:  # the test and the export use the averages
         keep_averaged()
+
+
+def train_one_epoch(
+    run: Run, step: TrainStep, position: Position, epoch: int, lr: float, preemption: Preemption
+) -> EpochProgress:
+    """Train epoch `epoch` from where `position` stands in it (its partial totals and state),
+    checkpointing every trainer.ckpt_every_n_batches; on a preemption signal, checkpoint and stop
+    the run."""
+    t = run.cfg.trainer
+
+    def mid_epoch(partial: EpochProgress, state: State) -> None:
+        position.partial, position.state = partial, state
+        save_checkpoint(run, "last.pt", position, step)
+
+    train = run.data["train"]
+    progress, state, stopped = train_epoch(
+        step,
+        train,
+        t.num_steps,
+        position.state if position.state is not None else run.model.init_state(t.batch_size),
+        position.partial,
+        limit_batches=t.limit_train_batches,
+        log_every=t.log_every_n_batches,
+        on_log=progress_printer(epoch + 1, t.max_epochs, lr) if t.progress else None,
+        checkpoint_every=t.ckpt_every_n_batches,
+        on_checkpoint=mid_epoch,
+        should_stop=preemption.requested,
+        lengths=(
+            jittered_lengths(train.size(0) - 1, t.num_steps, t.seed, epoch)
+            if t.bptt_jitter
+            else None
+        ),
+    )
+    if stopped:
+        mid_epoch(progress, state)
+        stop(run, preemption, epoch, progress.batch)
+    return progress
+
+
+def validate(run: Run, step: TrainStep) -> float:
+    """Validation perplexity, with NT-ASGD's averaged weights once it has switched."""
+    t = run.cfg.trainer
+    with averaged_weights(step.optimizer):
+        return perplexity(
+            *evaluate(
+                run.model, run.data["valid"], t.eval_num_steps, t.limit_eval_batches, t.precision
+            )
+        )
 
 
 def divergence_advice(corpus: Corpus) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -294,6 +294,52 @@ class EpochProgress:
         return asdict(self)
 
 
+class EpochMeter:
+    """The epoch's loss, summed on the device in float64 batch by batch from where it stood: one
+    sum in one order however often it is read, so an epoch stopped and resumed between two reads
+    (a signal, a checkpoint) ends with the uninterrupted epoch's train_ppl, bit for bit."""
+
+    def __init__(self, progress: EpochProgress, device: torch.device) -> None:
+        self.progress = progress
+        self.loss_sum = torch.tensor(progress.loss_sum, dtype=torch.float64, device=device)
+        self.pending_tokens = 0
+        self.start = time.perf_counter()
+
+    def add(self, nll: torch.Tensor, tokens: int) -> None:
+        self.loss_sum.add_(nll)
+        self.pending_tokens += tokens
+        self.progress.batch += 1
+
+    def flush(self) -> None:
+        """Move the pending sum into progress (the only host sync, once per log interval); raise
+        DivergenceError when the interval's perplexity is not finite."""
+        progress, value, now = self.progress, self.loss_sum.item(), time.perf_counter()
+        tokens = self.pending_tokens
+        mean = (value - progress.loss_sum) / tokens if tokens else 0.0
+        progress.loss_sum = value
+        progress.tokens += tokens
+        progress.seconds += now - self.start
+        self.pending_tokens, self.start = 0, now
+        if not math.isfinite(perplexity(mean, 1)):
+            raise DivergenceError(
+                f"training loss became {mean:.4g} per token (perplexity {perplexity(mean, 1)}) at "
+                f"epoch batch {progress.batch}: lower lr_policy.lr or trainer.max_grad_norm"
+            )
+
+
+def epoch_windows(
+    data: torch.Tensor, num_steps: int, start: int, lengths: list[int] | None, limit: int | None
+) -> tuple[int, Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+    """The epoch's number of batches and its (inputs, targets) windows from batch `start` on: of
+    num_steps, or of the given lengths (trainer.bptt_jitter)."""
+    if lengths is None:
+        total = num_windows(data, num_steps, drop_last=True)
+        batches = windows(data, num_steps, drop_last=True, start=start)
+    else:
+        total, batches = len(lengths), jittered_windows(data, lengths, start=start)
+    return (total if limit is None else min(total, limit)), batches
+
+
 def train_epoch(
     step: TrainStep,
     data: torch.Tensor,
@@ -319,37 +365,9 @@ def train_epoch(
     """
     step.model.train()
     progress = progress or EpochProgress()
-    if lengths is None:
-        total = num_windows(data, num_steps, drop_last=True)
-        batches = windows(data, num_steps, drop_last=True, start=progress.batch)
-    else:
-        total = len(lengths)
-        batches = jittered_windows(data, lengths, start=progress.batch)
+    total, batches = epoch_windows(data, num_steps, progress.batch, lengths, limit_batches)
     epoch_lr = step.optimizer.param_groups[0]["lr"]
-    if limit_batches is not None:
-        total = min(total, limit_batches)
-    # The epoch's loss, summed on the device in float64 batch by batch from where it stood: one
-    # sum in one order however often it is read, so an epoch stopped and resumed between two
-    # reads (a signal, a checkpoint) ends with the uninterrupted epoch's train_ppl, bit for bit.
-    loss_sum = torch.tensor(progress.loss_sum, dtype=torch.float64, device=data.device)
-    pending_tokens = 0
-    start = time.perf_counter()
-
-    def flush() -> None:
-        nonlocal pending_tokens, start
-        value = loss_sum.item()  # the only host sync, once per log interval
-        now = time.perf_counter()
-        mean = (value - progress.loss_sum) / pending_tokens if pending_tokens else 0.0
-        progress.loss_sum = value
-        progress.tokens += pending_tokens
-        progress.seconds += now - start
-        pending_tokens, start = 0, now
-        if not math.isfinite(perplexity(mean, 1)):
-            raise DivergenceError(
-                f"training loss became {mean:.4g} per token (perplexity {perplexity(mean, 1)}) at "
-                f"epoch batch {progress.batch}: lower lr_policy.lr or trainer.max_grad_norm"
-            )
-
+    meter = EpochMeter(progress, data.device)
     stopped = False
     for inputs, targets in batches:
         if progress.batch >= total:
@@ -357,28 +375,22 @@ def train_epoch(
         if lengths is not None:
             step.set_lr(epoch_lr * inputs.size(0) / num_steps)
         nll, state = step(inputs, targets, state)
-        loss_sum.add_(nll)
-        pending_tokens += targets.numel()
-        progress.batch += 1
+        meter.add(nll, targets.numel())
         done = progress.batch >= total
         if done or progress.batch % log_every == 0:
-            flush()
+            meter.flush()
             if on_log is not None:
                 on_log(progress, total)
-        if (
-            checkpoint_every
-            and progress.batch % checkpoint_every == 0
-            and not done
-            and on_checkpoint
-        ):
-            flush()
+        at_checkpoint = checkpoint_every and progress.batch % checkpoint_every == 0
+        if at_checkpoint and on_checkpoint and not done:
+            meter.flush()
             on_checkpoint(progress, state)
         if not done and should_stop():
-            flush()
+            meter.flush()
             stopped = True
             break
-    if pending_tokens:
-        flush()
+    if meter.pending_tokens:
+        meter.flush()
     step.set_lr(epoch_lr)  # the epoch's own lr again, after the rescaled windows
     return progress, state, stopped
 

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from lmexp.config import LmexpError, RunStopped, TrainConfig
-from lmexp.engine.runtime import SWEEP_STOPPING, SWEEPER_PID_ENV
+from lmexp.engine.runtime import SWEEPER_PID_ENV
+from lmexp.files import SWEEP_STOPPING
 from lmexp.orchestration.search import SWEEPER_TARGET
 from lmexp.orchestration.trials import run_trials
 from lmexp.reporting.stats import SEED_KEY

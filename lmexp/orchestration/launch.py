@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from lmexp.config import LmexpError
-from lmexp.engine.runtime import check_writable, lock_folder
+from lmexp.files import check_writable, lock_folder
 
 log = logging.getLogger("lmexp.launch")
 

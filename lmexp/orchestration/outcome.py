@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lmexp.config import LmexpError
-from lmexp.engine.runtime import folder_in_use
+from lmexp.files import folder_in_use
 from lmexp.reporting.stats import SEED_KEY
 from lmexp.reporting.summary import (
     HISTORY_KEYS,

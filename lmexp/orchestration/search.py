@@ -355,12 +355,27 @@ def direction(config: DictConfig) -> str:
 def create_study(config: DictConfig, space: dict[str, Any]) -> Any:
     """The study in its storage, created or (the same command again) loaded. A study belongs to
     one sweep folder and one search space: another search cannot take over its trials."""
-    import optuna
     import optuna.distributions as d
+
+    url, name = storage_url(config), str(config.hydra.sweeper.study_name)
+    study = open_study(config, url, name)
+    folder = str(Path(config.hydra.sweep.dir).resolve())
+    check_study_is_this_search(study, config, space, url, folder)
+    uid = study.user_attrs.get(UID_ATTR) or uuid.uuid4().hex
+    check_trial_folders(Path(folder), study, uid, name)
+    study.set_user_attr(SWEEP_DIR_ATTR, folder)
+    study.set_user_attr(SPACE_ATTR, {k: d.distribution_to_json(v) for k, v in space.items()})
+    study.set_user_attr(RECIPE_ATTR, recipe_of(config, space))
+    study.set_user_attr(UID_ATTR, uid)
+    return study
+
+
+def open_study(config: DictConfig, url: str, name: str) -> Any:
+    """Create or load study `name` in the storage at `url`, which must not be MLflow's own."""
+    import optuna
 
     from lmexp.tracking.stores import redact, resolve_tracking_uri
 
-    url = storage_url(config)
     tracking = OmegaConf.select(config, "logger.tracking_uri")
     if tracking and resolve_tracking_uri(tracking, Path.cwd()) == url:
         raise LmexpError(
@@ -369,7 +384,6 @@ def create_study(config: DictConfig, space: dict[str, Any]) -> Any:
         )
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-    name = str(config.hydra.sweeper.study_name)
     default = not OmegaConf.select(config, "hydra.sweeper.storage")
     try:
         study = optuna.create_study(
@@ -378,7 +392,7 @@ def create_study(config: DictConfig, space: dict[str, Any]) -> Any:
             direction=direction(config),
             load_if_exists=True,
         )
-        attrs = study.user_attrs
+        study.user_attrs  # noqa: B018 - a storage that opens but cannot hold a study fails here
     except LmexpError:
         raise
     except Exception as err:  # noqa: BLE001 - storage that opens but cannot hold a study
@@ -387,12 +401,24 @@ def create_study(config: DictConfig, space: dict[str, Any]) -> Any:
             f"{where}{' ' if default else ''}{redact(url)} cannot hold study {name} "
             f"({first_line(root_cause(err))}); check the database and its permissions."
         ) from None
+    return study
+
+
+def check_study_is_this_search(
+    study: Any, config: DictConfig, space: dict[str, Any], url: str, folder: str
+) -> None:
+    """Refuse a loaded study made by another search: another direction, sweep folder, search
+    space or recipe. Updates `space` where the study stored one of its ranges the old way."""
+    import optuna.distributions as d
+
+    from lmexp.tracking.stores import redact
+
+    name, attrs = study.study_name, study.user_attrs
     other = "or give this search its own hydra.sweeper.study_name"
     if study.direction.name.lower() != direction(config):
         raise LmexpError(
             f"Study {name} in {redact(url)} was made to {study.direction.name.lower()}; {other}."
         )
-    folder = str(Path(config.hydra.sweep.dir).resolve())
     owner = attrs.get(SWEEP_DIR_ATTR, folder)
     if owner != folder:
         raise LmexpError(
@@ -409,27 +435,22 @@ def create_study(config: DictConfig, space: dict[str, Any]) -> Any:
             f"Study {name} searches another space than this command ({', '.join(changed)} "
             f"differ); use the same hydra.sweeper.params to continue it, {other}."
         )
-    recipe = recipe_of(config, space)
-    stored_recipe = attrs.get(RECIPE_ATTR)
-    if stored_recipe is not None and stored_recipe != recipe:
-        changed = sorted(k for k in stored_recipe.keys() | recipe.keys()
-                         if stored_recipe.get(k) != recipe.get(k))  # fmt: skip
-        shown = ", ".join(
-            f"{k}={stored_recipe.get(k, '(unset)')} (now {recipe.get(k, '(unset)')})"
-            for k in changed
-        )
-        raise LmexpError(
-            f"Study {name} was run with {shown}; continuing it would mix two recipes in one "
-            "study, so rerun it with its own settings, or start this search in a folder of its "
-            "own (another hydra.sweep.dir) with its own hydra.sweeper.study_name."
-        )
-    uid = attrs.get(UID_ATTR) or uuid.uuid4().hex
-    check_trial_folders(Path(folder), study, uid, name)
-    study.set_user_attr(SWEEP_DIR_ATTR, folder)
-    study.set_user_attr(SPACE_ATTR, {k: d.distribution_to_json(v) for k, v in space.items()})
-    study.set_user_attr(RECIPE_ATTR, recipe)
-    study.set_user_attr(UID_ATTR, uid)
-    return study
+    check_same_recipe(name, attrs.get(RECIPE_ATTR), recipe_of(config, space))
+
+
+def check_same_recipe(name: str, stored: dict[str, Any] | None, recipe: dict[str, Any]) -> None:
+    """Refuse to continue a study with other settings than it was run with."""
+    if stored is None or stored == recipe:
+        return
+    changed = sorted(k for k in stored.keys() | recipe.keys() if stored.get(k) != recipe.get(k))
+    shown = ", ".join(
+        f"{k}={stored.get(k, '(unset)')} (now {recipe.get(k, '(unset)')})" for k in changed
+    )
+    raise LmexpError(
+        f"Study {name} was run with {shown}; continuing it would mix two recipes in one "
+        "study, so rerun it with its own settings, or start this search in a folder of its "
+        "own (another hydra.sweep.dir) with its own hydra.sweeper.study_name."
+    )
 
 
 def same_values(was: Any, now: Any) -> bool:

@@ -28,17 +28,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from lmexp.config import LmexpError, first_line
-from lmexp.engine.runtime import (
-    LOCAL_JOBS_ENV,
-    SWEEP_STOPPING,
-    SWEEPER_PID_ENV,
-    folder_in_use,
-    held_here,
-    local_jobs_at_once,
-    lock_folder,
-    physical_cores,
-    write_private,
-)
+from lmexp.engine.runtime import LOCAL_JOBS_ENV, SWEEPER_PID_ENV, local_jobs_at_once, physical_cores
+from lmexp.files import SWEEP_STOPPING, folder_in_use, held_here, lock_folder, write_private
 from lmexp.orchestration.search import check_search, override_number, uses_search
 from lmexp.orchestration.slurm import check_cluster, follow_jobs, uses_slurm
 from lmexp.reporting.stats import SEED_KEY

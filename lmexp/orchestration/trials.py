@@ -110,7 +110,7 @@ def claim_trial(study: Any, search: Search, sweep_dir: Path, worker: int) -> Any
     import optuna
     from optuna.trial import TrialState
 
-    from lmexp.engine.runtime import folder_in_use, lock_folder
+    from lmexp.files import folder_in_use, lock_folder
 
     with ask_lock(sweep_dir):
         trials = study.get_trials(deepcopy=False)
@@ -251,7 +251,7 @@ def run_trials(
     RUNNING, for a rerun to resume."""
     from optuna.trial import TrialState
 
-    from lmexp.engine.runtime import unlock_folder
+    from lmexp.files import unlock_folder
 
     search = read_search(sweep_dir)
     assert search is not None

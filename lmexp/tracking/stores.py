@@ -65,7 +65,23 @@ def check_store(uri: str, timeout: float = 5.0, read_only: bool = False) -> None
     an empty one, and its folder), and need not be writable."""
     scheme = urllib.parse.urlparse(uri).scheme
     db = sqlite_path(uri)
-    if db is not None and read_only:
+    if db is not None:
+        check_sqlite_store(uri, db, timeout, read_only)
+    elif is_database(uri):
+        check_database(uri, timeout)
+    elif scheme in ("http", "https"):
+        check_server(uri, timeout, read_only)
+    elif scheme in ("", "file"):
+        raise TrackingError(
+            f"Tracking URI {redact(uri)!r} is a file store, which MLflow 3 no longer supports; use "
+            "logger.tracking_uri=sqlite:///mlflow.db (or an http:// server)."
+        )
+
+
+def check_sqlite_store(uri: str, db: Path, timeout: float, read_only: bool) -> None:
+    """A sqlite store: for reading, an existing store; for a run, a writable folder and, where
+    the file exists, a store sqlite can open and lock."""
+    if read_only:
         if not db.is_file() or db.stat().st_size == 0:
             what = (
                 "is a folder"
@@ -80,50 +96,43 @@ def check_store(uri: str, timeout: float = 5.0, read_only: bool = False) -> None
             )
         check_sqlite(uri, db, timeout, write=False)
         return
-    if db is not None:
-        if not db.parent.is_dir():
-            raise TrackingError(
-                f"Tracking store {redact(uri)}: folder {db.parent} does not exist; create it or set "
-                "logger.tracking_uri to another sqlite:///path/mlflow.db."
-            )
-        if not os.access(db.parent, os.W_OK):
-            raise TrackingError(
-                f"Tracking store {redact(uri)}: folder {db.parent} is not writable."
-            )
-        if db.exists() and db.stat().st_size > 0:
-            check_sqlite(uri, db, timeout)
-    elif is_database(uri):
-        check_database(uri, timeout)
-    elif scheme in ("http", "https"):
-        if "@" in urllib.parse.urlparse(uri).netloc:
-            raise LoginError(
-                f"Tracking URI {redact(uri)} holds a login; give the server's address alone and "
-                f"the login in the environment ({USER_VAR} and {PASSWORD_VAR}), where it stays "
-                "out of the run's params, logs and shell history."
-            )
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
-                pass
-        except urllib.error.HTTPError:
-            pass  # the server answered: it is reachable
-        except (urllib.error.URLError, OSError) as err:
-            reason = getattr(err, "reason", err)
-            how = (
-                "start it, or pass --tracking-uri (or set MLFLOW_TRACKING_URI) to the store the "
-                "runs were logged to"
-                if read_only
-                else "start it, fix logger.tracking_uri, or set "
-                "logger.fallback_uri=sqlite:///mlflow.db to train anyway"
-            )
-            raise TrackingError(
-                f"Tracking server {redact(uri)} cannot be reached ({reason}); {how}."
-            ) from err
-        check_login(uri, timeout)
-    elif scheme in ("", "file"):
+    if not db.parent.is_dir():
         raise TrackingError(
-            f"Tracking URI {redact(uri)!r} is a file store, which MLflow 3 no longer supports; use "
-            "logger.tracking_uri=sqlite:///mlflow.db (or an http:// server)."
+            f"Tracking store {redact(uri)}: folder {db.parent} does not exist; create it or set "
+            "logger.tracking_uri to another sqlite:///path/mlflow.db."
         )
+    if not os.access(db.parent, os.W_OK):
+        raise TrackingError(f"Tracking store {redact(uri)}: folder {db.parent} is not writable.")
+    if db.exists() and db.stat().st_size > 0:
+        check_sqlite(uri, db, timeout)
+
+
+def check_server(uri: str, timeout: float, read_only: bool) -> None:
+    """A tracking server: its address without a login, reachable, and the login accepted."""
+    if "@" in urllib.parse.urlparse(uri).netloc:
+        raise LoginError(
+            f"Tracking URI {redact(uri)} holds a login; give the server's address alone and "
+            f"the login in the environment ({USER_VAR} and {PASSWORD_VAR}), where it stays "
+            "out of the run's params, logs and shell history."
+        )
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            pass
+    except urllib.error.HTTPError:
+        pass  # the server answered: it is reachable
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        how = (
+            "start it, or pass --tracking-uri (or set MLFLOW_TRACKING_URI) to the store the "
+            "runs were logged to"
+            if read_only
+            else "start it, fix logger.tracking_uri, or set "
+            "logger.fallback_uri=sqlite:///mlflow.db to train anyway"
+        )
+        raise TrackingError(
+            f"Tracking server {redact(uri)} cannot be reached ({reason}); {how}."
+        ) from err
+    check_login(uri, timeout)
 
 
 # What MLflow's client sends to a server with authentication (`mlflow server --app-name
