@@ -358,7 +358,7 @@ def create_study(config: DictConfig, space: dict[str, Any]) -> Any:
     import optuna.distributions as d
 
     url, name = storage_url(config), str(config.hydra.sweeper.study_name)
-    study = open_study(config, url, name)
+    study = create_or_load_study(config, url, name)
     folder = str(Path(config.hydra.sweep.dir).resolve())
     check_study_is_this_search(study, config, space, url, folder)
     uid = study.user_attrs.get(UID_ATTR) or uuid.uuid4().hex
@@ -370,7 +370,7 @@ def create_study(config: DictConfig, space: dict[str, Any]) -> Any:
     return study
 
 
-def open_study(config: DictConfig, url: str, name: str) -> Any:
+def create_or_load_study(config: DictConfig, url: str, name: str) -> Any:
     """Create or load study `name` in the storage at `url`, which must not be MLflow's own."""
     import optuna
 
