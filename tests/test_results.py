@@ -196,16 +196,27 @@ def test_results_tables_show_the_recorded_numbers(page):
             assert speed in " ".join(text.split()), (name, speed)
 
 
-def test_readme_seed_section_shows_the_recorded_groups():
-    """The PTB seed sweep's groups (results/ptb_small_seeds/groups.md, written by lmexp.report
-    from the sweep's MLflow runs) are what docs/sweeps.md's table and verdict say."""
-    folder = REPO / "results" / "ptb_small_seeds"
-    lines = [line for line in (folder / "groups.md").read_text().splitlines() if line]
+@pytest.mark.parametrize(
+    "folder, page, heading",
+    [
+        ("ptb_small_seeds", "sweeps.md", "**Seeds on PTB.**"),
+        (
+            "ptb_arch_seeds",
+            "recipes.md",
+            "**The Transformer against the LSTM on PTB, over seeds.**",
+        ),
+    ],
+)
+def test_seed_sections_show_the_recorded_groups(folder, page, heading):
+    """A PTB seed sweep's groups (results/<folder>/groups.md, written by lmexp.report from the
+    sweep's MLflow runs) are what the page's table and verdict say."""
+    lines = [
+        line for line in (REPO / "results" / folder / "groups.md").read_text().splitlines() if line
+    ]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True))
             for line in lines[2:] if line.startswith("|")]  # fmt: skip
-    page = (REPO / "docs" / "sweeps.md").read_text()
-    section = page.split("**Seeds on PTB.**", 1)[1].split("\n\n**", 1)[0]
+    section = (REPO / "docs" / page).read_text().split(heading, 1)[1].split("\n\n**", 1)[0]
     assert len(rows) == 2 and all(row["n"] == "3" and row["failed"] == "0" for row in rows)
     for row in rows:
         shown = (
@@ -298,3 +309,52 @@ def test_the_comparison_presets_are_the_recorded_recipes(name, preset):
         if k in recorded and str(composed[k]) != recorded[k]
     }
     assert not differ and len(keys & set(recorded)) > 30
+
+
+@pytest.mark.parametrize(
+    "name, group",
+    [
+        ("ptb_transformer_cpu.json", "transformer"),
+        ("ptb_lstm200_examples_cpu.json", "examples_lstm"),
+    ],
+)
+def test_the_seed_sweeps_seed_0_runs_reproduce_the_records_exactly(name, group):
+    """The Transformer-vs-LSTM seed sweep ran at a later commit (after the model registry and the
+    engine's refactors) than the two records; its seed-0 runs are the records' runs again, and
+    their final train, valid and test perplexities are equal to the records', not close."""
+    import csv
+
+    record = json.loads((REPO / "results" / name).read_text())
+    with open(REPO / "results" / "ptb_arch_seeds" / "runs.csv", newline="") as f:
+        (row,) = [
+            r for r in csv.DictReader(f) if r["experiment"] == group and r["trainer.seed"] == "0"
+        ]
+    assert record["config"]["trainer.seed"] == "0"
+    assert row["status"] == "FINISHED" and int(row["epochs"]) == len(record["epochs"])
+    for key in ("train_ppl", "valid_ppl", "test_ppl"):
+        assert float(row[key]) == record["final"][key], key
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/recipes.md"])
+def test_results_tables_show_the_seed_sweeps_means(page):
+    """The results table's Transformer-vs-LSTM row: each group's mean best valid and test
+    perplexity as results/ptb_arch_seeds/groups.md has them, Transformer first."""
+    lines = (REPO / "results" / "ptb_arch_seeds" / "groups.md").read_text().splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = {
+        r["group"]: r
+        for r in (
+            dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True))
+            for line in lines[2:]
+            if line.startswith("|")
+        )
+    }
+    t, lstm = rows["experiment=transformer"], rows["experiment=examples_lstm"]
+    (line,) = [
+        x
+        for x in (REPO / page).read_text().splitlines()
+        if x.startswith("| 200 units, 2 layers, 6 epochs, 3 seeds")
+    ]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[3] == f"{t['valid_mean']} / {lstm['valid_mean']}"
+    assert cells[4] == f"**{t['test_mean']} / {lstm['test_mean']}**"
