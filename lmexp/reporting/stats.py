@@ -73,13 +73,18 @@ def group_runs(runs: list[dict[str, Any]], swept: list[str]) -> list[Group]:
     keys = [k for k in swept if k != SEED_KEY]
     groups: dict[tuple[str, ...], Group] = {}
     for run in runs:
-        values = {k: run["params"].get(k, "") for k in keys}
+        values = group_values(run, keys)
         group = groups.setdefault(tuple(values.values()), Group(values))
         if run["status"] == "FINISHED":
             group.finished.append({m: run["metrics"].get(m, math.nan) for m in METRICS})
         else:
             group.failed += 1
     return sorted(groups.values(), key=lambda g: _sort_key(g.stat("best_valid_ppl").mean))
+
+
+def group_values(run: dict[str, Any], keys: list[str]) -> dict[str, str]:
+    """The run's value of each swept key but the seed: what puts it in its group."""
+    return {k: run["params"].get(k, "") for k in keys}
 
 
 def _sort_key(mean: float) -> float:
@@ -94,7 +99,7 @@ def check_comparable(runs: list[dict[str, Any]], swept: list[str], recipe: set[s
     keys = [k for k in swept if k != SEED_KEY]
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for run in runs:
-        groups.setdefault(tuple(run["params"].get(k, "") for k in keys), []).append(run)
+        groups.setdefault(tuple(group_values(run, keys).values()), []).append(run)
     differing = sorted(
         k
         for members in groups.values()
