@@ -1,13 +1,17 @@
 """Every registered choice, trained: each model, recurrent cell, corpus, optimizer and lr policy
 that a registry holds trains two epochs in-process on a few-thousand-word corpus and resumes
-exactly (one epoch, then the run extended to two in the same folder, ends with the same
-weights as two epochs at once). The cases are read from the registries, so the next entry is
+exactly: stopped by a SIGTERM in the middle of its second epoch, then the same run started again
+in the same folder, it ends with the same weights and best validation as two epochs at once (so
+each optimizer's and schedule's state, and each model's recurrent state, are in the mid-epoch
+checkpoint). The cases are read from the registries, so the next entry is
 covered without editing this file (as pytorch/examples' CI runs every --model choice and
 lightning-hydra-template composes every config)."""
 
 from __future__ import annotations
 
 import math
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -15,8 +19,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from lmexp.config import conf_dir
+from lmexp.config import Preempted, conf_dir
 from lmexp.data import SOURCES, tiny_corpus
+from lmexp.engine import checkpoint
+from lmexp.engine.loop import train_epoch
 from lmexp.models import MODELS
 from lmexp.models.rnn import CELLS
 from lmexp.optim.optimizers import OPTIMIZERS
@@ -76,12 +82,74 @@ def _train(case: str, text_folder: Path, epochs: int, folder: Path) -> tuple[flo
     return best, torch.load(folder / "model" / "model.pt", weights_only=True)
 
 
+@pytest.fixture
+def sigterm_at_batch(monkeypatch):
+    """sigterm_at_batch(n): a real SIGTERM, sent to this process while the n-th training batch
+    of the run (counted across epochs) is computed; lmexp's handler sees it between batches, as
+    it sees SLURM's or a user's."""
+
+    def arm(n: int) -> None:
+        seen = 0
+
+        def counting(*args, **kwargs):
+            nonlocal seen
+            should_stop = kwargs["should_stop"]
+
+            def poll() -> bool:
+                nonlocal seen
+                seen += 1
+                if seen == n:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return should_stop()
+
+            return train_epoch(*args, **{**kwargs, "should_stop": poll})
+
+        monkeypatch.setattr("lmexp.engine.fit.train_epoch", counting)
+
+    return arm
+
+
 @pytest.mark.parametrize("case", CASES)
-def test_every_registered_choice_trains_and_resumes_exactly(case, text_folder, tmp_path):
+def test_every_registered_choice_trains_and_resumes_exactly(
+    case, text_folder, tmp_path, sigterm_at_batch
+):
     best, whole = _train(case, text_folder, 2, tmp_path / "whole")
     assert math.isfinite(best)
-    _train(case, text_folder, 1, tmp_path / "split")
+    sigterm_at_batch(
+        11 + 5
+    )  # after the 5th of the second epoch's 12 batches (the last is not polled)
+    with pytest.raises(Preempted):
+        _train(case, text_folder, 2, tmp_path / "split")
+    saved = checkpoint.load(tmp_path / "split" / "checkpoints" / "last.pt")
+    assert (saved["epoch"], saved["progress"]["batch"]) == (1, 5)
+    sigterm_at_batch(0)  # none
     resumed_best, resumed = _train(case, text_folder, 2, tmp_path / "split")
     assert resumed_best == best
     assert whole.keys() == resumed.keys()
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    # What does not steer the weights is compared where it lives (ASGD's average; a schedule's
+    # count of bad epochs): the optimizer's state and the history, in the last checkpoints.
+    want, got = (
+        checkpoint.load(tmp_path / r / "checkpoints" / "last.pt") for r in ("whole", "split")
+    )
+    assert_same(want["step"], got["step"])
+    compared = ("train_ppl", "valid_ppl", "lr")
+    assert [[e[k] for k in compared] for e in want["history"]] == [
+        [e[k] for k in compared] for e in got["history"]
+    ]
+
+
+def assert_same(want, got, where="step") -> None:
+    """Equal nested dicts and lists, tensors equal element for element."""
+    if isinstance(want, torch.Tensor):
+        assert torch.equal(want, got), where
+    elif isinstance(want, dict):
+        assert want.keys() == got.keys(), where
+        for key in want:
+            assert_same(want[key], got[key], f"{where}.{key}")
+    elif isinstance(want, (list, tuple)):
+        assert len(want) == len(got), where
+        for i, (a, b) in enumerate(zip(want, got, strict=True)):
+            assert_same(a, b, f"{where}[{i}]")
+    else:
+        assert want == got, where

@@ -221,11 +221,10 @@ def test_unreachable_tracking_server_with_fallback_trains_and_says_where(tmp_pat
 
 @pytest.mark.parametrize(
     "extra",
+    # Every optimizer, cell and schedule is stopped mid-epoch and resumed in-process by
+    # test_registries; these are the cases whose checkpoint differs in shape, killed for real.
     [
-        ["optimizer=adam", "lr_policy.lr=0.003"],
-        ["optimizer=asgd", "optimizer.t0=50"],
         ["model.cell=gru", "lr_policy.lr=0.3"],
-        ["model.cell=rnn_tanh", "lr_policy.lr=0.3"],
         # its state is the last model.context token ids: a checkpoint mid-epoch holds them
         [
             "model.arch=transformer",
@@ -249,12 +248,12 @@ def test_unreachable_tracking_server_with_fallback_trains_and_says_where(tmp_pat
             "trainer.seed=0",
         ],  # fmt: skip
     ],
-    ids=["adam", "asgd", "gru", "rnn_tanh", "transformer", "bptt_jitter", "awd_lstm"],
+    ids=["gru", "transformer", "bptt_jitter", "awd_lstm"],
 )
 def test_sigkill_mid_epoch_resumes_bit_identically_whatever_the_optimizer_or_cell(tmp_path, extra):
-    """Adam's moments, ASGD's average (which starts at step 50 here) and a GRU's one-tensor
-    state are in the mid-epoch checkpoint: the resumed run is the uninterrupted one, epoch for
-    epoch and its test too."""
+    """A GRU's one-tensor state, the Transformer's token memory with Adam's moments, the random
+    BPTT lengths and NT-ASGD's average are in the mid-epoch checkpoint: the resumed run is the
+    uninterrupted one, epoch for epoch and its test too."""
     args = [*SLOW_TINY, *extra, "trainer.ckpt_every_n_batches=10"]
     reference = run_module("lmexp.train", *args, "hydra.run.dir=ref", cwd=tmp_path)
     assert reference.returncode == 0, reference.stderr[-3000:]
@@ -268,7 +267,7 @@ def test_sigkill_mid_epoch_resumes_bit_identically_whatever_the_optimizer_or_cel
     assert saved["progress"], "killed at an epoch's end, not inside one"
     lstm = not any(e.startswith(("model.cell=", "model.arch=")) for e in extra)
     assert len(saved["state"]) == (2 if lstm else 1)  # h and c; h; the Transformer's memory
-    assert saved["step"]["optimizer"]["state"] or "optimizer=" not in extra[0]
+    assert saved["step"]["optimizer"]["state"] or not any("optimizer=" in e for e in extra)
 
     resumed = run_module("lmexp.train", *args, "hydra.run.dir=killed", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
