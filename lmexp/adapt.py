@@ -6,23 +6,41 @@ trained model scored with the continuous cache (lmexp.engine.cache) or dynamic e
 Its settings are config keys, so a Hydra multirun over them on split=valid is a grid search
 (`-m cache.theta=0.5,1.0 cache.lambd=0.05,0.1`); the test split is then scored once with the
 setting chosen.
+
+Dynamic evaluation (tens of minutes for a medium model on PTB's test split on a CPU, hours on
+WikiText-2) is resumable: it checkpoints `dynamic.pt` in its run folder every
+dynamic.ckpt_every_n_segments segments and on SIGTERM/SIGINT/SIGUSR1/2 (SLURM's preemption
+signals), and the same command rerun in that folder goes on from there, ending with the
+uninterrupted evaluation's score, bit for bit.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import shlex
+import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lmexp.config import AdaptConfig, LmexpError
+from lmexp.config import AdaptConfig, ConfigError, LmexpError
 from lmexp.data import batchify
+from lmexp.engine import checkpoint
 from lmexp.engine.cache import cache_evaluate
-from lmexp.engine.dynamic_eval import dynamic_evaluate, gradient_stats
+from lmexp.engine.dynamic_eval import (
+    DynamicPosition,
+    EvaluationStopped,
+    GradientStats,
+    dynamic_evaluate,
+    gradient_stats,
+)
 from lmexp.engine.loop import evaluate, perplexity
+from lmexp.engine.runtime import Preemption
 from lmexp.loading import resolve_model, split_tokens
 from lmexp.tracking.base import adapted_metric
 from lmexp.validation import validate_adapt
@@ -59,8 +77,25 @@ def target_run(cfg: AdaptConfig) -> tuple[str, str] | None:
     return uri, cfg.source
 
 
+CHECKPOINT = "dynamic.pt"
+
+
+@dataclass
+class Where:
+    """The run folder of this scoring, and how to continue it there once stopped."""
+
+    folder: Path
+    resume: str
+
+
 def score(
-    cfg: AdaptConfig, model: Any, vocab: list[str], config: dict[str, Any], tokens: torch.Tensor
+    cfg: AdaptConfig,
+    model: Any,
+    vocab: list[str],
+    config: dict[str, Any],
+    tokens: torch.Tensor,
+    progress: Progress | None,
+    preemption: Preemption,
 ) -> tuple[float, float, float]:
     """(adapted, plain) perplexity of `tokens` under cfg's method, and the seconds plain
     evaluation took (the adapted one's are logged)."""
@@ -70,48 +105,166 @@ def score(
     started = time.monotonic()
     plain = perplexity(*evaluate(model, data, steps))
     plain_s = time.monotonic() - started
-    c, d = cfg.cache, cfg.dynamic
+    c = cfg.cache
     if cfg.method == "cache":
         loss = cache_evaluate(model, data, steps, c.window, c.theta, c.lambd)
         return perplexity(*loss), plain, plain_s
-    stats = None
-    if d.kind == "rms":
-        train, _ = split_tokens(config, "train", cfg.data_root, vocab)
-        started = time.monotonic()
-        train_data = batchify(train, d.stats_batch_size).to(device)
-        stats = gradient_stats(model, train_data, d.segment, d.stats_segments)
-        log.info(
-            "Gradient statistics from %d training segments in %.0f s.",
-            stats.segments,
-            time.monotonic() - started,
-        )
-    loss = dynamic_evaluate(model, data, d.segment, d.kind, d.lr, d.decay, d.epsilon, stats)
+    assert progress is not None
+    loss = dynamic_score(cfg, model, vocab, config, data, progress, preemption)
     return perplexity(*loss), plain, plain_s
+
+
+def dynamic_score(
+    cfg: AdaptConfig,
+    model: Any,
+    vocab: list[str],
+    config: dict[str, Any],
+    data: torch.Tensor,
+    progress: Progress,
+    preemption: Preemption,
+) -> tuple[float, int]:
+    """Dynamic evaluation's summed NLL and token count, from where `progress` stands."""
+    d = cfg.dynamic
+    if progress.done is not None:
+        log.info("%s holds this evaluation, finished: its score is reused.", progress.path)
+        return progress.done
+    stats = progress.stats
+    if d.kind == "rms" and stats is None:
+        stats = training_stats(cfg, model, vocab, config)
+        progress.save(stats, None)  # the statistics survive a stop before the first checkpoint
+    loss = dynamic_evaluate(
+        model, data, d.segment, d.kind, d.lr, d.decay, d.epsilon, stats,
+        start=progress.position,
+        checkpoint_every=d.ckpt_every_n_segments,
+        on_checkpoint=lambda position: progress.save(stats, position),
+        should_stop=preemption.requested,
+    )  # fmt: skip
+    progress.finish(loss)
+    return loss
+
+
+def training_stats(
+    cfg: AdaptConfig, model: Any, vocab: list[str], config: dict[str, Any]
+) -> GradientStats:
+    """The rms update's gradient statistics over the model's training split."""
+    d = cfg.dynamic
+    train, _ = split_tokens(config, "train", cfg.data_root, vocab)
+    started = time.monotonic()
+    train_data = batchify(train, d.stats_batch_size).to(torch.device(cfg.device))
+    stats = gradient_stats(model, train_data, d.segment, d.stats_segments)
+    log.info(
+        "Gradient statistics from %d training segments in %.0f s.",
+        stats.segments,
+        time.monotonic() - started,
+    )
+    return stats
+
+
+def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of the tensors' names and bytes: which weights, which tokens."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].detach().cpu().contiguous().view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+class Progress:
+    """A dynamic evaluation's checkpoint in its run folder: its statistics, its position, or its
+    finished sum. One that belongs to another evaluation (other weights, tokens or settings)
+    is refused, before any time is spent, and left as it is."""
+
+    def __init__(self, path: Path, identity: dict[str, Any]) -> None:
+        self.path, self.identity = path, identity
+        self.stats: GradientStats | None = None
+        self.position: DynamicPosition | None = None
+        self.done: tuple[float, int] | None = None
+        if not path.exists():
+            return
+        saved = checkpoint.load(path)
+        if saved.get("identity") != identity:
+            differs = sorted(k for k in identity if saved.get("identity", {}).get(k) != identity[k])
+            raise ConfigError(
+                f"{path} holds a dynamic evaluation of other {', '.join(differs)} than this one; "
+                "rerun without hydra.run.dir (a new folder), or delete that file to start afresh."
+            )
+        if saved["stats"] is not None:
+            self.stats = GradientStats(**saved["stats"])
+        if saved["position"] is not None:
+            self.position = DynamicPosition(**saved["position"])
+        if saved["done"] is not None:
+            self.done = (saved["done"]["loss_sum"], saved["done"]["tokens"])
+
+    def save(self, stats: GradientStats | None, position: DynamicPosition | None) -> None:
+        kept = None if stats is None else vars(stats)
+        at = None if position is None else position.to_dict()
+        self.write({"stats": kept, "position": at, "done": None})
+
+    def finish(self, loss: tuple[float, int]) -> None:
+        done = {"loss_sum": loss[0], "tokens": loss[1]}
+        self.write({"stats": None, "position": None, "done": done})
+
+    def write(self, payload: dict[str, Any]) -> None:
+        checkpoint.save(self.path, {"identity": self.identity, **payload})
+
+
+def identity(cfg: AdaptConfig, model: Any, tokens: torch.Tensor) -> dict[str, Any]:
+    """What makes two dynamic evaluations the same one: the weights, the tokens scored and the
+    settings that decide the score."""
+    return {
+        "weights": fingerprint(dict(model.named_parameters())),
+        "tokens": fingerprint({"tokens": tokens}),
+        "settings": settings(cfg),
+    }
 
 
 def task(cfg: Any) -> float:
     """One scoring (a job of a multirun); returns the adapted perplexity, a sweeper's objective."""
     from omegaconf import OmegaConf
 
-    try:
-        typed = validate_adapt(OmegaConf.to_object(cfg))
-        run = target_run(typed)
-        model, vocab, config = resolve_model(typed.source, typed.tracking_uri, typed.device)
-        tokens, label = split_tokens(config, typed.split, typed.data_root, vocab)
-        if typed.limit_tokens is not None:
-            tokens, label = (
-                tokens[: typed.limit_tokens],
-                f"{label} (first {typed.limit_tokens} tokens)",
+    where = hydra_where()
+    with Preemption().installed() as preemption:
+        try:
+            typed = validate_adapt(OmegaConf.to_object(cfg))
+            return adapt(typed, where, preemption)
+        except LmexpError as err:
+            log.error("%s", err)
+            sys.exit(2)
+        except EvaluationStopped as stop:
+            assert preemption.signum is not None
+            log.warning(
+                "%s received: dynamic evaluation checkpointed after %d segments in %s.",
+                signal.Signals(preemption.signum).name,
+                stop.position.segments,
+                where.folder / CHECKPOINT,
             )
-        started = time.monotonic()
-        adapted, plain, plain_s = score(typed, model, vocab, config, tokens)
-        adapted_s = time.monotonic() - started - plain_s
-        if run is not None and typed.limit_tokens is None:
-            metric = adapted_metric(typed.split, typed.method)
-            run_id = log_score(run, metric, adapted, settings(typed))
-    except LmexpError as err:
-        log.error("%s", err)
-        sys.exit(2)
+            log.warning("To resume: %s.", where.resume)
+            preemption.hand_over()
+            sys.exit(128 + preemption.signum)
+        except KeyboardInterrupt:  # a second Ctrl-C: at once, from the last checkpoint
+            log.warning(
+                "Interrupted: stopped at once; to go on from the last checkpoint, %s.", where.resume
+            )
+            sys.exit(130)
+
+
+def adapt(typed: AdaptConfig, where: Where, preemption: Preemption) -> float:
+    """Score, log the score to the run, say what was done."""
+    run = target_run(typed)
+    model, vocab, config = resolve_model(typed.source, typed.tracking_uri, typed.device)
+    tokens, label = split_tokens(config, typed.split, typed.data_root, vocab)
+    if typed.limit_tokens is not None:
+        tokens, label = tokens[: typed.limit_tokens], f"{label} (first {typed.limit_tokens} tokens)"
+    progress = None
+    if typed.method == "dynamic":
+        progress = Progress(where.folder / CHECKPOINT, identity(typed, model, tokens))
+        if progress.position is not None:
+            log.info(
+                "Resumed from %s after %d segments.", progress.path, progress.position.segments
+            )
+    started = time.monotonic()
+    adapted, plain, plain_s = score(typed, model, vocab, config, tokens, progress, preemption)
+    adapted_s = time.monotonic() - started - plain_s
     chosen = " ".join(f"{k}={v}" for k, v in settings(typed).items())
     log.info(
         "%s: perplexity %.2f with %s (%s) in %.0f s, %.2f without in %.0f s.",
@@ -126,10 +279,27 @@ def task(cfg: Any) -> float:
     if run is None:
         log.info("Not logged to a run: %s", why_not_logged(typed))
     elif typed.limit_tokens is None:
+        metric = adapted_metric(typed.split, typed.method)
+        run_id = log_score(run, metric, adapted, settings(typed))
         log.info("Logged to MLflow run %s as %s.", run_id, metric)
     else:
         log.info("Not logged to the run: limit_tokens scores part of the split only.")
     return adapted
+
+
+def hydra_where() -> Where:
+    """This job's folder, and the command that continues it there (entry point only)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    folder = Path(hc.runtime.output_dir)
+    if hc.mode == RunMode.MULTIRUN:
+        return Where(folder, f"rerun the sweep's command with hydra.sweep.dir={hc.sweep.dir}")
+    from lmexp.tracking.stores import redact
+
+    args = [*map(redact, hc.overrides.task), f"hydra.run.dir={folder}"]
+    return Where(folder, "run " + " ".join(["python -m lmexp.adapt", *map(shlex.quote, args)]))
 
 
 def log_score(run: tuple[str, str], metric: str, value: float, chosen: dict[str, Any]) -> str:

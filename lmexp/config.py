@@ -523,6 +523,12 @@ class DynamicConfig:
         "Segments of the training split the statistics read; null: all of it.",
         "null or >= 1",
     )
+    ckpt_every_n_segments: int = _key(
+        1000,
+        "Checkpoint the evaluation (dynamic.pt in the run folder) every N segments and on a "
+        "stop signal; rerun the command in that folder to go on. 0: only on a signal.",
+        ">= 0",
+    )
 
 
 @dataclass

@@ -427,4 +427,10 @@ def validate_adapt(cfg: AdaptConfig) -> AdaptConfig:
         d.stats_segments,
         "must be null or >= 1",
     )
+    _check(
+        d.ckpt_every_n_segments >= 0,
+        "dynamic.ckpt_every_n_segments",
+        d.ckpt_every_n_segments,
+        "must be >= 0 (0: checkpoint only on a stop signal)",
+    )
     return cfg

@@ -44,6 +44,7 @@ GROUPS = {
     "lmexp/loading.py": "Loading a trained model (evaluate, generate)",
     "lmexp/evaluate.py": "Loading a trained model (evaluate, generate)",
     "lmexp/generate.py": "Loading a trained model (evaluate, generate)",
+    "lmexp/adapt.py": "The cache and dynamic evaluation (adapt)",
     "lmexp/tracking": "Tracking stores and servers",
     "lmexp/orchestration/search.py": "Optuna searches",
     "lmexp/orchestration/trials.py": "Optuna searches",

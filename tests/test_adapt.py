@@ -8,7 +8,13 @@ import copy
 import csv
 import json
 import math
+import os
 import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -18,10 +24,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from lmexp.data import batchify
+from lmexp.engine import checkpoint
 from lmexp.engine.cache import cache_evaluate
-from lmexp.engine.dynamic_eval import dynamic_evaluate, gradient_stats
+from lmexp.engine.dynamic_eval import EvaluationStopped, dynamic_evaluate, gradient_stats
 from lmexp.engine.loop import evaluate
 from lmexp.models.rnn import RNNLanguageModel
+from lmexp.models.transformer import TransformerLanguageModel
 
 unit = pytest.mark.unit
 
@@ -193,6 +201,46 @@ def test_each_update_is_dynamiceval_formula_and_decay_pulls_back_to_the_trained_
     assert sum(d.abs().sum() for d in before.values()) > 0.1
 
 
+def tiny_transformer(seed: int = 0, vocab: int = 7) -> TransformerLanguageModel:
+    torch.manual_seed(seed)
+    return TransformerLanguageModel(vocab, 8, 2, 2, 16, 6, 0.1)
+
+
+@unit
+@pytest.mark.parametrize("build", [tiny_lstm, tiny_transformer], ids=["lstm", "transformer"])
+def test_dynamic_evaluation_stopped_and_resumed_is_the_uninterrupted_one_bit_for_bit(build):
+    """Stopped before segment 23 of 60 (the position checkpointed every 10 segments and at the
+    stop), then continued from the stop by a fresh copy of the trained model: the same summed
+    NLL, token count and adapted weights as one uninterrupted pass, compared with ==."""
+    data = batchify(stream(301, seed=7), 1)  # 300 targets: 60 segments of 5
+    stats = gradient_stats(build(), batchify(stream(600, seed=2), 4), 5)
+    args = (5, "rms", 2e-3, 0.01, 1e-3, stats)
+    whole_model = build()
+    whole = dynamic_evaluate(whole_model, data, *args, restore=False)
+
+    saved, polls = [], iter(range(1, 1000))
+    with pytest.raises(EvaluationStopped) as stopped:
+        dynamic_evaluate(
+            build(),
+            data,
+            *args,
+            checkpoint_every=10,
+            on_checkpoint=saved.append,
+            should_stop=lambda: next(polls) == 22,  # polled before segments 1, 2, ...
+        )
+    assert [p.segments for p in saved] == [10, 20, 22]
+    assert stopped.value.position is saved[-1]
+    resumed_model = build()
+    resumed = dynamic_evaluate(resumed_model, data, *args, restore=False, start=saved[-1])
+    assert resumed == whole and whole[1] == 300
+    for (name, p), q in zip(
+        whole_model.named_parameters(), resumed_model.parameters(), strict=True
+    ):
+        assert torch.equal(p, q), name
+    # and from the position at segment 10, whose state and weights are the earlier ones
+    assert dynamic_evaluate(build(), data, *args, start=saved[0]) == whole
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("adapt")
@@ -282,3 +330,56 @@ def test_adapt_help_names_its_own_keys_not_trainings_groups(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "python -m lmexp.adapt source=<run id | model.pt | checkpoint>" in proc.stdout
     assert "cache:\n  window: 500" in proc.stdout and "hparams_search" not in proc.stdout
+
+
+@pytest.mark.slow
+def test_sigterm_mid_dynamic_evaluation_checkpoints_and_the_advised_command_finishes_it(tmp_path):
+    """A real SIGTERM to lmexp.adapt mid-way: a checkpoint, one line saying where, exit 143; the
+    command it advises goes on from there and logs the uninterrupted evaluation's score, equal
+    (==). The same folder with another setting is refused in one sentence, its file untouched."""
+    cwd = tmp_path
+    train = ("trainer.max_epochs=1", "data.tiny_eval_tokens=5000", "hydra.run.dir=run")
+    proc = run_module("lmexp.train", *TINY, *train, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = mlflow_runs(cwd / "mlflow.db")
+    args = [f"source={run.info.run_id}", "method=dynamic", "dynamic.stats_segments=20"]
+    args += ["dynamic.ckpt_every_n_segments=100", "dynamic.lr=1e-4"]
+    whole = run_module("lmexp.adapt", *args, "hydra.run.dir=whole", cwd=cwd)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    stopped = subprocess.Popen(
+        [sys.executable, "-m", "lmexp.adapt", *args, "hydra.run.dir=stopped"],
+        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    saved = cwd / "stopped" / "dynamic.pt"
+    deadline = time.monotonic() + 120
+    while not (saved.exists() and checkpoint.load(saved)["position"] is not None):
+        assert stopped.poll() is None and time.monotonic() < deadline, stopped.stdout.read()
+        time.sleep(0.05)
+    stopped.send_signal(signal.SIGTERM)
+    out = stopped.communicate(timeout=60)[0]
+    assert stopped.returncode == 128 + signal.SIGTERM, out[-3000:]
+    at = checkpoint.load(saved)["position"]["segments"]
+    assert 100 <= at < 1000, at  # 5000 tokens: 1000 segments of 5
+    assert f"SIGTERM received: dynamic evaluation checkpointed after {at} segments in" in out
+    assert "Traceback" not in out and "Logged to MLflow" not in out
+    (advice,) = re.findall(r"To resume: run (python -m lmexp.adapt .*)\.$", out, re.M)
+    before = saved.read_bytes()
+    refused = run_module(
+        "lmexp.adapt", *args[:-1], "dynamic.lr=2e-4", "hydra.run.dir=stopped", cwd=cwd
+    )
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "holds a dynamic evaluation of other settings than this one" in refused.stdout
+    assert saved.read_bytes() == before
+
+    resumed = run_module(*shlex.split(advice)[2:], cwd=cwd)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resumed from {saved} after {at} segments." in resumed.stdout
+    scores = [
+        m.value
+        for m in MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}").get_metric_history(
+            run.info.run_id, "test_ppl_dynamic"
+        )
+    ]
+    assert len(scores) == 2 and scores[0] == scores[1], scores

@@ -15,7 +15,9 @@ a model that has seen it. With eta = 0 and lambda = 0 it is plain evaluation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,6 +25,7 @@ from torch.nn import functional as F
 
 from lmexp.data.batching import windows
 from lmexp.engine.loop import detach
+from lmexp.models.base import State, pack_state, unpack_state
 
 KINDS = ("rms", "sgd")
 
@@ -62,6 +65,68 @@ def gradient_stats(
     return GradientStats(ms, {name: m / scale for name, m in ms.items()}, count)
 
 
+@dataclass
+class DynamicPosition:
+    """Where a dynamic evaluation stands after its first `segments` segments: their summed NLL
+    (float64, summed in order) and token count, the recurrent state and the adapted weights.
+    Continued from it, the evaluation ends with the uninterrupted one's numbers, bit for bit."""
+
+    segments: int
+    loss_sum: torch.Tensor
+    tokens: int
+    state: list[torch.Tensor]
+    weights: dict[str, torch.Tensor]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}  # no copies, unlike asdict
+
+
+class EvaluationStopped(Exception):
+    """should_stop() said stop: `position` (already handed to on_checkpoint) is where to go on."""
+
+    def __init__(self, position: DynamicPosition) -> None:
+        super().__init__(f"stopped after {position.segments} segments")
+        self.position = position
+
+
+class UpdateRule:
+    """The per-weight decay and step of one update (see the module's docstring)."""
+
+    def __init__(
+        self,
+        params: dict[str, nn.Parameter],
+        kind: str,
+        lr: float,
+        decay: float,
+        epsilon: float,
+        stats: GradientStats | None,
+        theta0: dict[str, torch.Tensor],
+    ) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+        if kind == "rms" and stats is None:
+            raise ValueError("the rms update needs gradient statistics (gradient_stats)")
+        self.params, self.theta0 = params, theta0
+        self.pull: dict[str, torch.Tensor | float]
+        self.step: dict[str, torch.Tensor | float]
+        if kind == "rms":
+            assert stats is not None
+            cap = 1.0 / decay if decay > 0 else float("inf")
+            self.pull = {n: decay * stats.decrate[n].clamp(max=cap) for n in params}
+            self.step = {n: lr / (stats.ms[n] + epsilon) for n in params}
+        else:
+            self.pull = dict.fromkeys(params, decay)  # one number for every weight
+            self.step = dict.fromkeys(params, lr)
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        for name, p in self.params.items():
+            change = self.pull[name] * (self.theta0[name] - p)
+            if p.grad is not None:
+                change -= self.step[name] * p.grad
+            p += change
+
+
 def dynamic_evaluate(
     model: nn.Module,
     data: torch.Tensor,
@@ -73,48 +138,44 @@ def dynamic_evaluate(
     stats: GradientStats | None = None,
     restore: bool = True,
     trained: dict[str, torch.Tensor] | None = None,
+    start: DynamicPosition | None = None,
+    checkpoint_every: int = 0,
+    on_checkpoint: Callable[[DynamicPosition], None] | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> tuple[float, int]:
     """Summed NLL and token count over every token of `data` (time-major, batched), each segment
     scored and then learnt from (see the module's docstring). The decay pulls towards `trained`
     (by parameter name; default: the weights the model has now), and the weights it had are put
-    back at the end unless restore=False."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
-    if kind == "rms" and stats is None:
-        raise ValueError("the rms update needs gradient statistics (gradient_stats)")
+    back at the end unless restore=False. From `start` it goes on where that position stood;
+    every `checkpoint_every` segments, and before it stops because should_stop() (polled before
+    each segment) said so, the position goes to on_checkpoint; a stop then raises
+    EvaluationStopped."""
     model.eval()
-    params = {name: p for name, p in model.named_parameters()}
+    params = dict(model.named_parameters())
     before = {name: p.detach().clone() for name, p in params.items()}
-    theta0 = trained or before
-    pull: dict[str, torch.Tensor | float]
-    step: dict[str, torch.Tensor | float]
-    if kind == "rms":
-        assert stats is not None
-        cap = 1.0 / decay if decay > 0 else float("inf")
-        pull = {name: decay * stats.decrate[name].clamp(max=cap) for name in params}
-        step = {name: lr / (stats.ms[name] + epsilon) for name in params}
-    else:
-        pull = dict.fromkeys(params, decay)  # one number for every weight: no tensors of it
-        step = dict.fromkeys(params, lr)
-    state = model.init_state(data.size(1))
-    loss_sum = torch.zeros((), device=data.device, dtype=torch.float64)
-    tokens = 0
+    rule = UpdateRule(params, kind, lr, decay, epsilon, stats, trained or before)
+    at = start or DynamicPosition(0, torch.zeros((), dtype=torch.float64), 0, [], {})
+    state, loss_sum, tokens = resume_at(model, params, at, data)
+
+    def position(done: int) -> DynamicPosition:
+        weights = {name: p.detach().cpu().clone() for name, p in params.items()}
+        packed = [s.detach().cpu() for s in pack_state(state)]
+        return DynamicPosition(done, loss_sum.cpu().clone(), tokens, packed, weights)
+
     try:
-        for inputs, targets in windows(data, segment, drop_last=False):
-            model.zero_grad(set_to_none=True)
-            logits, state = model(inputs, detach(state))
-            nll = F.cross_entropy(
-                logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), reduction="sum"
-            )
-            (nll / targets.numel()).backward()
-            loss_sum += nll.detach()
+        for index, (inputs, targets) in enumerate(windows(data, segment, drop_last=False)):
+            if index < at.segments:
+                continue
+            if index > at.segments and should_stop():
+                here = position(index)
+                if on_checkpoint is not None:
+                    on_checkpoint(here)
+                raise EvaluationStopped(here)
+            nll, state = score_and_learn(model, inputs, targets, state, rule)
+            loss_sum += nll
             tokens += targets.numel()
-            with torch.no_grad():
-                for name, p in params.items():
-                    change = pull[name] * (theta0[name] - p)
-                    if p.grad is not None:
-                        change -= step[name] * p.grad
-                    p += change
+            if checkpoint_every and on_checkpoint and (index + 1) % checkpoint_every == 0:
+                on_checkpoint(position(index + 1))
     finally:
         model.zero_grad(set_to_none=True)
         if restore:
@@ -122,3 +183,36 @@ def dynamic_evaluate(
                 for name, p in params.items():
                     p.copy_(before[name])
     return loss_sum.item(), tokens
+
+
+def resume_at(
+    model: nn.Module, params: dict[str, nn.Parameter], at: DynamicPosition, data: torch.Tensor
+) -> tuple[State, torch.Tensor, int]:
+    """The state, loss sum and token count to go on from `at`, its weights put in the model."""
+    if at.weights:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(at.weights[name])
+    if at.state:
+        state = unpack_state([s.to(data.device) for s in at.state])
+    else:
+        state = model.init_state(data.size(1))
+    return state, at.loss_sum.to(data.device, copy=True), at.tokens
+
+
+def score_and_learn(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    state: State,
+    rule: UpdateRule,
+) -> tuple[torch.Tensor, State]:
+    """One segment: its summed NLL under the model as it is, then one update from its gradient."""
+    model.zero_grad(set_to_none=True)
+    logits, state = model(inputs, detach(state))
+    nll = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), reduction="sum"
+    )
+    (nll / targets.numel()).backward()
+    rule.apply()
+    return nll.detach(), state
