@@ -16,7 +16,6 @@ uninterrupted evaluation's score, bit for bit.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shlex
 import signal
@@ -28,15 +27,15 @@ from typing import Any
 
 import torch
 
-from lmexp.config import AdaptConfig, ConfigError, LmexpError
+from lmexp.config import AdaptConfig, LmexpError
 from lmexp.data import batchify
-from lmexp.engine import checkpoint
 from lmexp.engine.cache import cache_evaluate
 from lmexp.engine.dynamic_eval import (
-    DynamicPosition,
     EvaluationStopped,
     GradientStats,
+    Progress,
     dynamic_evaluate,
+    fingerprint,
     gradient_stats,
 )
 from lmexp.engine.loop import evaluate, perplexity
@@ -158,54 +157,6 @@ def training_stats(
         time.monotonic() - started,
     )
     return stats
-
-
-def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 of the tensors' names and bytes: which weights, which tokens."""
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        digest.update(name.encode())
-        digest.update(tensors[name].detach().cpu().contiguous().view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
-class Progress:
-    """A dynamic evaluation's checkpoint in its run folder: its statistics, its position, or its
-    finished sum. One that belongs to another evaluation (other weights, tokens or settings)
-    is refused, before any time is spent, and left as it is."""
-
-    def __init__(self, path: Path, identity: dict[str, Any]) -> None:
-        self.path, self.identity = path, identity
-        self.stats: GradientStats | None = None
-        self.position: DynamicPosition | None = None
-        self.done: tuple[float, int] | None = None
-        if not path.exists():
-            return
-        saved = checkpoint.load(path)
-        if saved.get("identity") != identity:
-            differs = sorted(k for k in identity if saved.get("identity", {}).get(k) != identity[k])
-            raise ConfigError(
-                f"{path} holds a dynamic evaluation of other {', '.join(differs)} than this one; "
-                "rerun without hydra.run.dir (a new folder), or delete that file to start afresh."
-            )
-        if saved["stats"] is not None:
-            self.stats = GradientStats(**saved["stats"])
-        if saved["position"] is not None:
-            self.position = DynamicPosition(**saved["position"])
-        if saved["done"] is not None:
-            self.done = (saved["done"]["loss_sum"], saved["done"]["tokens"])
-
-    def save(self, stats: GradientStats | None, position: DynamicPosition | None) -> None:
-        kept = None if stats is None else vars(stats)
-        at = None if position is None else position.to_dict()
-        self.write({"stats": kept, "position": at, "done": None})
-
-    def finish(self, loss: tuple[float, int]) -> None:
-        done = {"loss_sum": loss[0], "tokens": loss[1]}
-        self.write({"stats": None, "position": None, "done": done})
-
-    def write(self, payload: dict[str, Any]) -> None:
-        checkpoint.save(self.path, {"identity": self.identity, **payload})
 
 
 def identity(cfg: AdaptConfig, model: Any, tokens: torch.Tensor) -> dict[str, Any]:

@@ -21,7 +21,8 @@ from lmexp.tracking.queries import read_sweep
 
 def summary(client: MlflowClient, folder: Path) -> dict:
     """One search, from its parent run, its child runs (one per trial) and its results file."""
-    from lmexp.reporting.summary import HISTORY_KEYS, summarize
+    from lmexp.reporting.summary import HISTORY_KEYS
+    from lmexp.reporting.tables import summarize
     from lmexp.tracking.queries import fetch_runs
 
     sweep = read_sweep(folder)

@@ -37,6 +37,7 @@ GROUPS = {
     "lmexp/files.py": "Device, threads and folders",
     "lmexp/engine/checkpoint.py": "Checkpoints and exported models",
     "lmexp/engine/resume.py": "Resuming",
+    "lmexp/engine/dynamic_eval.py": "The cache and dynamic evaluation (adapt)",
     "lmexp/run.py": "Training runs",
     "lmexp/engine": "Training runs",
     "lmexp/models": "Training runs",

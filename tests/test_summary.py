@@ -1,10 +1,10 @@
-"""Run summaries and tables built from run records (lmexp.reporting.summary), in-process."""
+"""Run summaries, tables and plots built from run records (lmexp.reporting), in-process."""
 
 from __future__ import annotations
 
 import pytest
 
-from lmexp.reporting.summary import build_table, summarize
+from lmexp.reporting.tables import build_table, summarize
 from lmexp.tracking.queries import RunRecord
 
 # Fast, in-process tests of the library: the unit lane (pytest -m unit).
@@ -78,11 +78,11 @@ def test_a_log_perplexity_axis_says_it_is_one():
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    from lmexp.reporting.summary import _plain_axes
+    from lmexp.reporting.plots import plain_axes
 
     fig, ax = plt.subplots()
     ax.set_ylabel("validation perplexity")
-    _plain_axes(ax, log_y=True)
+    plain_axes(ax, log_y=True)
     assert (ax.get_yscale(), ax.get_ylabel()) == ("log", "validation perplexity (log scale)")
     plt.close(fig)
 
@@ -106,7 +106,7 @@ def _has_colour(png, colour) -> bool:
 def test_a_setting_has_the_same_colour_in_every_report_that_plots_it(tmp_path):
     """A sweep's report (its three values) and the all-experiments report (those runs among
     others) draw dp_keep_prob=0.5 in one colour, not a colour taken from its rank in each."""
-    from lmexp.reporting.summary import plot, setting_colours
+    from lmexp.reporting.plots import plot, setting_colours
 
     sweep = [_keep_run(k, 0) for k in ("0.5", "0.7", "0.9")]
     everything = [_keep_run(k, 0) for k in ("0.3", "0.4")] + sweep

@@ -15,15 +15,19 @@ a model that has seen it. With eta = 0 and lambda = 0 it is plain evaluation.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lmexp.config import ConfigError
 from lmexp.data.batching import windows
+from lmexp.engine import checkpoint
 from lmexp.engine.loop import detach
 from lmexp.models.base import State, pack_state, unpack_state
 
@@ -216,3 +220,51 @@ def score_and_learn(
     (nll / targets.numel()).backward()
     rule.apply()
     return nll.detach(), state
+
+
+def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of the tensors' names and bytes: which weights, which tokens."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].detach().cpu().contiguous().view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+class Progress:
+    """A dynamic evaluation's checkpoint in its run folder: its statistics, its position, or its
+    finished sum. One that belongs to another evaluation (other weights, tokens or settings)
+    is refused, before any time is spent, and left as it is."""
+
+    def __init__(self, path: Path, identity: dict[str, Any]) -> None:
+        self.path, self.identity = path, identity
+        self.stats: GradientStats | None = None
+        self.position: DynamicPosition | None = None
+        self.done: tuple[float, int] | None = None
+        if not path.exists():
+            return
+        saved = checkpoint.load(path)
+        if saved.get("identity") != identity:
+            differs = sorted(k for k in identity if saved.get("identity", {}).get(k) != identity[k])
+            raise ConfigError(
+                f"{path} holds a dynamic evaluation of other {', '.join(differs)} than this one; "
+                "rerun without hydra.run.dir (a new folder), or delete that file to start afresh."
+            )
+        if saved["stats"] is not None:
+            self.stats = GradientStats(**saved["stats"])
+        if saved["position"] is not None:
+            self.position = DynamicPosition(**saved["position"])
+        if saved["done"] is not None:
+            self.done = (saved["done"]["loss_sum"], saved["done"]["tokens"])
+
+    def save(self, stats: GradientStats | None, position: DynamicPosition | None) -> None:
+        kept = None if stats is None else vars(stats)
+        at = None if position is None else position.to_dict()
+        self.write({"stats": kept, "position": at, "done": None})
+
+    def finish(self, loss: tuple[float, int]) -> None:
+        done = {"loss_sum": loss[0], "tokens": loss[1]}
+        self.write({"stats": None, "position": None, "done": done})
+
+    def write(self, payload: dict[str, Any]) -> None:
+        checkpoint.save(self.path, {"identity": self.identity, **payload})

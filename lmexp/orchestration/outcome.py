@@ -11,17 +11,8 @@ from typing import Any
 from lmexp.config import LmexpError
 from lmexp.files import folder_in_use
 from lmexp.reporting.stats import SEED_KEY
-from lmexp.reporting.summary import (
-    HISTORY_KEYS,
-    fitted_note,
-    format_markdown,
-    group_table,
-    report,
-    seed_groups,
-    state_counts,
-    summarize,
-    verdict_text,
-)
+from lmexp.reporting.summary import HISTORY_KEYS, fitted_note, report, seed_groups, state_counts
+from lmexp.reporting.tables import format_markdown, group_table, summarize, verdict_text
 from lmexp.tracking.base import FAILURE_TAG, NOTE_TAG
 from lmexp.tracking.queries import RunRecord, fetch_run, fetch_runs
 from lmexp.tracking.runs import end_run, set_run_outcome
