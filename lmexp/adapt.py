@@ -97,20 +97,19 @@ def score(
     preemption: Preemption,
 ) -> tuple[float, float, float]:
     """(adapted, plain) perplexity of `tokens` under cfg's method, and the seconds plain
-    evaluation took (the adapted one's are logged)."""
-    device = torch.device(cfg.device)
+    evaluation took (the adapted one's are logged). The adapted score comes first: a stop
+    signal is answered within a segment of it, and plain evaluation is the short part."""
     steps = config["trainer"]["eval_num_steps"]
-    data = batchify(tokens, cfg.batch_size).to(device)
-    started = time.monotonic()
-    plain = perplexity(*evaluate(model, data, steps))
-    plain_s = time.monotonic() - started
+    data = batchify(tokens, cfg.batch_size).to(torch.device(cfg.device))
     c = cfg.cache
     if cfg.method == "cache":
         loss = cache_evaluate(model, data, steps, c.window, c.theta, c.lambd)
-        return perplexity(*loss), plain, plain_s
-    assert progress is not None
-    loss = dynamic_score(cfg, model, vocab, config, data, progress, preemption)
-    return perplexity(*loss), plain, plain_s
+    else:
+        assert progress is not None
+        loss = dynamic_score(cfg, model, vocab, config, data, progress, preemption)
+    started = time.monotonic()
+    plain = perplexity(*evaluate(model, data, steps))
+    return perplexity(*loss), plain, time.monotonic() - started
 
 
 def dynamic_score(
@@ -129,7 +128,7 @@ def dynamic_score(
         return progress.done
     stats = progress.stats
     if d.kind == "rms" and stats is None:
-        stats = training_stats(cfg, model, vocab, config)
+        stats = training_stats(cfg, model, vocab, config, preemption)
         progress.save(stats, None)  # the statistics survive a stop before the first checkpoint
     loss = dynamic_evaluate(
         model, data, d.segment, d.kind, d.lr, d.decay, d.epsilon, stats,
@@ -143,14 +142,16 @@ def dynamic_score(
 
 
 def training_stats(
-    cfg: AdaptConfig, model: Any, vocab: list[str], config: dict[str, Any]
+    cfg: AdaptConfig, model: Any, vocab: list[str], config: dict[str, Any], preemption: Preemption
 ) -> GradientStats:
     """The rms update's gradient statistics over the model's training split."""
     d = cfg.dynamic
     train, _ = split_tokens(config, "train", cfg.data_root, vocab)
     started = time.monotonic()
     train_data = batchify(train, d.stats_batch_size).to(torch.device(cfg.device))
-    stats = gradient_stats(model, train_data, d.segment, d.stats_segments)
+    stats = gradient_stats(
+        model, train_data, d.segment, d.stats_segments, should_stop=preemption.requested
+    )
     log.info(
         "Gradient statistics from %d training segments in %.0f s.",
         stats.segments,
@@ -183,12 +184,14 @@ def task(cfg: Any) -> float:
             sys.exit(2)
         except EvaluationStopped as stop:
             assert preemption.signum is not None
-            log.warning(
-                "%s received: dynamic evaluation checkpointed after %d segments in %s.",
-                signal.Signals(preemption.signum).name,
-                stop.position.segments,
-                where.folder / CHECKPOINT,
-            )
+            name = signal.Signals(preemption.signum).name
+            if stop.position is None:
+                log.warning("%s received during the gradient statistics: stopped.", name)
+            else:
+                log.warning(
+                    "%s received: dynamic evaluation checkpointed after %d segments in %s.",
+                    name, stop.position.segments, where.folder / CHECKPOINT,
+                )  # fmt: skip
             log.warning("To resume: %s.", where.resume)
             preemption.hand_over()
             sys.exit(128 + preemption.signum)

@@ -241,6 +241,17 @@ def test_dynamic_evaluation_stopped_and_resumed_is_the_uninterrupted_one_bit_for
     assert dynamic_evaluate(build(), data, *args, start=saved[0]) == whole
 
 
+@unit
+def test_a_stop_during_the_gradient_statistics_ends_them_at_once_keeping_nothing():
+    model, train = tiny_lstm(), batchify(stream(600, seed=2), 4)  # 149 steps: 30 segments
+    polls = iter(range(1, 100))
+    with pytest.raises(EvaluationStopped) as stopped:
+        gradient_stats(model, train, 5, should_stop=lambda: next(polls) == 3)
+    assert stopped.value.position is None and next(polls) == 4  # polled before segments 1-3
+    assert all(p.grad is None for p in model.parameters())
+    assert gradient_stats(model, train, 5).segments == 30
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("adapt")

@@ -44,10 +44,16 @@ class GradientStats:
 
 
 def gradient_stats(
-    model: nn.Module, data: torch.Tensor, segment: int, max_segments: int | None = None
+    model: nn.Module,
+    data: torch.Tensor,
+    segment: int,
+    max_segments: int | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> GradientStats:
     """MS over the training data `data` (batched), as dynamiceval.py's gradstat: one gradient of
-    the mean loss per segment, the state carried from segment to segment as in evaluation."""
+    the mean loss per segment, the state carried from segment to segment as in evaluation. A
+    stop (should_stop(), polled before each segment) raises EvaluationStopped with no position:
+    statistics are kept only whole."""
     model.eval()
     params = dict(model.named_parameters())
     squares = {name: torch.zeros_like(p) for name, p in params.items()}
@@ -56,6 +62,9 @@ def gradient_stats(
     for inputs, targets in windows(data, segment, drop_last=False):
         if max_segments is not None and count >= max_segments:
             break
+        if count and should_stop():
+            model.zero_grad(set_to_none=True)
+            raise EvaluationStopped(None)
         model.zero_grad(set_to_none=True)
         logits, state = model(inputs, detach(state))
         F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1)).backward()
@@ -86,10 +95,12 @@ class DynamicPosition:
 
 
 class EvaluationStopped(Exception):
-    """should_stop() said stop: `position` (already handed to on_checkpoint) is where to go on."""
+    """should_stop() said stop: `position` (already handed to on_checkpoint) is where to go on;
+    None when the gradient statistics were stopped (nothing to keep)."""
 
-    def __init__(self, position: DynamicPosition) -> None:
-        super().__init__(f"stopped after {position.segments} segments")
+    def __init__(self, position: DynamicPosition | None) -> None:
+        where = f"after {position.segments} segments" if position else "in the statistics"
+        super().__init__(f"stopped {where}")
         self.position = position
 
 
