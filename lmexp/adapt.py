@@ -122,10 +122,24 @@ def dynamic_score(
     preemption: Preemption,
 ) -> tuple[float, int]:
     """Dynamic evaluation's summed NLL and token count, from where `progress` stands."""
-    d = cfg.dynamic
     if progress.done is not None:
         log.info("%s holds this evaluation, finished: its score is reused.", progress.path)
         return progress.done
+    with preemption.installed():
+        return resumable_dynamic(cfg, model, vocab, config, data, progress, preemption)
+
+
+def resumable_dynamic(
+    cfg: AdaptConfig,
+    model: Any,
+    vocab: list[str],
+    config: dict[str, Any],
+    data: torch.Tensor,
+    progress: Progress,
+    preemption: Preemption,
+) -> tuple[float, int]:
+    """dynamic_score's work, with a stop signal polled before each segment."""
+    d = cfg.dynamic
     stats = progress.stats
     if d.kind == "rms" and stats is None:
         stats = training_stats(cfg, model, vocab, config, preemption)
@@ -160,11 +174,14 @@ def training_stats(
     return stats
 
 
-def identity(cfg: AdaptConfig, model: Any, tokens: torch.Tensor) -> dict[str, Any]:
-    """What makes two dynamic evaluations the same one: the weights, the tokens scored and the
-    settings that decide the score."""
+def identity(
+    cfg: AdaptConfig, model: Any, config: dict[str, Any], tokens: torch.Tensor
+) -> dict[str, Any]:
+    """What makes two dynamic evaluations the same one: the model (its weights and the settings
+    it is built with), the tokens scored and the settings that decide the score."""
     return {
         "weights": fingerprint(dict(model.named_parameters())),
+        "model": config["model"],
         "tokens": fingerprint({"tokens": tokens}),
         "settings": settings(cfg),
     }
@@ -175,31 +192,33 @@ def task(cfg: Any) -> float:
     from omegaconf import OmegaConf
 
     where = hydra_where()
-    with Preemption().installed() as preemption:
-        try:
-            typed = validate_adapt(OmegaConf.to_object(cfg))
-            return adapt(typed, where, preemption)
-        except LmexpError as err:
-            log.error("%s", err)
-            sys.exit(2)
-        except EvaluationStopped as stop:
-            assert preemption.signum is not None
-            name = signal.Signals(preemption.signum).name
-            if stop.position is None:
-                log.warning("%s received during the gradient statistics: stopped.", name)
-            else:
-                log.warning(
-                    "%s received: dynamic evaluation checkpointed after %d segments in %s.",
-                    name, stop.position.segments, where.folder / CHECKPOINT,
-                )  # fmt: skip
-            log.warning("To resume: %s.", where.resume)
-            preemption.hand_over()
-            sys.exit(128 + preemption.signum)
-        except KeyboardInterrupt:  # a second Ctrl-C: at once, from the last checkpoint
+    preemption = Preemption()  # installed around the dynamic evaluation only (dynamic_score)
+    try:
+        typed = validate_adapt(OmegaConf.to_object(cfg))
+        return adapt(typed, where, preemption)
+    except LmexpError as err:
+        log.error("%s", err)
+        sys.exit(2)
+    except EvaluationStopped as stop:
+        assert preemption.signum is not None
+        name = signal.Signals(preemption.signum).name
+        if stop.position is None:
+            log.warning("%s received during the gradient statistics: stopped.", name)
+        else:
             log.warning(
-                "Interrupted: stopped at once; to go on from the last checkpoint, %s.", where.resume
-            )
-            sys.exit(130)
+                "%s received: dynamic evaluation checkpointed after %d segments in %s.",
+                name, stop.position.segments, where.folder / CHECKPOINT,
+            )  # fmt: skip
+        log.warning("To resume: %s.", where.resume)
+        preemption.hand_over()
+        sys.exit(128 + preemption.signum)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the dynamic evaluation
+        log.warning(
+            "Interrupted: stopped at once; to go on from the last checkpoint, if one was "
+            "written: %s.",
+            where.resume,
+        )
+        sys.exit(130)
 
 
 def adapt(typed: AdaptConfig, where: Where, preemption: Preemption) -> float:
@@ -211,7 +230,7 @@ def adapt(typed: AdaptConfig, where: Where, preemption: Preemption) -> float:
         tokens, label = tokens[: typed.limit_tokens], f"{label} (first {typed.limit_tokens} tokens)"
     progress = None
     if typed.method == "dynamic":
-        progress = Progress(where.folder / CHECKPOINT, identity(typed, model, tokens))
+        progress = Progress(where.folder / CHECKPOINT, identity(typed, model, config, tokens))
         if progress.position is not None:
             log.info(
                 "Resumed from %s after %d segments.", progress.path, progress.position.segments

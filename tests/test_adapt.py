@@ -383,6 +383,11 @@ def test_sigterm_mid_dynamic_evaluation_checkpoints_and_the_advised_command_fini
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert "holds a dynamic evaluation of other settings than this one" in refused.stdout
     assert saved.read_bytes() == before
+    (cwd / "cut").mkdir()
+    (cwd / "cut" / "dynamic.pt").write_bytes(before[: len(before) // 2])  # a copy cut short
+    cut = run_module("lmexp.adapt", *args, "hydra.run.dir=cut", cwd=cwd)
+    assert cut.returncode == 2 and "Traceback" not in cut.stdout + cut.stderr, cut.stdout[-3000:]
+    assert "dynamic.pt cannot be read (" in cut.stdout and "delete it to start" in cut.stdout
 
     resumed = run_module(*shlex.split(advice)[2:], cwd=cwd)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

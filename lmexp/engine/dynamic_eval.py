@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lmexp.config import ConfigError
+from lmexp.config import ConfigError, first_line
 from lmexp.data.batching import windows
 from lmexp.engine import checkpoint
 from lmexp.engine.loop import detach
@@ -127,8 +127,11 @@ class UpdateRule:
         if kind == "rms":
             assert stats is not None
             cap = 1.0 / decay if decay > 0 else float("inf")
-            self.pull = {n: decay * stats.decrate[n].clamp(max=cap) for n in params}
-            self.step = {n: lr / (stats.ms[n] + epsilon) for n in params}
+            # on the weights' device: statistics from a checkpoint are loaded on the CPU
+            self.pull = {
+                n: decay * stats.decrate[n].to(p.device).clamp(max=cap) for n, p in params.items()
+            }
+            self.step = {n: lr / (stats.ms[n].to(p.device) + epsilon) for n, p in params.items()}
         else:
             self.pull = dict.fromkeys(params, decay)  # one number for every weight
             self.step = dict.fromkeys(params, lr)
@@ -254,7 +257,13 @@ class Progress:
         self.done: tuple[float, int] | None = None
         if not path.exists():
             return
-        saved = checkpoint.load(path)
+        try:
+            saved = checkpoint.load(path)
+        except checkpoint.CheckpointError as err:
+            raise ConfigError(
+                f"{path} cannot be read ({first_line(err)}); delete it to start this evaluation "
+                "afresh, or rerun without hydra.run.dir (a new folder)."
+            ) from None
         if saved.get("identity") != identity:
             differs = sorted(k for k in identity if saved.get("identity", {}).get(k) != identity[k])
             raise ConfigError(
