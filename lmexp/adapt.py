@@ -125,32 +125,19 @@ def dynamic_score(
     if progress.done is not None:
         log.info("%s holds this evaluation, finished: its score is reused.", progress.path)
         return progress.done
-    with preemption.installed():
-        return resumable_dynamic(cfg, model, vocab, config, data, progress, preemption)
-
-
-def resumable_dynamic(
-    cfg: AdaptConfig,
-    model: Any,
-    vocab: list[str],
-    config: dict[str, Any],
-    data: torch.Tensor,
-    progress: Progress,
-    preemption: Preemption,
-) -> tuple[float, int]:
-    """dynamic_score's work, with a stop signal polled before each segment."""
     d = cfg.dynamic
-    stats = progress.stats
-    if d.kind == "rms" and stats is None:
-        stats = training_stats(cfg, model, vocab, config, preemption)
-        progress.save(stats, None)  # the statistics survive a stop before the first checkpoint
-    loss = dynamic_evaluate(
-        model, data, d.segment, d.kind, d.lr, d.decay, d.epsilon, stats,
-        start=progress.position,
-        checkpoint_every=d.ckpt_every_n_segments,
-        on_checkpoint=lambda position: progress.save(stats, position),
-        should_stop=preemption.requested,
-    )  # fmt: skip
+    with preemption.installed():  # a stop signal is polled before each segment
+        stats = progress.stats
+        if d.kind == "rms" and stats is None:
+            stats = training_stats(cfg, model, vocab, config, preemption)
+            progress.save(stats, None)  # the statistics survive a stop before the first checkpoint
+        loss = dynamic_evaluate(
+            model, data, d.segment, d.kind, d.lr, d.decay, d.epsilon, stats,
+            start=progress.position,
+            checkpoint_every=d.ckpt_every_n_segments,
+            on_checkpoint=lambda position: progress.save(stats, position),
+            should_stop=preemption.requested,
+        )  # fmt: skip
     progress.finish(loss)
     return loss
 
