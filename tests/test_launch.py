@@ -64,8 +64,8 @@ def test_a_base_config_chosen_as_a_recipe_is_one_sentence_naming_the_recipes(
     assert stop.value.code == 2
     assert [r.getMessage() for r in caplog.records] == [
         f"experiment={base} is a base the experiment configs build on, not one to choose; "
-        "choose one of experiment=awd_lstm, examples_lstm, large_tied, medium_tied, pytorch_port, "
-        "transformer."
+        "choose one of experiment=awd_lstm, awd_medium, examples_lstm, large_tied, medium_tied, "
+        "pytorch_port, transformer."
     ]
     assert list(tmp_path.iterdir()) == []  # nothing written
 
